@@ -1,0 +1,224 @@
+"""The sparse Mixture-of-Experts layer.
+
+Legend: T tokens, D model dim, F expert hidden dim, E experts, K experts per token, N kept pairs.
+
+``x (..., D) → flatten → router → permute → experts → combine (+ shared) → (..., D)``.
+Each arrow is a separate, separately tested piece: the router returns a `Routing`, the
+dispatcher (`moekit.ops.dispatch`) groups rows by expert, the expert bank runs each expert on
+its segment through a named backend, and the combine scatters ``weight · output`` back.
+
+Defining identity (tested for every router): in eval mode
+``moe(x)[t] = Σ_{(t, e, w) kept} w · moe.experts[e](x[t]) + shared(x[t])``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from moekit.experts import ExpertBank, SharedExperts, build_experts
+from moekit.experts.glu import GLU_ACTIVATIONS
+from moekit.layers.stats import MoEStats, compute_stats
+from moekit.losses import BALANCE_LOSSES, balance_loss, z_loss
+from moekit.ops.backends import check_backend_name
+from moekit.ops.dispatch import LocalDispatcher
+from moekit.routing import Router, TokenChoiceRouter, build_router
+from moekit.routing.base import check_router_args
+
+__all__ = ["MoE", "aux_loss", "default_hidden", "moe_layers"]
+
+
+def default_hidden(d_model: int, expert: str) -> int:
+    """4·D for MLP experts; ⅔·4·D rounded up to a multiple of 16 for GLU experts (equal params)."""
+    if expert in GLU_ACTIVATIONS:
+        return -(-(8 * d_model) // 3 // 16) * 16 if d_model >= 6 else max(1, (8 * d_model) // 3)
+    return 4 * d_model
+
+
+class MoE(nn.Module):
+    """Sparse MoE layer (Shazeer et al. 2017; GShard; Switch; Mixtral; DeepSeekMoE).
+
+    Args:
+        d_model: D.
+        num_experts: E routed experts.
+        top_k: K experts per token (token-choice routers).
+        d_hidden: F, each routed expert's hidden size (default: see `default_hidden`).
+        router: a registered name (`moekit.routing.available()`) or a `Router` instance.
+        expert: ``"swiglu"`` | ``"geglu"`` | ``"reglu"`` | ``"mlp"``; ignored only when an
+            ``experts`` instance is given, which is then an error if ``expert`` is also set.
+        experts: an `ExpertBank` instance to use instead of building one.
+        activation: override the experts' activation (e.g. ``"relu"`` for ``expert="mlp"``).
+        capacity_factor: training capacity factor; ``None`` = dropless.
+        eval_capacity_factor: capacity factor in eval (``"same"``: as in training).
+        drop_policy: ``"position"`` | ``"probability"`` | ``"reroute"``.
+        num_shared_experts: always-on shared experts (hidden ``shared_d_hidden`` each).
+        shared_expert_gate: Qwen-MoE's sigmoid gate on the shared output.
+        aux_loss_coef: weight of the balancing loss.
+        z_loss_coef: weight of the router z-loss.
+        balance_loss: ``"auto"`` (the router's default), ``"switch"``, ``"importance_load"``,
+            ``"sequence"`` or ``"none"``.
+        backend: ``"auto"`` | ``"eager"`` | ``"grouped_mm"`` | ``"triton"`` (when installed).
+        router_kwargs: extra keyword arguments for a router built by name.
+    """
+
+    _is_moe_layer = True
+
+    def __init__(self, *, d_model: int, num_experts: int, top_k: int = 2, d_hidden: Optional[int] = None,
+                 router: Union[str, Router] = "topk", expert: Optional[str] = None,
+                 experts: Optional[ExpertBank] = None, activation: Optional[str] = None,
+                 capacity_factor: Optional[float] = None, eval_capacity_factor="same",
+                 drop_policy: str = "position", num_shared_experts: int = 0,
+                 shared_d_hidden: Optional[int] = None, shared_expert_gate: bool = False,
+                 aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0, balance_loss: str = "auto",
+                 backend: str = "auto", router_kwargs: Optional[dict] = None):
+        super().__init__()
+        check_router_args(d_model, num_experts, top_k)
+        if balance_loss != "auto" and balance_loss not in BALANCE_LOSSES:
+            raise ValueError(f"balance_loss must be 'auto' or one of {BALANCE_LOSSES}, got {balance_loss!r}")
+        for name, v in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
+            if not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
+        check_backend_name(backend)
+        self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
+        self.aux_loss_coef, self.z_loss_coef = float(aux_loss_coef), float(z_loss_coef)
+        self.backend = backend
+
+        # Router: by name, or an instance (capacity settings given here are applied to it).
+        if isinstance(router, Router):
+            if router_kwargs:
+                raise ValueError("router_kwargs only apply when router is given by name")
+            if router.num_experts != num_experts or router.d_model != d_model:
+                raise ValueError(f"router instance has d_model={router.d_model}, num_experts="
+                                 f"{router.num_experts}; the layer has d_model={d_model}, num_experts={num_experts}")
+            if capacity_factor is not None or drop_policy != "position":
+                if not isinstance(router, TokenChoiceRouter):
+                    raise ValueError(f"{type(router).__name__} takes no capacity settings")
+                router.set_capacity(capacity_factor, eval_capacity_factor, drop_policy)
+            self.router = router
+        elif isinstance(router, str):
+            kw = dict(d_model=d_model, num_experts=num_experts, top_k=top_k)
+            if capacity_factor is not None or drop_policy != "position" or eval_capacity_factor != "same":
+                kw.update(capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
+                          drop_policy=drop_policy)
+            kw.update(router_kwargs or {})
+            self.router = build_router(router, **kw)
+        else:
+            raise TypeError(f"router must be a name or a moekit Router, got {type(router).__name__}")
+        self.balance_loss = self.router.default_balance_loss if balance_loss == "auto" else balance_loss
+
+        # Experts.
+        if experts is not None:
+            if not isinstance(experts, ExpertBank):
+                raise TypeError(f"experts must be a moekit ExpertBank, got {type(experts).__name__}")
+            if expert is not None or d_hidden is not None or activation is not None:
+                raise ValueError("give either experts= (an instance) or expert=/d_hidden=/activation=, not both")
+            if experts.num_experts != num_experts or experts.d_model != d_model:
+                raise ValueError(f"experts instance has num_experts={experts.num_experts}, d_model="
+                                 f"{experts.d_model}; the layer has {num_experts}, {d_model}")
+            self.experts = experts
+        else:
+            expert = expert or "swiglu"
+            self.d_hidden = d_hidden if d_hidden is not None else default_hidden(d_model, expert)
+            self.experts = build_experts(expert, num_experts=num_experts, d_model=d_model,
+                                         d_hidden=self.d_hidden, activation=activation)
+
+        self.shared_experts = None
+        if num_shared_experts:
+            sh = shared_d_hidden or getattr(self.experts, "d_hidden", None) or default_hidden(d_model, "swiglu")
+            self.shared_experts = SharedExperts(d_model, sh, num_shared_experts, expert=expert or "swiglu",
+                                                activation=activation, gate=shared_expert_gate)
+        elif shared_expert_gate:
+            raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
+
+        self.dispatcher = LocalDispatcher()
+        self.aux_loss: torch.Tensor = torch.zeros(())
+        self.last_stats: Optional[MoEStats] = None
+        self.last_routing = None
+
+    # ------------------------------------------------------------------------------------
+    def _check(self, x: torch.Tensor, mask, token_ids):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a float tensor, got dtype {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
+        for name, t, dt in (("mask", mask, torch.bool), ("token_ids", token_ids, None)):
+            if t is None:
+                continue
+            if t.shape != x.shape[:-1]:
+                raise ValueError(f"{name} must have shape {tuple(x.shape[:-1])} (x without its last dim), "
+                                 f"got {tuple(t.shape)}")
+            if dt is not None and t.dtype != dt:
+                raise ValueError(f"{name} must be {dt}, got {t.dtype}")
+
+    def forward(self, x: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
+                token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(..., D) → (..., D)`` in x's dtype.
+
+        mask: (...) bool, False for padding (not routed, not in losses or statistics).
+        token_ids: (...) int vocabulary ids, for routers that route by id (hash).
+        """
+        self._check(x, mask, token_ids)
+        shape = x.shape
+        x_TD = x.reshape(-1, self.d_model)                                   # (T, D)
+        T = x_TD.shape[0]
+        mask_T = None if mask is None else mask.reshape(-1)
+        ids_T = None if token_ids is None else token_ids.reshape(-1)
+        if T == 0:
+            self.aux_loss = x.new_zeros((), dtype=torch.float32)
+            self.last_stats, self.last_routing = None, None
+            return x.clone()
+
+        routing = self.router(x_TD, mask=mask_T, token_ids=ids_T)
+        x_ND, counts_E, meta = self.dispatcher.dispatch(x_TD, routing)
+        y_ND = self.experts(x_ND, counts_E, backend=self.backend)
+        y_TD = self.dispatcher.combine(y_ND, meta, out_dtype=x.dtype)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD).to(x.dtype)
+
+        seq_len = shape[-2] if x.dim() >= 3 else T
+        self.aux_loss = self.compute_aux_loss(routing, mask_T, seq_len)
+        n_valid = T if mask_T is None else int(mask_T.sum())
+        self.last_stats = compute_stats(routing, mask_T, n_valid)
+        self.last_routing = routing
+        return y_TD.reshape(shape)
+
+    def compute_aux_loss(self, routing, mask_T, seq_len: int) -> torch.Tensor:
+        """``aux_loss_coef · balance + z_loss_coef · z + router-specific terms`` (scalar, with grad)."""
+        total = torch.zeros((), device=routing.weights.device)
+        if self.aux_loss_coef > 0 and self.balance_loss != "none":
+            total = total + self.aux_loss_coef * balance_loss(self.balance_loss, routing, mask=mask_T,
+                                                              seq_len=seq_len)
+        if self.z_loss_coef > 0 and routing.logits is not None:
+            total = total + self.z_loss_coef * z_loss(routing.logits, mask=mask_T)
+        for v in routing.aux_losses.values():
+            total = total + v
+        return total
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"backend={self.backend!r}, aux_loss_coef={self.aux_loss_coef}, z_loss_coef={self.z_loss_coef}, "
+                f"balance_loss={self.balance_loss!r}")
+
+
+def moe_layers(model: nn.Module):
+    """Every MoE-like layer (anything with ``_is_moe_layer``) in `model`."""
+    return [m for m in model.modules() if getattr(m, "_is_moe_layer", False)]
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of ``aux_loss`` over every MoE layer of `model` (0 if none ran)."""
+    total = None
+    for m in moe_layers(model):
+        loss = getattr(m, "aux_loss", None)
+        if loss is None:
+            continue
+        total = loss if total is None else total + loss.to(total.device)
+    if total is None:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=None if p is None else p.device)
+    return total

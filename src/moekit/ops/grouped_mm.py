@@ -1,0 +1,120 @@
+"""Grouped matrix multiply: each expert's contiguous row segment times that expert's matrix.
+
+Legend: N rows (kept pairs, grouped by expert), E experts, I input dim, O output dim.
+
+``grouped_mm(x_NI, w_EIO, offs_E)`` returns ``y_NO`` with
+``y[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ w[e]`` (``offs`` are cumulative row ends,
+int32, ``offs[-1] == N``). Two implementations of that one signature:
+
+- `grouped_mm_reference`: a Python loop over experts (the eager reference; any dtype);
+- `grouped_mm_fast`: ``torch._grouped_mm`` forward and backward, wrapped in an autograd
+  function whose backward is itself two grouped matmuls (input grad ``gy @ wᵀ`` and weight
+  grad ``x_eᵀ gy_e`` per group). The backward formula is checked in float64 by running the
+  same function with the reference as its primitive.
+
+``torch._grouped_mm`` needs float32/bf16/fp16 and every matrix row stride a multiple of 16
+bytes (I and O multiples of 4 in float32, 8 in bf16); `fast_supported` says when it applies.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["grouped_mm_reference", "grouped_mm_fast", "fast_supported", "has_torch_grouped_mm",
+           "offsets_from_counts"]
+
+
+def has_torch_grouped_mm() -> bool:
+    return hasattr(torch, "_grouped_mm")
+
+
+def offsets_from_counts(counts_E: torch.Tensor) -> torch.Tensor:
+    """Cumulative row ends (E,) int32 from per-expert counts."""
+    return torch.cumsum(counts_E, 0, dtype=torch.int32)
+
+
+def fast_supported(x_NI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` can run these operands here."""
+    if not has_torch_grouped_mm() or x_NI.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if x_NI.dtype != w_EIO.dtype or x_NI.device != w_EIO.device:
+        return False
+    if x_NI.device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(x_NI.device)
+        if major < 8 or (x_NI.dtype == torch.float32 and major < 9):
+            return False
+    elif x_NI.device.type != "cpu":
+        return False
+    align = 16 // x_NI.element_size()
+    I, O = w_EIO.shape[1], w_EIO.shape[2]
+    return I % align == 0 and O % align == 0
+
+
+def _segments(offs_E: torch.Tensor):
+    ends = offs_E.tolist()
+    start = 0
+    for e, end in enumerate(ends):
+        yield e, start, end
+        start = end
+
+
+def grouped_mm_reference(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """Per-expert loop; differentiable by autograd; any float dtype."""
+    outs = [x_NI[s:t] @ w_EIO[e] for e, s, t in _segments(offs_E) if t > s]
+    if not outs:
+        return x_NI.new_zeros(x_NI.shape[0], w_EIO.shape[2]) + 0 * w_EIO.sum()
+    return torch.cat(outs, dim=0)
+
+
+def _weight_grad_reference(x_NI, gy_NO, offs_E, num_experts):
+    gw = x_NI.new_zeros(num_experts, x_NI.shape[1], gy_NO.shape[1])
+    for e, s, t in _segments(offs_E):
+        if t > s:
+            gw[e] = x_NI[s:t].t() @ gy_NO[s:t]
+    return gw
+
+
+def _fwd_torch(x, w, offs):
+    return torch._grouped_mm(x, w, offs=offs)
+
+
+def _wgrad_torch(x, gy, offs, num_experts):
+    # Groups split the reduction (row) dimension: (I, N) x (N, O) -> (E, I, O). Experts with
+    # no rows get zeros.
+    return torch._grouped_mm(x.t(), gy, offs=offs)
+
+
+class _GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_NI, w_EIO, offs_E, fwd: Callable, wgrad: Callable):
+        ctx.save_for_backward(x_NI, w_EIO, offs_E)
+        ctx.fwd, ctx.wgrad = fwd, wgrad
+        return fwd(x_NI, w_EIO, offs_E)
+
+    @staticmethod
+    def backward(ctx, gy_NO):
+        x_NI, w_EIO, offs_E = ctx.saved_tensors
+        gy_NO = gy_NO.contiguous()
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = ctx.fwd(gy_NO, w_EIO.transpose(-2, -1), offs_E)
+        if ctx.needs_input_grad[1]:
+            gw = ctx.wgrad(x_NI, gy_NO, offs_E, w_EIO.shape[0])
+        return gx, gw, None, None, None
+
+
+def grouped_mm_fast(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """``torch._grouped_mm`` with a grouped-matmul backward. Raises if not `fast_supported`."""
+    if not fast_supported(x_NI, w_EIO):
+        raise ValueError(
+            f"torch._grouped_mm cannot run x {x_NI.dtype} {tuple(x_NI.shape)} with w {w_EIO.dtype} "
+            f"{tuple(w_EIO.shape)} on {x_NI.device}: it needs float32/bf16/fp16 and dims that are "
+            f"multiples of {16 // x_NI.element_size()} (and torch >= 2.8); use backend='eager'")
+    x_NI = x_NI.contiguous()
+    return _GroupedMM.apply(x_NI, w_EIO, offs_E, _fwd_torch, _wgrad_torch)
+
+
+def grouped_mm_autograd_with_reference(x_NI, w_EIO, offs_E):
+    """The fast path's autograd function over the reference primitive (for float64 gradcheck)."""
+    return _GroupedMM.apply(x_NI, w_EIO, offs_E, grouped_mm_reference, _weight_grad_reference)
