@@ -139,16 +139,20 @@ class MoE(nn.Module):
         self.last_routing = None
 
     # ------------------------------------------------------------------------------------
-    def _check(self, x: torch.Tensor, mask, token_ids):
+    def _check(self, x: torch.Tensor, mask, token_ids, router_inputs):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a float tensor, got dtype {x.dtype}")
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
-        for name, t, dt in (("mask", mask, torch.bool), ("token_ids", token_ids, None)):
+        checks = [("mask", mask, torch.bool), ("token_ids", token_ids, None)]
+        checks += [(k, v, None) for k, v in router_inputs.items()]
+        for name, t, dt in checks:
             if t is None:
                 continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor of shape {tuple(x.shape[:-1])}, got {type(t).__name__}")
             if t.shape != x.shape[:-1]:
                 raise ValueError(f"{name} must have shape {tuple(x.shape[:-1])} (x without its last dim), "
                                  f"got {tuple(t.shape)}")
@@ -156,13 +160,15 @@ class MoE(nn.Module):
                 raise ValueError(f"{name} must be {dt}, got {t.dtype}")
 
     def forward(self, x: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
-                token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                token_ids: Optional[torch.Tensor] = None, **router_inputs) -> torch.Tensor:
         """``(..., D) → (..., D)`` in x's dtype.
 
         mask: (...) bool, False for padding (not routed, not in losses or statistics).
         token_ids: (...) int vocabulary ids, for routers that route by id (hash).
+        router_inputs: further per-token tensors of shape (...) for routers that take them
+            (e.g. ``task_ids`` for task routing); a router that does not take one raises.
         """
-        self._check(x, mask, token_ids)
+        self._check(x, mask, token_ids, router_inputs)
         shape = x.shape
         x_TD = x.reshape(-1, self.d_model)                                   # (T, D)
         T = x_TD.shape[0]
@@ -173,7 +179,10 @@ class MoE(nn.Module):
             self.last_stats, self.last_routing = None, None
             return x.clone()
 
-        routing = self.router(x_TD, mask=mask_T, token_ids=ids_T)
+        extra = {k: v.reshape(-1) for k, v in router_inputs.items()}
+        if ids_T is not None:
+            extra["token_ids"] = ids_T
+        routing = self.router(x_TD, mask=mask_T, **extra)
         x_ND, counts_E, meta = self.dispatcher.dispatch(x_TD, routing)
         y_ND = self.experts(x_ND, counts_E, backend=self.backend)
         y_TD = self.dispatcher.combine(y_ND, meta, out_dtype=x.dtype)

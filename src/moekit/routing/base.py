@@ -82,7 +82,7 @@ def _check_capacity_factor(name: str, value: Optional[float]) -> None:
 
 
 class Router(nn.Module):
-    """Base class of every router: ``forward(x_TD, *, mask=None, token_ids=None) -> Routing``.
+    """Base class of every router: ``forward(x_TD, *, mask=None, **router_inputs) -> Routing``.
 
     ``mask`` (T,) bool marks real tokens (False = padding): padding is never routed and never
     counted in losses or statistics. ``token_ids`` (T,) carries vocabulary ids for routers that
@@ -102,8 +102,9 @@ class Router(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
 
-    def forward(self, x_TD: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
-                token_ids: Optional[torch.Tensor] = None) -> Routing:
+    def forward(self, x_TD: torch.Tensor, *, mask: Optional[torch.Tensor] = None, **router_inputs) -> Routing:
+        """Subclasses name the per-token inputs they take (``token_ids``, ``task_ids`` …) as
+        keyword arguments; passing one a router does not take is a TypeError, never ignored."""
         raise NotImplementedError
 
     def check_input(self, x_TD: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
@@ -173,7 +174,7 @@ class TokenChoiceRouter(Router):
     def current_capacity_factor(self) -> Optional[float]:
         return self.capacity_factor if self.training else self.eval_capacity_factor
 
-    def forward(self, x_TD, *, mask=None, token_ids=None) -> Routing:
+    def forward(self, x_TD, *, mask=None) -> Routing:
         self.check_input(x_TD, mask)
         logits_TE = self.logits(x_TD)
         topk_ids_TK, weights_TK, probs_TE = self.select(logits_TE)

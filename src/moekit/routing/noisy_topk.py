@@ -53,7 +53,7 @@ class NoisyTopKRouter(TokenChoiceRouter):
         weights_TK = torch.softmax(top_TK, dim=-1)
         return topk_ids_TK, weights_TK, torch.softmax(logits_TE, dim=-1)
 
-    def forward(self, x_TD, *, mask=None, token_ids=None):
+    def forward(self, x_TD, *, mask=None):
         self.check_input(x_TD, mask)
         clean_TE = self.logits(x_TD)
         extras = {}

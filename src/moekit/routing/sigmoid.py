@@ -84,8 +84,8 @@ class SigmoidRouter(TokenChoiceRouter):
         probs_TE = s_TE / s_TE.sum(-1, keepdim=True)
         return topk_ids_TK, weights_TK, probs_TE
 
-    def forward(self, x_TD, *, mask=None, token_ids=None):
-        routing = super().forward(x_TD, mask=mask, token_ids=token_ids)
+    def forward(self, x_TD, *, mask=None):
+        routing = super().forward(x_TD, mask=mask)
         if self.training:
             self.load_accum += routing.tokens_per_expert().to(self.load_accum.dtype)
         return routing
