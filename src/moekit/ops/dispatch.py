@@ -1,14 +1,23 @@
 """Permute tokens into per-expert segments and combine expert outputs back.
 
-Legend: T tokens, D model dim, E experts, N kept pairs.
+Legend: T tokens, D model dim, E experts, K slots per token, N kept pairs.
 
 The dispatcher is not an ``nn.Module``: ``dispatch`` and ``combine`` are joined by a frozen
 `DispatchMeta`. Expert parallelism (`moekit.parallel`) subclasses `LocalDispatcher` and only
 adds communication between the two.
+
+Two paths compute the same function:
+
+- general (any pairs: capacity drops, masks, variable experts per token): gather rows with
+  ``index_select`` and combine with ``index_add`` (`permute` / `unpermute`, the reference);
+- uniform (every token has exactly K pairs in token-major order — dropless token choice):
+  both directions are pure gathers by a permutation and its inverse, followed by a sum over
+  the K slots, so neither the forward nor the backward pass scatters (`_gather_rows`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -17,9 +26,11 @@ __all__ = ["DispatchMeta", "LocalDispatcher", "permute", "unpermute"]
 
 @dataclass(frozen=True)
 class DispatchMeta:
-    token_ids_N: torch.Tensor    # token of each row, in expert-sorted order
-    weights_N: torch.Tensor      # combine weight of each row, in expert-sorted order
+    token_ids_N: torch.Tensor           # token of each row, in expert-sorted order
+    weights_N: torch.Tensor             # combine weight of each row, in expert-sorted order
     num_tokens: int
+    slots_per_token: Optional[int] = None     # K on the uniform path
+    inverse_N: Optional[torch.Tensor] = None  # row of pair (t, k) = inverse_N[t·K + k]
 
 
 def permute(x_TD: torch.Tensor, token_ids_N: torch.Tensor, expert_ids_N: torch.Tensor, num_experts: int):
@@ -42,14 +53,54 @@ def unpermute(y_ND: torch.Tensor, token_ids_N: torch.Tensor, weights_N: torch.Te
     return out.to(out_dtype or y_ND.dtype)
 
 
+class _GatherRows(torch.autograd.Function):
+    """``x[perm]`` whose backward is the gather ``g[inv]`` (perm is a bijection): no scatter."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inv):
+        ctx.save_for_backward(inv)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv,) = ctx.saved_tensors
+        return g.index_select(0, inv), None, None
+
+
+def _gather_rows(x, perm, inv):
+    return _GatherRows.apply(x, perm, inv)
+
+
 class LocalDispatcher:
-    """Single-process dispatch: sort pairs by expert, gather rows, scatter-add them back."""
+    """Single-process dispatch: sort pairs by expert, gather rows, combine them back."""
 
     def dispatch(self, x_TD: torch.Tensor, routing):
-        x_ND, counts_E, order_N = permute(x_TD, routing.token_ids, routing.expert_ids, routing.num_experts)
+        E, T = routing.num_experts, x_TD.shape[0]
+        order_N = torch.argsort(routing.expert_ids, stable=True)
+        counts_E = torch.bincount(routing.expert_ids, minlength=E)
+        K = getattr(routing, "slots_per_token", None)
+        if K is not None and routing.token_ids.numel() == T * K:
+            inverse_N = torch.empty_like(order_N)
+            inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+            # Row r holds token order[r] // K: gather the T·K expanded rows by the permutation.
+            x_TKD = x_TD.unsqueeze(1).expand(T, K, x_TD.shape[-1]).reshape(T * K, -1)
+            x_ND = _gather_rows(x_TKD, order_N, inverse_N)
+            meta = DispatchMeta(token_ids_N=routing.token_ids[order_N], weights_N=routing.weights,
+                                num_tokens=T, slots_per_token=K, inverse_N=inverse_N)
+            return x_ND, counts_E, meta
+        x_ND = x_TD.index_select(0, routing.token_ids[order_N])
         meta = DispatchMeta(token_ids_N=routing.token_ids[order_N], weights_N=routing.weights[order_N],
-                            num_tokens=x_TD.shape[0])
+                            num_tokens=T)
         return x_ND, counts_E, meta
 
     def combine(self, y_ND: torch.Tensor, meta: DispatchMeta, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        return unpermute(y_ND, meta.token_ids_N, meta.weights_N, meta.num_tokens, out_dtype)
+        if meta.slots_per_token is None:
+            return unpermute(y_ND, meta.token_ids_N, meta.weights_N, meta.num_tokens, out_dtype)
+        T, K = meta.num_tokens, meta.slots_per_token
+        order_N = torch.empty_like(meta.inverse_N)
+        order_N[meta.inverse_N] = torch.arange(order_N.numel(), device=order_N.device)
+        acc = torch.float32 if y_ND.dtype in (torch.float16, torch.bfloat16) else y_ND.dtype
+        y_TKD = _gather_rows(y_ND, meta.inverse_N, order_N).view(T, K, -1)      # token-major
+        w_TK1 = meta.weights_N.view(T, K, 1).to(acc)                            # already token-major
+        out = (y_TKD.to(acc) * w_TK1).sum(1)
+        return out.to(out_dtype or y_ND.dtype)

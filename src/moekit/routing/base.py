@@ -18,7 +18,12 @@ from torch import nn
 
 from moekit.routing.capacity import DROP_POLICIES, apply_capacity, capacity_for
 
-__all__ = ["Routing", "Router", "TokenChoiceRouter", "check_router_args"]
+__all__ = ["Routing", "Router", "TokenChoiceRouter", "check_router_args", "router_float"]
+
+
+def router_float(t: torch.Tensor) -> torch.Tensor:
+    """Router math runs in float32 at least (Switch's "selective precision"); float64 stays float64."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 @dataclass
@@ -29,7 +34,7 @@ class Routing:
         token_ids: (N,) int64, the token of each kept pair.
         expert_ids: (N,) int64, the expert of each kept pair.
         weights: (N,) float32, the combine weight of each kept pair (with gradient).
-        logits: (T, E) float32 router logits, or None for routers without logits (hash, random).
+        logits: (T, E) float32 router logits (float64 for float64 input), or None for routers without logits (hash, random).
         dropped: 0-d int64 tensor, pairs the router selected but capacity dropped.
         num_experts: E.
         probs: (T, E) float32 scores the balancing losses use (softmax probabilities, or
@@ -39,6 +44,9 @@ class Routing:
             coefficients (e.g. top-p's entropy loss); the layer adds them to `aux_loss`.
         extras: router-specific tensors a balancing loss may need (e.g. noisy top-k's
             smooth load estimate under ``"load_probs"``).
+        slots_per_token: K when the pairs are exactly every token × K slots in token-major
+            order (dropless, unmasked token choice) — lets the dispatcher gather and reduce
+            instead of scatter; None otherwise.
     """
 
     token_ids: torch.Tensor
@@ -51,6 +59,7 @@ class Routing:
     topk_ids: Optional[torch.Tensor] = None
     aux_losses: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
+    slots_per_token: Optional[int] = None
 
     @property
     def num_pairs(self) -> int:
@@ -192,6 +201,8 @@ class TokenChoiceRouter(Router):
             if mask is not None:
                 keep = mask.repeat_interleave(K)
                 token_ids, expert_ids, weights = token_ids[keep], expert_ids[keep], weights[keep]
+            else:
+                routing_kwargs.setdefault("slots_per_token", K)
             dropped = torch.zeros((), dtype=torch.long, device=topk_ids_TK.device)
         else:
             n_valid = T if mask is None else int(mask.sum())

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.ops.topk import topk_stable
-from moekit.routing.base import TokenChoiceRouter
+from moekit.routing.base import TokenChoiceRouter, router_float
 
 __all__ = ["NoisyTopKRouter"]
 
@@ -42,11 +42,11 @@ class NoisyTopKRouter(TokenChoiceRouter):
         nn.init.zeros_(self.noise_weight)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return F.linear(x_TD.float(), self.weight.float())
+        return F.linear(router_float(x_TD), router_float(self.weight))
 
     def noise_std(self, x_TD: torch.Tensor) -> torch.Tensor:
         # A small floor keeps Φ's argument finite (the reference implementations add 1e-2 too).
-        return F.softplus(F.linear(x_TD.float(), self.noise_weight.float())) + self.min_noise_std
+        return F.softplus(F.linear(router_float(x_TD), router_float(self.noise_weight))) + self.min_noise_std
 
     def select(self, logits_TE: torch.Tensor):
         top_TK, topk_ids_TK = topk_stable(logits_TE, self.top_k)

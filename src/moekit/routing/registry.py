@@ -21,6 +21,11 @@ _BUILTIN = {
     "noisy_topk": "moekit.routing.noisy_topk:NoisyTopKRouter",
     "switch": "moekit.routing.switch:SwitchRouter",
     "sigmoid": "moekit.routing.sigmoid:SigmoidRouter",
+    "gshard": "moekit.routing.gshard:GShardRouter",
+    "expert_choice": "moekit.routing.expert_choice:ExpertChoiceRouter",
+    "top_p": "moekit.routing.top_p:TopPRouter",
+    "hash": "moekit.routing.hash:HashRouter",
+    "dense": "moekit.routing.dense:DenseRouter",
 }
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from moekit.losses.bias import bias_update
 from moekit.ops.topk import topk_stable
-from moekit.routing.base import TokenChoiceRouter
+from moekit.routing.base import TokenChoiceRouter, router_float
 from moekit.routing.topk import init_router_weight
 
 __all__ = ["SigmoidRouter"]
@@ -55,7 +55,7 @@ class SigmoidRouter(TokenChoiceRouter):
         init_router_weight(self.weight.data)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return F.linear(x_TD.float(), self.weight.float())
+        return F.linear(router_float(x_TD), router_float(self.weight))
 
     def preference(self, logits_TE, probs_TE):
         return torch.sigmoid(logits_TE) + self.expert_bias

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from moekit.routing.base import router_float
 from moekit.routing.topk import TopKRouter
 
 __all__ = ["SwitchRouter"]
@@ -25,7 +26,7 @@ class SwitchRouter(TopKRouter):
         self.jitter = float(jitter)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        x = x_TD.float()
+        x = router_float(x_TD)
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         return super().logits(x)

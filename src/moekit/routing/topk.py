@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.ops.topk import topk_stable
-from moekit.routing.base import TokenChoiceRouter
+from moekit.routing.base import TokenChoiceRouter, router_float
 
 __all__ = ["TopKRouter", "NORMS", "init_router_weight", "normalise"]
 
@@ -70,8 +70,8 @@ class TopKRouter(TokenChoiceRouter):
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         # Router math in float32 whatever the input dtype (Switch's "selective precision").
-        b = None if self.bias is None else self.bias.float()
-        return F.linear(x_TD.float(), self.weight.float(), b)
+        b = None if self.bias is None else router_float(self.bias)
+        return F.linear(router_float(x_TD), router_float(self.weight), b)
 
     def select(self, logits_TE: torch.Tensor):
         probs_TE = torch.softmax(logits_TE, dim=-1)

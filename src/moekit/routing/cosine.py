@@ -1,0 +1,65 @@
+"""Cosine router in a low-dimensional space (Chi et al. 2022, "On the Representation Collapse of
+Sparse Mixture of Experts", X-MoE) — METHODS.md G12.
+
+Legend: T tokens, D model dim, R routing dim (d_r), E experts, K experts per token.
+
+``s_e = cos(W_p x, u_e) / τ`` with a projection ``W_p: D → R`` (R = 16), learned expert
+embeddings ``u_e ∈ R^R`` and a learnable temperature τ (initialised to 0.07, kept ≥ ``min_tau``);
+then softmax top-k as in `TopKRouter`. Scoring by cosine keeps the router from pulling hidden
+states towards expert centroids (representation collapse). Scores lie in ``[−1/τ, 1/τ]`` and
+routing is invariant to positive rescaling of x.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.ops.topk import topk_stable
+from moekit.routing.base import TokenChoiceRouter
+from moekit.routing.topk import normalise
+
+__all__ = ["CosineRouter"]
+
+
+class CosineRouter(TokenChoiceRouter):
+    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *, d_route: int = 16,
+                 init_temperature: float = 0.07, min_temperature: float = 0.01, norm: str = "renorm",
+                 capacity_factor=None, eval_capacity_factor="same", drop_policy: str = "position"):
+        super().__init__(d_model, num_experts, top_k, capacity_factor=capacity_factor,
+                         eval_capacity_factor=eval_capacity_factor, drop_policy=drop_policy)
+        if not isinstance(d_route, int) or d_route <= 0:
+            raise ValueError(f"d_route must be a positive int, got {d_route!r}")
+        if not 0 < min_temperature <= init_temperature:
+            raise ValueError(f"need 0 < min_temperature <= init_temperature, got {min_temperature}, {init_temperature}")
+        if norm not in ("renorm", "raw"):
+            raise ValueError(f"norm must be 'renorm' or 'raw', got {norm!r}")
+        self.d_route, self.norm, self.min_temperature = d_route, norm, float(min_temperature)
+        self.proj = nn.Linear(d_model, d_route, bias=False)
+        self.expert_embed = nn.Parameter(torch.empty(num_experts, d_route))
+        # τ is learned through its log, so it stays positive.
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
+        # Orthogonal embeddings start every expert equally far from the others.
+        if num_experts <= d_route:
+            nn.init.orthogonal_(self.expert_embed)
+        else:
+            nn.init.normal_(self.expert_embed)
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp().clamp_min(self.min_temperature)
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        h_TR = F.normalize(F.linear(x_TD.float(), self.proj.weight.float()), dim=-1)
+        u_ER = F.normalize(self.expert_embed.float(), dim=-1)
+        return (h_TR @ u_ER.t()) / self.temperature
+
+    def select(self, logits_TE: torch.Tensor):
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        top_p_TK, topk_ids_TK = topk_stable(probs_TE, self.top_k)
+        return topk_ids_TK, normalise(top_p_TK, self.norm, 1.0), probs_TE
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, d_route={self.d_route}, norm={self.norm!r}"

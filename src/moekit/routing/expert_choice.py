@@ -1,0 +1,103 @@
+"""Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing") —
+METHODS.md G5.
+
+Legend: T tokens, D model dim, E experts, C tokens per expert, K experts per token.
+
+``S = softmax(x W_rᵀ)`` over experts; every expert takes its C best tokens,
+``G_EC, I_EC = TopK(Sᵀ, C)`` along the token axis with ``C = ceil(c · T / E)`` (capped at T),
+and token t's output is ``Σ_{e : t ∈ I_e} S[t, e] · f_e(x_t)``. A token may get 0 experts or
+many; the mean is c. Balance is perfect by construction, so there is no balancing loss. With
+c = E every expert takes every token and the layer is the dense mixture ``Σ_e p_e f_e``.
+
+Causality. Whether expert e picks token t depends on every other token's score, so expert
+choice is not usable for autoregressive decoding. ``causal=True`` keeps expert choice in
+training and switches eval/inference to token-choice top-k over the same softmax (weights the
+raw probabilities, as expert choice uses them), so generation never looks at other tokens. We
+chose this over per-prefix expert choice (which re-ranks all earlier tokens at every position:
+O(T²) work and still a different rule than training) because it is cheap and is the usual
+practice when an expert-choice model is decoded; its cost is a train/inference mismatch, so
+set ``top_k`` near c. Training is still non-causal (a token's selection depends on later
+tokens of the batch), like capacity-limited token choice.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.ops.topk import topk_stable
+from moekit.routing.base import Router, Routing, _check_capacity_factor
+from moekit.routing.capacity import capacity_for
+from moekit.routing.pairs import no_drops, pairs_from_selection
+from moekit.routing.topk import init_router_weight
+
+__all__ = ["ExpertChoiceRouter"]
+
+
+class ExpertChoiceRouter(Router):
+    """Experts pick their top-C tokens.
+
+    Args:
+        capacity_factor: c, the mean experts per token (default 2; ``C = ceil(c·T/E)``).
+        eval_capacity_factor: c in eval (``"same"``: as in training).
+        top_k: experts per token of the eval fallback when ``causal=True`` (unused otherwise).
+        causal: token-choice top-k in eval so autoregressive decoding is possible.
+    """
+
+    default_balance_loss = "none"
+    causal_safe = False
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *, capacity_factor: Optional[float] = 2.0,
+                 eval_capacity_factor="same", drop_policy: str = "position", causal: bool = False):
+        super().__init__(d_model, num_experts, top_k)
+        if capacity_factor is None:
+            raise ValueError("expert choice needs a capacity factor c (mean experts per token), got None")
+        if drop_policy != "position":
+            raise ValueError(f"expert choice has no drop policy (experts pick tokens), got {drop_policy!r}")
+        if eval_capacity_factor == "same":
+            eval_capacity_factor = capacity_factor
+        for name, v in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+            _check_capacity_factor(name, v)
+            if v is None or v > num_experts:
+                raise ValueError(f"{name} must be in (0, num_experts={num_experts}], got {v!r}")
+        self.capacity_factor, self.eval_capacity_factor = float(capacity_factor), float(eval_capacity_factor)
+        self.causal = bool(causal)
+        # Instance override: with the fallback, eval routing of a token looks at that token only.
+        self.causal_safe = self.causal
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        init_router_weight(self.weight.data)
+
+    def tokens_per_expert_for(self, num_tokens: int) -> int:
+        """C for a group of `num_tokens` real tokens."""
+        c = self.capacity_factor if self.training else self.eval_capacity_factor
+        return min(num_tokens, capacity_for(c, 1, num_tokens, self.num_experts))
+
+    def forward(self, x_TD, *, mask=None) -> Routing:
+        self.check_input(x_TD, mask)
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        T, E = probs_TE.shape
+        if self.causal and not self.training:
+            _, topk_ids_TK = topk_stable(probs_TE, self.top_k)
+            selected_TE = torch.zeros(T, E, dtype=torch.bool, device=x_TD.device).scatter(1, topk_ids_TK, True)
+        else:
+            n_valid = T if mask is None else int(mask.sum())
+            C = self.tokens_per_expert_for(n_valid)
+            scores_ET = probs_TE.detach().t()
+            if mask is not None:
+                # Padding can never be picked: it sorts below every real token.
+                scores_ET = scores_ET.masked_fill(~mask.unsqueeze(0), -1.0)
+            selected_TE = torch.zeros(E, T, dtype=torch.bool, device=x_TD.device)
+            if C > 0:
+                _, tok_EC = topk_stable(scores_ET, C)                     # ties to the earlier token
+                selected_TE.scatter_(1, tok_EC, True)
+            selected_TE = selected_TE.t()
+        token_ids, expert_ids, weights = pairs_from_selection(selected_TE, probs_TE, mask)
+        return Routing(token_ids=token_ids, expert_ids=expert_ids, weights=weights, logits=logits_TE,
+                       dropped=no_drops(x_TD.device), num_experts=E, probs=probs_TE)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, num_experts={self.num_experts}, capacity_factor={self.capacity_factor}, "
+                f"eval_capacity_factor={self.eval_capacity_factor}, causal={self.causal}, top_k={self.top_k}")
