@@ -17,7 +17,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from moekit.experts import ExpertBank, SharedExperts, build_experts
+from moekit.experts import SharedExperts
+from moekit.experts.build import resolve_experts
 from moekit.experts.glu import GLU_ACTIVATIONS
 from moekit.layers.stats import MoEStats, compute_stats
 from moekit.losses import BALANCE_LOSSES, balance_loss, z_loss
@@ -109,21 +110,10 @@ class MoE(nn.Module):
             raise TypeError(f"router must be a name or a moekit Router, got {type(router).__name__}")
         self.balance_loss = self.router.default_balance_loss if balance_loss == "auto" else balance_loss
 
-        # Experts.
-        if experts is not None:
-            if not isinstance(experts, ExpertBank):
-                raise TypeError(f"experts must be a moekit ExpertBank, got {type(experts).__name__}")
-            if expert is not None or d_hidden is not None or activation is not None:
-                raise ValueError("give either experts= (an instance) or expert=/d_hidden=/activation=, not both")
-            if experts.num_experts != num_experts or experts.d_model != d_model:
-                raise ValueError(f"experts instance has num_experts={experts.num_experts}, d_model="
-                                 f"{experts.d_model}; the layer has {num_experts}, {d_model}")
-            self.experts = experts
-        else:
-            expert = expert or "swiglu"
-            self.d_hidden = d_hidden if d_hidden is not None else default_hidden(d_model, expert)
-            self.experts = build_experts(expert, num_experts=num_experts, d_model=d_model,
-                                         d_hidden=self.d_hidden, activation=activation)
+        self.experts = resolve_experts(experts, expert=expert, d_hidden=d_hidden, activation=activation,
+                                       num_experts=num_experts, d_model=d_model, default_expert="swiglu",
+                                       default_hidden=default_hidden)
+        self.d_hidden = getattr(self.experts, "d_hidden", None)
 
         self.shared_experts = None
         if num_shared_experts:

@@ -53,6 +53,23 @@ def unpermute(y_ND: torch.Tensor, token_ids_N: torch.Tensor, weights_N: torch.Te
     return out.to(out_dtype or y_ND.dtype)
 
 
+class _GatherTokens(torch.autograd.Function):
+    """``x_TD[src_N]`` where every token appears exactly K times; backward gathers each
+    token's K row gradients by the inverse permutation and sums them: no scatter."""
+
+    @staticmethod
+    def forward(ctx, x_TD, src_N, inverse_N, K):
+        ctx.save_for_backward(inverse_N)
+        ctx.T, ctx.K = x_TD.shape[0], K
+        return x_TD.index_select(0, src_N)
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        (inverse_N,) = ctx.saved_tensors
+        g = g_ND.index_select(0, inverse_N).view(ctx.T, ctx.K, -1).sum(1)
+        return g, None, None, None
+
+
 class _GatherRows(torch.autograd.Function):
     """``x[perm]`` whose backward is the gather ``g[inv]`` (perm is a bijection): no scatter."""
 
@@ -82,10 +99,10 @@ class LocalDispatcher:
         if K is not None and routing.token_ids.numel() == T * K:
             inverse_N = torch.empty_like(order_N)
             inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-            # Row r holds token order[r] // K: gather the T·K expanded rows by the permutation.
-            x_TKD = x_TD.unsqueeze(1).expand(T, K, x_TD.shape[-1]).reshape(T * K, -1)
-            x_ND = _gather_rows(x_TKD, order_N, inverse_N)
-            meta = DispatchMeta(token_ids_N=routing.token_ids[order_N], weights_N=routing.weights,
+            # Row r holds pair order[r] = (t, k) with t = order[r] // K.
+            src_N = torch.div(order_N, K, rounding_mode="floor")
+            x_ND = _GatherTokens.apply(x_TD, src_N, inverse_N, K)
+            meta = DispatchMeta(token_ids_N=src_N, weights_N=routing.weights,
                                 num_tokens=T, slots_per_token=K, inverse_N=inverse_N)
             return x_ND, counts_E, meta
         x_ND = x_TD.index_select(0, routing.token_ids[order_N])
@@ -101,6 +118,6 @@ class LocalDispatcher:
         order_N[meta.inverse_N] = torch.arange(order_N.numel(), device=order_N.device)
         acc = torch.float32 if y_ND.dtype in (torch.float16, torch.bfloat16) else y_ND.dtype
         y_TKD = _gather_rows(y_ND, meta.inverse_N, order_N).view(T, K, -1)      # token-major
-        w_TK1 = meta.weights_N.view(T, K, 1).to(acc)                            # already token-major
-        out = (y_TKD.to(acc) * w_TK1).sum(1)
+        w_T1K = meta.weights_N.view(T, 1, K).to(acc)                            # already token-major
+        out = torch.bmm(w_T1K, y_TKD.to(acc)).squeeze(1)                        # Σ_k w_tk · y_tk
         return out.to(out_dtype or y_ND.dtype)
