@@ -45,6 +45,9 @@ class ModuleExperts(ExpertBank):
         d_out: width of each expert's output (default D, as inside `moekit.MoE`).
     """
 
+    # The backends this bank can run (a layer may check its ``backend=`` against it up front).
+    supported_backends = _BACKENDS
+
     def __init__(self, modules: Sequence[nn.Module], *, d_model: int, d_out: Optional[int] = None):
         if isinstance(modules, nn.Module) and not isinstance(modules, nn.ModuleList):
             raise TypeError("modules must be a sequence of nn.Module (wrap a single module in a list), "

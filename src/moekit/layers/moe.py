@@ -114,6 +114,9 @@ class MoE(nn.Module):
                                        num_experts=num_experts, d_model=d_model, default_expert="swiglu",
                                        default_hidden=default_hidden)
         self.d_hidden = getattr(self.experts, "d_hidden", None)
+        allowed = getattr(self.experts, "supported_backends", None)
+        if allowed is not None and backend not in allowed:
+            raise ValueError(f"{type(self.experts).__name__} supports backend in {tuple(allowed)}, got {backend!r}")
 
         self.shared_experts = None
         if num_shared_experts:

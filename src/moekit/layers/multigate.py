@@ -141,6 +141,8 @@ class _TaskModel(nn.Module):
 class SharedBottom(_TaskModel):
     """Shared-bottom baseline (Caruana 1997): one shared ReLU layer, then one tower per task."""
 
+    _is_moe_layer = False      # a baseline without experts or gates
+
     def __init__(self, d_in: int, num_tasks: int, bottom_hidden: int, *, tower_hidden: Optional[int] = None,
                  d_out: int = 1, activation: str = "relu"):
         super().__init__()

@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.experts import ExpertBank, build_experts
+from moekit.experts import ExpertBank
+from moekit.experts.build import resolve_experts
 from moekit.ops.backends import check_backend_name
 
 __all__ = ["SoftMoE", "SoftMoEStats"]
@@ -116,20 +117,12 @@ class SoftMoE(nn.Module):
         self.num_slots = num_experts * slots_per_expert
         self.normalize, self.backend = normalize, backend
 
-        if experts is not None:
-            if not isinstance(experts, ExpertBank):
-                raise TypeError(f"experts must be a moekit ExpertBank, got {type(experts).__name__}")
-            if expert is not None or d_hidden is not None or activation is not None:
-                raise ValueError("give either experts= (an instance) or expert=/d_hidden=/activation=, not both")
-            if experts.num_experts != num_experts or experts.d_model != d_model:
-                raise ValueError(f"experts instance has num_experts={experts.num_experts}, d_model="
-                                 f"{experts.d_model}; the layer has {num_experts}, {d_model}")
-            self.experts = experts
-        else:
-            expert = expert or "mlp"
-            d_hidden = 4 * d_model if d_hidden is None else d_hidden
-            self.experts = build_experts(expert, num_experts=num_experts, d_model=d_model, d_hidden=d_hidden,
-                                         activation=activation)
+        self.experts = resolve_experts(experts, expert=expert, d_hidden=d_hidden, activation=activation,
+                                       num_experts=num_experts, d_model=d_model, default_expert="mlp",
+                                       default_hidden=lambda d, e: 4 * d)    # ViT's 4·D MLP
+        allowed = getattr(self.experts, "supported_backends", None)
+        if allowed is not None and backend not in allowed:
+            raise ValueError(f"{type(self.experts).__name__} supports backend in {tuple(allowed)}, got {backend!r}")
 
         self.phi_DS = nn.Parameter(torch.empty(d_model, self.num_slots))
         self.scale = nn.Parameter(torch.ones(())) if normalize else None

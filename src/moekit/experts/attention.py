@@ -1,0 +1,138 @@
+"""Attention heads as experts: Mixture of Attention heads (MoA) — METHODS.md X4.
+
+Zhang, Shen, Meng, Zhou, Zhang & Xiong (2022), EMNLP, "Mixture of Attention Heads: Selecting
+Attention Heads Per Token".
+
+Legend: B batch, S query positions, T key positions (= S), D model dim, E head experts,
+K heads per token, h head dim.
+
+Keys and values are one shared projection each (``k = x W_k``, ``v = x W_v``, (B, T, h)); every
+expert e owns a query projection ``W_q^e`` (h, D) and an output projection ``W_o^e`` (D, h). A
+router picks K heads per token from ``p = softmax(x W_r)``, the gates are the renormalised top-k
+probabilities, and
+
+    y_s = Σ_{e ∈ topK(s)} g_{s,e} · W_o^e · Σ_t softmax_t(q^e_s · k_t / √h) v_t ,  q^e_s = W_q^e x_s
+
+With K = E and uniform gates the layer is multi-query attention (shared K/V) with E heads whose
+outputs are averaged (the sum of standard multi-head attention scaled by 1/E).
+
+Cost: queries are projected for all E heads (``E·h·D`` per token, like a standard E-head
+attention), but attention scores and values are computed only for the K selected heads of each
+token, which is where attention's cost over the sequence lies. The balancing loss is Switch's
+``E Σ f P`` (MoA uses a load-balancing loss) plus an optional router z-loss, exposed as
+``aux_loss`` so `moekit.aux_loss(model)` collects it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.experts.base import uniform_init_
+from moekit.losses import load_balancing_loss, z_loss
+from moekit.ops.topk import topk_stable
+
+__all__ = ["MixtureOfAttentionHeads"]
+
+
+class MixtureOfAttentionHeads(nn.Module):
+    """``(B, S, D) → (B, S, D)`` attention whose heads are routed experts.
+
+    Args:
+        d_model: D.
+        num_experts: E head experts.
+        top_k: K heads per token.
+        head_dim: h (default ``D // K`` so K active heads have D channels, as in MoA).
+        causal: mask future keys (decoder use).
+        aux_loss_coef: weight of the Switch balancing loss.
+        z_loss_coef: weight of the router z-loss.
+    """
+
+    _is_moe_layer = True
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *, head_dim: Optional[int] = None,
+                 causal: bool = False, aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0):
+        super().__init__()
+        for name, v in (("d_model", d_model), ("num_experts", num_experts), ("top_k", top_k)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if top_k > num_experts:
+            raise ValueError(f"top_k must be <= num_experts={num_experts}, got top_k={top_k}")
+        head_dim = max(1, d_model // top_k) if head_dim is None else head_dim
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
+            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+        for name, v in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
+            if not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        self.d_model, self.num_experts, self.top_k, self.head_dim = d_model, num_experts, top_k, head_dim
+        self.causal = bool(causal)
+        self.aux_loss_coef, self.z_loss_coef = float(aux_loss_coef), float(z_loss_coef)
+        self.k_proj = nn.Linear(d_model, head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, head_dim, bias=False)
+        self.q_proj = nn.Parameter(uniform_init_(torch.empty(num_experts, head_dim, d_model)))   # (E, h, D)
+        self.o_proj = nn.Parameter(uniform_init_(torch.empty(num_experts, d_model, head_dim)))   # (E, D, h)
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        std = math.sqrt(0.1 / d_model)           # Switch router init
+        nn.init.trunc_normal_(self.router.weight, std=std, a=-2 * std, b=2 * std)
+        self.aux_loss: torch.Tensor = torch.zeros(())
+        self.last_stats: Optional[dict] = None
+
+    def route(self, x_BSD: torch.Tensor):
+        """``(logits_BSE float32, topk_ids_BSK, gates_BSK)`` with gates renormalised to sum to 1."""
+        logits = F.linear(x_BSD.float(), self.router.weight.float())
+        probs = torch.softmax(logits, -1)
+        vals, ids = topk_stable(probs, self.top_k)
+        return logits, ids, vals / vals.sum(-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor, *, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``key_padding_mask`` (B, S) bool, False = padding (never attended to, not in the losses)."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(f"x must be a float tensor, got {x.dtype if isinstance(x, torch.Tensor) else type(x)}")
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape (B, S, {self.d_model}), got {tuple(x.shape)}")
+        B, S, D = x.shape
+        if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (B, S)):
+            raise ValueError(f"key_padding_mask must be a bool tensor of shape ({B}, {S}), "
+                             f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        E, K, h = self.num_experts, self.top_k, self.head_dim
+        logits_BSE, ids_BSK, gates_BSK = self.route(x)
+
+        k_BTh, v_BTh = self.k_proj(x), self.v_proj(x)
+        q_BSEh = torch.einsum("bsd,ehd->bseh", x, self.q_proj.to(x.dtype))
+        q_BSKh = q_BSEh.gather(2, ids_BSK[..., None].expand(B, S, K, h))          # selected heads only
+        scores_BSKT = torch.einsum("bskh,bth->bskt", q_BSKh, k_BTh).float() / math.sqrt(h)
+        allowed_ST = None
+        if self.causal:
+            allowed_ST = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
+        if key_padding_mask is not None:
+            kp = key_padding_mask[:, None, :]                                          # (B, 1, T)
+            allowed_ST = kp if allowed_ST is None else allowed_ST & kp
+        if allowed_ST is not None:
+            allowed = allowed_ST if allowed_ST.dim() == 3 else allowed_ST[None]
+            scores_BSKT = scores_BSKT.masked_fill(~allowed[:, :, None, :], float("-inf"))
+        attn_BSKT = torch.softmax(scores_BSKT, -1).nan_to_num(0.0).to(x.dtype)     # all-masked rows → 0
+        o_BSKh = torch.einsum("bskt,bth->bskh", attn_BSKT, v_BTh)
+        # Gate-weighted head outputs scattered to their experts, then one output projection.
+        o_BSEh = torch.zeros(B, S, E, h, dtype=x.dtype, device=x.device)
+        o_BSEh = o_BSEh.scatter_add(2, ids_BSK[..., None].expand(B, S, K, h), gates_BSK.to(x.dtype)[..., None] * o_BSKh)
+        y = torch.einsum("bseh,edh->bsd", o_BSEh, self.o_proj.to(x.dtype))
+
+        mask_T = None if key_padding_mask is None else key_padding_mask.reshape(-1)
+        probs_TE = torch.softmax(logits_BSE.reshape(-1, E), -1)
+        ids_TK = ids_BSK.reshape(-1, K) if mask_T is None else ids_BSK.reshape(-1, K)[mask_T]
+        counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
+        total = torch.zeros((), device=x.device)
+        if self.aux_loss_coef > 0:
+            total = total + self.aux_loss_coef * load_balancing_loss(probs_TE, counts_E, K, mask=mask_T)
+        if self.z_loss_coef > 0:
+            total = total + self.z_loss_coef * z_loss(logits_BSE.reshape(-1, E), mask=mask_T)
+        self.aux_loss = total
+        self.last_stats = {"tokens_per_expert": counts_E.detach(), "topk_ids": ids_BSK.detach()}
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"head_dim={self.head_dim}, causal={self.causal}")
