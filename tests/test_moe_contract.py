@@ -287,3 +287,17 @@ def test_property_identity_and_capacity(T, E, data):
     if cf is not None:
         C = moekit.routing.capacity_for(cf, K, T, E)
         assert moe.last_stats.tokens_per_expert.max().item() <= C
+
+
+def test_top_k_defaults_to_the_routers_own():
+    assert MoE(d_model=8, num_experts=4).top_k == 2
+    assert MoE(d_model=8, num_experts=4, router="switch").top_k == 1
+    assert MoE(d_model=8, num_experts=4, top_k=3).router.top_k == 3
+    with pytest.raises(ValueError, match="top_k does not apply"):
+        MoE(d_model=8, num_experts=4, router="top_p", top_k=2)
+    with pytest.raises(ValueError, match="top_k does not apply"):
+        MoE(d_model=8, num_experts=4, router="hash", top_k=2)
+    MoE(d_model=8, num_experts=4, router="dense", top_k=4)           # its own count is fine
+    r = moekit.routing.TopKRouter(8, 4, 3)
+    with pytest.raises(ValueError, match="differs from the router instance"):
+        MoE(d_model=8, num_experts=4, router=r, top_k=2)

@@ -43,7 +43,9 @@ class MoE(nn.Module):
     Args:
         d_model: D.
         num_experts: E routed experts.
-        top_k: K experts per token (token-choice routers).
+        top_k: K experts per token. ``None`` (default) takes the router's own default: 2 for
+            top-k routers, 1 for Switch; routers whose rule decides the count (dense, top-p,
+            hash, BASE …) refuse an explicit value that differs from it.
         d_hidden: F, each routed expert's hidden size (default: see `default_hidden`).
         router: a registered name (`moekit.routing.available()`) or a `Router` instance.
         expert: ``"swiglu"`` | ``"geglu"`` | ``"reglu"`` | ``"mlp"``; ignored only when an
@@ -65,7 +67,7 @@ class MoE(nn.Module):
 
     _is_moe_layer = True
 
-    def __init__(self, *, d_model: int, num_experts: int, top_k: int = 2, d_hidden: Optional[int] = None,
+    def __init__(self, *, d_model: int, num_experts: int, top_k: Optional[int] = None, d_hidden: Optional[int] = None,
                  router: Union[str, Router] = "topk", expert: Optional[str] = None,
                  experts: Optional[ExpertBank] = None, activation: Optional[str] = None,
                  capacity_factor: Optional[float] = None, eval_capacity_factor="same",
@@ -83,7 +85,7 @@ class MoE(nn.Module):
         if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
         check_backend_name(backend)
-        self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
+        self.d_model, self.num_experts = d_model, num_experts
         self.aux_loss_coef, self.z_loss_coef = float(aux_loss_coef), float(z_loss_coef)
         self.backend = backend
 
@@ -100,7 +102,9 @@ class MoE(nn.Module):
                 router.set_capacity(capacity_factor, eval_capacity_factor, drop_policy)
             self.router = router
         elif isinstance(router, str):
-            kw = dict(d_model=d_model, num_experts=num_experts, top_k=top_k)
+            kw = dict(d_model=d_model, num_experts=num_experts)
+            if top_k is not None:
+                kw["top_k"] = top_k
             if capacity_factor is not None or drop_policy != "position" or eval_capacity_factor != "same":
                 kw.update(capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                           drop_policy=drop_policy)
@@ -108,6 +112,9 @@ class MoE(nn.Module):
             self.router = build_router(router, **kw)
         else:
             raise TypeError(f"router must be a name or a moekit Router, got {type(router).__name__}")
+        if isinstance(router, Router) and top_k is not None and top_k != router.top_k:
+            raise ValueError(f"top_k={top_k} differs from the router instance's top_k={router.top_k}")
+        self.top_k = self.router.top_k
         self.balance_loss = self.router.default_balance_loss if balance_loss == "auto" else balance_loss
 
         self.experts = resolve_experts(experts, expert=expert, d_hidden=d_hidden, activation=activation,

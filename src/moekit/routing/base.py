@@ -18,7 +18,7 @@ from torch import nn
 
 from moekit.routing.capacity import DROP_POLICIES, apply_capacity, capacity_for
 
-__all__ = ["Routing", "Router", "TokenChoiceRouter", "check_router_args", "router_float"]
+__all__ = ["Routing", "Router", "TokenChoiceRouter", "check_router_args", "check_no_top_k", "router_float"]
 
 
 def router_float(t: torch.Tensor) -> torch.Tensor:
@@ -81,6 +81,13 @@ def check_router_args(d_model: int, num_experts: int, top_k: Optional[int] = Non
             raise ValueError(f"top_k must be a positive int, got {top_k!r}")
         if top_k > num_experts:
             raise ValueError(f"top_k must be <= num_experts={num_experts}, got top_k={top_k}")
+
+
+def check_no_top_k(router_name: str, top_k: Optional[int], natural: Optional[int]) -> None:
+    """Routers without a free K (the count is decided by the rule) refuse an explicit top_k."""
+    if top_k is not None and top_k != natural:
+        what = "a variable number of experts per token" if natural is None else f"{natural} expert(s) per token"
+        raise ValueError(f"router {router_name!r} routes {what}; top_k does not apply (got top_k={top_k})")
 
 
 def _check_capacity_factor(name: str, value: Optional[float]) -> None:

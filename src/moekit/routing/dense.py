@@ -7,7 +7,13 @@ Legend: T tokens, D model dim, E experts.
 the oracle for dense equivalence (top-k with k = E, expert choice with c = E, top-p with p = 1)
 and the classic mixture of experts. No balancing loss: every expert already sees every token.
 
-``top_k`` is not used (K = E); the MoE layer passes its ``top_k`` to every router.
+``top_k`` is not used (K = E); an explicit ``top_k`` other than its own count is refused.
+
+`competitive_loss` is Jacobs et al.'s training objective for this gate (METHODS.md F1):
+``L = −log Σ_i p_i exp(−‖d − o_i‖² / 2σ²)``, whose posterior responsibilities
+``h_i = p_i exp(−‖d − o_i‖²/2σ²) / Σ_j (…)`` give ``∂L/∂o_i = −h_i (d − o_i)/σ²`` and
+``∂L/∂logit_i = p_i − h_i``; it makes experts compete for cases instead of cooperating on
+the mixture output ``‖d − Σ p_i o_i‖²``.
 """
 from __future__ import annotations
 
@@ -15,9 +21,33 @@ from typing import Optional
 
 import torch
 
+from moekit.routing.base import check_no_top_k
 from moekit.routing.topk import TopKRouter
 
-__all__ = ["DenseRouter"]
+__all__ = ["DenseRouter", "competitive_loss", "competitive_responsibilities"]
+
+
+def _log_scores(logits_TE, expert_out_TEO, target_TO, sigma):
+    if expert_out_TEO.dim() != 3 or expert_out_TEO.shape[:2] != logits_TE.shape \
+            or target_TO.shape != (expert_out_TEO.shape[0], expert_out_TEO.shape[2]):
+        raise ValueError(f"need logits (T, E), expert outputs (T, E, O), targets (T, O); got "
+                         f"{tuple(logits_TE.shape)}, {tuple(expert_out_TEO.shape)}, {tuple(target_TO.shape)}")
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma!r}")
+    sq_TE = (target_TO.unsqueeze(1) - expert_out_TEO).square().sum(-1)
+    return torch.log_softmax(logits_TE, -1) - sq_TE / (2 * sigma ** 2)
+
+
+def competitive_loss(logits_TE: torch.Tensor, expert_out_TEO: torch.Tensor, target_TO: torch.Tensor, *,
+                     sigma: float = 1.0) -> torch.Tensor:
+    """Mean over tokens of ``−log Σ_i softmax(logits)_i exp(−‖d − o_i‖² / 2σ²)`` (F1)."""
+    return -torch.logsumexp(_log_scores(logits_TE, expert_out_TEO, target_TO, sigma), -1).mean()
+
+
+def competitive_responsibilities(logits_TE: torch.Tensor, expert_out_TEO: torch.Tensor, target_TO: torch.Tensor,
+                                 *, sigma: float = 1.0) -> torch.Tensor:
+    """(T, E) posterior ``h_i`` of each expert for each case; rows sum to 1."""
+    return torch.softmax(_log_scores(logits_TE, expert_out_TEO, target_TO, sigma), -1)
 
 
 class DenseRouter(TopKRouter):
@@ -25,6 +55,7 @@ class DenseRouter(TopKRouter):
 
     def __init__(self, d_model: int, num_experts: int, top_k: Optional[int] = None, *,
                  temperature: float = 1.0, bias: bool = False):
+        check_no_top_k("dense", top_k, num_experts)
         super().__init__(d_model, num_experts, num_experts, norm="raw", bias=bias)
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")

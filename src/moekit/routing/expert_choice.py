@@ -44,14 +44,21 @@ class ExpertChoiceRouter(Router):
         eval_capacity_factor: c in eval (``"same"``: as in training).
         top_k: experts per token of the eval fallback when ``causal=True`` (unused otherwise).
         causal: token-choice top-k in eval so autoregressive decoding is possible.
+        group_size: experts choose within groups of this many consecutive tokens (e.g. the
+            sequence length, so one image or sequence never competes with another); ``None``:
+            the whole batch is one group. Each group has its own ``C = ceil(c · S / E)``.
     """
 
     default_balance_loss = "none"
     causal_safe = False
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *, capacity_factor: Optional[float] = 2.0,
-                 eval_capacity_factor="same", drop_policy: str = "position", causal: bool = False):
+                 eval_capacity_factor="same", drop_policy: str = "position", causal: bool = False,
+                 group_size: Optional[int] = None):
         super().__init__(d_model, num_experts, top_k)
+        if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
+            raise ValueError(f"group_size must be None or a positive int, got {group_size!r}")
+        self.group_size = group_size
         if capacity_factor is None:
             raise ValueError("expert choice needs a capacity factor c (mean experts per token), got None")
         if drop_policy != "position":
@@ -83,21 +90,24 @@ class ExpertChoiceRouter(Router):
             _, topk_ids_TK = topk_stable(probs_TE, self.top_k)
             selected_TE = torch.zeros(T, E, dtype=torch.bool, device=x_TD.device).scatter(1, topk_ids_TK, True)
         else:
-            n_valid = T if mask is None else int(mask.sum())
-            C = self.tokens_per_expert_for(n_valid)
             scores_ET = probs_TE.detach().t()
             if mask is not None:
                 # Padding can never be picked: it sorts below every real token.
                 scores_ET = scores_ET.masked_fill(~mask.unsqueeze(0), -1.0)
-            selected_TE = torch.zeros(E, T, dtype=torch.bool, device=x_TD.device)
-            if C > 0:
-                _, tok_EC = topk_stable(scores_ET, C)                     # ties to the earlier token
-                selected_TE.scatter_(1, tok_EC, True)
-            selected_TE = selected_TE.t()
+            valid_T = torch.ones(T, dtype=torch.bool, device=x_TD.device) if mask is None else mask
+            selected_ET = torch.zeros(E, T, dtype=torch.bool, device=x_TD.device)
+            S = T if self.group_size is None else self.group_size
+            for start in range(0, T, S):
+                C = self.tokens_per_expert_for(int(valid_T[start:start + S].sum()))
+                if C > 0:
+                    _, tok_EC = topk_stable(scores_ET[:, start:start + S], C)   # ties to the earlier token
+                    selected_ET[:, start:start + S].scatter_(1, tok_EC, True)
+            selected_TE = selected_ET.t()
         token_ids, expert_ids, weights = pairs_from_selection(selected_TE, probs_TE, mask)
         return Routing(token_ids=token_ids, expert_ids=expert_ids, weights=weights, logits=logits_TE,
                        dropped=no_drops(x_TD.device), num_experts=E, probs=probs_TE)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, capacity_factor={self.capacity_factor}, "
-                f"eval_capacity_factor={self.eval_capacity_factor}, causal={self.causal}, top_k={self.top_k}")
+                f"eval_capacity_factor={self.eval_capacity_factor}, causal={self.causal}, top_k={self.top_k}, "
+                f"group_size={self.group_size}")

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from moekit.routing.base import Router, Routing
+from moekit.routing.base import Router, Routing, check_no_top_k
 from moekit.routing.pairs import check_token_input, no_drops
 
 __all__ = ["HashRouter", "balanced_hash_table"]
@@ -45,13 +45,14 @@ def balanced_hash_table(counts_V: torch.Tensor, num_experts: int) -> torch.Tenso
 class HashRouter(Router):
     """Route by a fixed hash of the token id; gate 1; no parameters.
 
-    ``top_k`` is not used (one hash, one expert); the MoE layer passes its ``top_k`` to every router.
+    ``top_k`` is not used (one hash, one expert); an explicit ``top_k`` other than its own count is refused.
     """
 
     default_balance_loss = "none"
 
     def __init__(self, d_model: int, num_experts: int, top_k: Optional[int] = None, *,
                  vocab_size: Optional[int] = None, seed: int = 0):
+        check_no_top_k("hash", top_k, 1)
         super().__init__(d_model, num_experts, None)
         if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size <= 0):
             raise ValueError(f"vocab_size must be None or a positive int, got {vocab_size!r}")

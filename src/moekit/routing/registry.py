@@ -26,6 +26,18 @@ _BUILTIN = {
     "top_p": "moekit.routing.top_p:TopPRouter",
     "hash": "moekit.routing.hash:HashRouter",
     "dense": "moekit.routing.dense:DenseRouter",
+    "cosine": "moekit.routing.cosine:CosineRouter",
+    "relu": "moekit.routing.relu:ReLURouter",
+    "dselect_k": "moekit.routing.dselect_k:DSelectKRouter",
+    "sinkhorn": "moekit.routing.sinkhorn:SinkhornRouter",
+    "base": "moekit.routing.base_layer:BaseLayerRouter",
+    "thor": "moekit.routing.thor:ThorRouter",
+    "null_experts": "moekit.routing.null_experts:NullExpertsRouter",
+    "task": "moekit.routing.task:TaskRouter",
+    "random": "moekit.routing.random:RandomRouter",
+    "gaussian": "moekit.routing.gaussian:GaussianRouter",
+    "dense_to_sparse": "moekit.routing.schedules:DenseToSparseRouter",
+    "stable_moe": "moekit.routing.schedules:StableMoERouter",
 }
 
 

@@ -65,7 +65,8 @@ class ReLURouter(Router):
                 w_E = self.num_experts * active_E / active_E.sum().clamp_min(1)
             else:
                 w_E = torch.ones_like(active_E)
-            aux["l1"] = self.l1_coef * ((gates_TE * m_T1) @ w_E).sum() / n_valid
+            # A copy: λ is updated in place below, after the loss captured its value.
+            aux["l1"] = self.l1_coef.clone() * ((gates_TE * m_T1) @ w_E).sum() / n_valid
             if self.adapt:
                 with torch.no_grad():
                     sparsity = 1.0 - active_E.sum() / (n_valid * self.num_experts)

@@ -15,8 +15,7 @@ Because a flat router would select many experts, the dynamic loss
 loss counts f over all kept experts. ``MoE.last_stats.experts_per_token`` reports the mean
 number of experts per token.
 
-``top_k`` is not used (the threshold decides the count); the MoE layer passes its ``top_k`` to
-every router. ``max_experts`` optionally caps the count (``None``: the paper's uncapped rule).
+``top_k`` is not used (the threshold decides the count); an explicit ``top_k`` other than its own count is refused. ``max_experts`` optionally caps the count (``None``: the paper's uncapped rule).
 """
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.losses import router_entropy
-from moekit.routing.base import Router, Routing
+from moekit.routing.base import Router, Routing, check_no_top_k
 from moekit.routing.pairs import no_drops, pairs_from_selection
 from moekit.routing.topk import init_router_weight
 
@@ -56,6 +55,7 @@ class TopPRouter(Router):
 
     def __init__(self, d_model: int, num_experts: int, top_k: Optional[int] = None, *, p: float = 0.4,
                  dynamic_loss_coef: float = 1e-4, max_experts: Optional[int] = None):
+        check_no_top_k("top_p", top_k, None)
         super().__init__(d_model, num_experts, None)
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
             raise ValueError(f"p must be in (0, 1], got {p!r}")
