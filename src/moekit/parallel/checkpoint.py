@@ -1,0 +1,326 @@
+"""Distributed checkpoints with `torch.distributed.checkpoint` (DCP) that reshard experts.
+
+Legend: E experts (global), L = E / W experts per rank.
+
+A rank's expert shards (L, ...) are written as DTensors sharded on dim 0 over the
+expert-parallel group, so the checkpoint holds the full (E, ...) tensors in pieces with
+their global offsets. Loading builds the same description for the *current* layout (any W
+that divides E, or one plain process with full (E, ...) parameters) and DCP reads the rows
+each rank needs. Replicated tensors are written once. Optimizer states of expert parameters
+(Adam's moments, shape (L, ...)) are resharded the same way, keyed by parameter name.
+
+The state dict may hold live objects, which is what makes resharding possible:
+``{"model": model, "optimizer": optimizer, "step": 12, "rng": tensor, ...}``. Modules and
+optimizers are converted on save and written back on load (optimizer states are created
+first when the optimizer has not stepped yet). A plain ``model.state_dict()`` is resharded
+too (its expert tensors are recognised by storage). Every other value (step counters, data
+sampler and RNG states, a plain ``optimizer.state_dict()`` …) is saved *per rank* as one
+pickled blob, because such values often differ between ranks: on load each rank gets its
+own value back when the world size is unchanged (a torchrun restart), and rank 0's value
+otherwise. Checkpoints are trusted files (the blobs are unpickled).
+
+Writes go to ``path + ".tmp"`` and are renamed once every rank finished, so a rank killed
+mid-save leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import warnings
+import weakref
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moekit.parallel.sharding import ExpertShard, expert_shard_of, sharded_tensors
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "to_dcp_state_dict"]
+
+_WORLD_KEY = "__world_size__"
+
+
+def _rank_key(rank: int, key: str) -> str:
+    return f"__rank{rank}__/{key}"
+
+
+def _rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+
+_MESHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _mesh(shard: ExpertShard, device: torch.device):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    per_group = _MESHES.setdefault(shard.group, {})
+    if device.type not in per_group:
+        per_group[device.type] = DeviceMesh.from_group(shard.group, device.type)
+    return per_group[device.type]
+
+
+def _as_dtensor(local: torch.Tensor, shard: ExpertShard):
+    from torch.distributed.tensor import DTensor, Shard
+
+    if local.shape[0] != shard.num_local:
+        raise ValueError(f"expert shard has {local.shape[0]} rows, expected {shard.num_local}")
+    return DTensor.from_local(local.detach(), _mesh(shard, local.device), [Shard(0)], run_check=False)
+
+
+def _to_local(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _expert_tensors() -> Dict[int, tuple]:
+    """Storage pointer → (shard, shape) of every live expert shard (a plain ``model.state_dict()``
+    holds detached tensors that share the parameters' storage)."""
+    return {t.data_ptr(): (expert_shard_of(t), tuple(t.shape)) for t in sharded_tensors()}
+
+
+def _param_names(state: Dict[str, Any]) -> Dict[int, str]:
+    modules = [(k, v) for k, v in state.items() if isinstance(v, nn.Module)]
+    names = {}
+    for key, m in modules:
+        for n, p in m.named_parameters():
+            names[id(p)] = n if len(modules) == 1 else f"{key}.{n}"
+    return names
+
+
+def _module_sd(module: nn.Module) -> Dict[str, Any]:
+    out = {}
+    for k, t in module.state_dict(keep_vars=True).items():
+        s = expert_shard_of(t) if isinstance(t, torch.Tensor) else None
+        out[k] = _as_dtensor(t, s) if s is not None else (t.detach() if isinstance(t, torch.Tensor) else t)
+    return out
+
+
+def _optim_params(opt: torch.optim.Optimizer):
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def _optim_keys(opt: torch.optim.Optimizer, names: Dict[int, str]):
+    params = _optim_params(opt)
+    if not names:                              # no module in the dict: positions are the keys
+        return params, [f"param_{i}" for i in range(len(params))]
+    missing = [i for i, p in enumerate(params) if id(p) not in names]
+    if missing:
+        raise ValueError(f"optimizer parameters at positions {missing} are not a parameter of the modules in "
+                         f"the checkpoint dict (build the optimizer after prepare_model/apply_expert_parallel, "
+                         f"which replaces the expert parameters)")
+    return params, [names[id(p)] for p in params]
+
+
+def _optim_sd(opt: torch.optim.Optimizer, names: Dict[int, str]) -> Dict[str, Any]:
+    params, keys = _optim_keys(opt, names)
+    sd = opt.state_dict()
+    state = {}
+    for i, st in sd["state"].items():
+        p = params[i]
+        s = expert_shard_of(p)
+        state[keys[i]] = {k: (_as_dtensor(v, s) if s is not None and isinstance(v, torch.Tensor)
+                              and v.shape == p.shape else v) for k, v in st.items()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [keys[i] for i in g["params"]]}
+              for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _expert_hit(t, experts):
+    if not isinstance(t, torch.Tensor) or not t.numel():
+        return None
+    hit = experts.get(t.data_ptr())
+    return hit[0] if hit is not None and tuple(t.shape) == hit[1] else None
+
+
+def _holds_expert_tensor(v, experts) -> bool:
+    if isinstance(v, dict):
+        return any(_holds_expert_tensor(x, experts) for x in v.values())
+    return _expert_hit(v, experts) is not None
+
+
+def _plain(v, experts: Dict[int, tuple]):
+    """A plain (nested) dict of tensors with expert shards as DTensors (e.g. model.state_dict())."""
+    if isinstance(v, dict):
+        return {k: _plain(x, experts) for k, x in v.items()}
+    shard = _expert_hit(v, experts)
+    return _as_dtensor(v, shard) if shard is not None else v
+
+
+def _blob(v) -> bytes:
+    buf = io.BytesIO()
+    torch.save(v, buf)
+    return buf.getvalue()
+
+
+def to_dcp_state_dict(state: Dict[str, Any]) -> Dict[str, Any]:
+    """The dict DCP writes: modules and optimizers as name-keyed dicts with expert shards as
+    DTensors, other values as per-rank blobs (see the module doc)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state_dict must be a dict, got {type(state).__name__}")
+    bad = [k for k in state if not isinstance(k, str) or k.startswith("__")]
+    if bad:
+        raise ValueError(f"checkpoint keys must be strings not starting with '__', got {bad}")
+    experts = _expert_tensors()
+    names = _param_names(state)
+    rank, world = _rank_world()
+    out: Dict[str, Any] = {_WORLD_KEY: world}
+    for k, v in state.items():
+        if isinstance(v, nn.Module):
+            out[k] = _module_sd(v)
+        elif isinstance(v, torch.optim.Optimizer):
+            out[k] = _optim_sd(v, names)
+        elif _holds_expert_tensor(v, experts):
+            out[k] = _plain(v, experts)
+        else:
+            out[_rank_key(rank, k)] = _blob(v)
+    return out
+
+
+def latest_checkpoint(path) -> Optional[str]:
+    """`path` if it is a complete checkpoint, else its newest complete sub-checkpoint (by name), else None."""
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, ".metadata")):
+        return path
+    if not os.path.isdir(path):
+        return None
+    subs = sorted(d for d in os.listdir(path) if not d.endswith((".tmp", ".old"))
+                  and os.path.isfile(os.path.join(path, d, ".metadata")))
+    return os.path.join(path, subs[-1]) if subs else None
+
+
+def save_checkpoint(state_dict: Dict[str, Any], path: str) -> None:
+    """Write `state_dict` (see module doc) to the directory `path` from every rank (collective)."""
+    path = os.fspath(path)
+    sd = to_dcp_state_dict(state_dict)
+    tmp = path + ".tmp"
+    rank0 = not _distributed() or dist.get_rank() == 0
+    if rank0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    if _distributed():
+        dist.barrier()
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save(sd, checkpoint_id=tmp, no_dist=not _distributed())
+    if _distributed():
+        dist.barrier()
+    if rank0:
+        old = path + ".old"
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if os.path.exists(old):
+            shutil.rmtree(old)
+    if _distributed():
+        dist.barrier()
+
+
+@torch.no_grad()
+def _init_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    # DCP loads into existing tensors: give a fresh optimizer its state with one step of zero
+    # gradients at learning rate 0 (no parameter moves, weight decay included).
+    if opt.state:
+        return
+    params = _optim_params(opt)
+    saved_grads = [p.grad for p in params]
+    lrs = [g["lr"] for g in opt.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    for g in opt.param_groups:
+        g["lr"] = torch.zeros_like(g["lr"]) if isinstance(g["lr"], torch.Tensor) else 0.0
+    with torch.enable_grad():
+        opt.step()
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+    for p, g in zip(params, saved_grads):
+        p.grad = g
+
+
+def _write_back(target, loaded):
+    """Copy loaded values into the user's objects; returns the value to store for plain entries."""
+    if isinstance(target, torch.Tensor):
+        local = _to_local(loaded)
+        if local is not target:
+            target.copy_(local)
+        return target
+    if isinstance(target, dict):
+        for k in target:
+            target[k] = _write_back(target[k], loaded[k])
+        return target
+    return loaded
+
+
+@torch.no_grad()
+def load_checkpoint(state_dict: Dict[str, Any], path) -> Dict[str, Any]:
+    """Read the checkpoint at `path` into the objects of `state_dict` (in place; collective).
+
+    `path` is a checkpoint directory, or a directory of them (the newest complete one by name
+    is read, see `latest_checkpoint`); FileNotFoundError if there is none. Works for any number
+    of ranks that divides each layer's experts, and for one plain process. Returns
+    `state_dict`, its plain values replaced by the loaded ones (each rank's own when the world
+    size is unchanged, else rank 0's).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint at {os.fspath(path)!r}")
+    for v in state_dict.values():
+        if isinstance(v, torch.optim.Optimizer):
+            _init_optimizer_state(v)
+    sd = to_dcp_state_dict(state_dict)
+    rank, world = _rank_world()
+    saved = dcp.FileSystemReader(found).read_metadata().state_dict_metadata
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        head = {_WORLD_KEY: 0}
+        dcp.load(head, checkpoint_id=found, no_dist=not _distributed())
+        src = rank if head[_WORLD_KEY] == world else 0
+        blobs = {}
+        for k in list(sd):
+            if k.startswith("__rank"):
+                key = k.split("/", 1)[1]
+                del sd[k]
+                if _rank_key(src, key) in saved:
+                    blobs[key] = _rank_key(src, key)
+                    sd[blobs[key]] = b""
+                elif any(n.startswith(key + ".") for n in saved):
+                    # Saved as a (resharded) dict of tensors: load into the given tensors in place.
+                    sd[key] = _plain(state_dict[key], {})
+                else:
+                    raise KeyError(f"checkpoint {found!r} has no entry {key!r}")
+        for key, v in state_dict.items():
+            plain_structured = not isinstance(v, (nn.Module, torch.optim.Optimizer)) and key not in blobs
+            if plain_structured and _rank_key(src, key) in saved:
+                # Saved per rank but given here as a dict holding expert shards: take the blob.
+                blobs[key] = _rank_key(src, key)
+                sd.pop(key, None)
+                sd[blobs[key]] = b""
+        del sd[_WORLD_KEY]
+        dcp.load(sd, checkpoint_id=found, no_dist=not _distributed())
+    names = _param_names(state_dict)
+    for k, v in state_dict.items():
+        if isinstance(v, nn.Module):
+            v.load_state_dict({n: _to_local(t) for n, t in sd[k].items()})
+        elif isinstance(v, torch.optim.Optimizer):
+            _, keys = _optim_keys(v, names)
+            index = {n: i for i, n in enumerate(keys)}
+            loaded = sd[k]
+            v.load_state_dict({
+                "state": {index[n]: {kk: _to_local(vv) for kk, vv in st.items()} for n, st in loaded["state"].items()},
+                "param_groups": [{**{kk: vv for kk, vv in g.items() if kk != "params"},
+                                  "params": [index[n] for n in g["params"]]} for g in loaded["param_groups"]],
+            })
+        elif k in blobs:
+            state_dict[k] = torch.load(io.BytesIO(sd[blobs[k]]), map_location="cpu", weights_only=False)
+        else:
+            _write_back(v, sd[k])
+    return state_dict

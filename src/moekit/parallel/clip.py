@@ -1,0 +1,63 @@
+"""Gradient-norm clipping across expert shards: the norm one process would compute.
+
+``torch.nn.utils.clip_grad_norm_`` on one rank sees the replicated gradients and only this
+rank's expert shards, so each rank would compute a different norm, scale its replicated
+gradients differently, and the replicas would drift apart. Here the expert part of
+``‖g‖²`` is summed over the expert-parallel group (replicated parts are identical on every
+rank after gradient averaging and counted once), which gives every rank the single-process
+norm and the same clipping coefficient.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moekit.parallel.sharding import expert_shard_of
+
+__all__ = ["clip_grad_norm_", "grad_norm"]
+
+
+@torch.no_grad()
+def grad_norm(parameters: Union[nn.Module, Iterable[torch.Tensor]], norm_type: float = 2.0) -> torch.Tensor:
+    """The global gradient norm (float32 scalar) over replicated parameters and expert shards."""
+    params = list(parameters.parameters() if isinstance(parameters, nn.Module) else parameters)
+    grads = [(p.grad, expert_shard_of(p)) for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    device = grads[0][0].device
+    norm_type = float(norm_type)
+    inf = norm_type == float("inf")
+
+    def part(gs):
+        if not gs:
+            return torch.zeros((), device=device, dtype=torch.float32)
+        norms = torch.stack([torch.linalg.vector_norm(g.float(), norm_type) for g in gs])
+        return norms.max() if inf else norms.pow(norm_type).sum()
+
+    total = part([g for g, s in grads if s is None])
+    by_group: dict = {}
+    for g, s in grads:
+        if s is not None:
+            by_group.setdefault(id(s.group), (s.group, []))[1].append(g)
+    for group, gs in by_group.values():
+        e = part(gs)
+        dist.all_reduce(e, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
+        total = torch.maximum(total, e) if inf else total + e
+    return total if inf else total.pow(1.0 / norm_type)
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Union[nn.Module, Iterable[torch.Tensor]], max_norm: float,
+                    norm_type: float = 2.0) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for expert-parallel models: same arguments, returns the
+    global norm before clipping; every rank applies the same coefficient."""
+    params = list(parameters.parameters() if isinstance(parameters, nn.Module) else parameters)
+    total = grad_norm(params, norm_type)
+    coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+    return total
