@@ -24,6 +24,7 @@ from moekit.layers.stats import MoEStats, compute_stats
 from moekit.losses import BALANCE_LOSSES, balance_loss, z_loss
 from moekit.ops.backends import check_backend_name
 from moekit.ops.dispatch import LocalDispatcher
+from moekit.ops.fused import fused_experts
 from moekit.routing import Router, TokenChoiceRouter, build_router
 from moekit.routing.base import check_router_args
 
@@ -183,9 +184,14 @@ class MoE(nn.Module):
         if ids_T is not None:
             extra["token_ids"] = ids_T
         routing = self.router(x_TD, mask=mask_T, **extra)
-        x_ND, counts_E, meta = self.dispatcher.dispatch(x_TD, routing)
-        y_ND = self.experts(x_ND, counts_E, backend=self.backend)
-        y_TD = self.dispatcher.combine(y_ND, meta, out_dtype=x.dtype)
+        y_TD = None
+        if type(self.dispatcher) is LocalDispatcher:       # kernels fuse the local dispatch only
+            y_TD = fused_experts(x_TD, routing, self.experts, backend=self.backend)
+        if y_TD is None:
+            x_ND, counts_E, meta = self.dispatcher.dispatch(x_TD, routing)
+            y_ND = self.experts(x_ND, counts_E, backend=self.backend)
+            y_TD = self.dispatcher.combine(y_ND, meta, out_dtype=x.dtype)
+        y_TD = y_TD.to(x.dtype)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD).to(x.dtype)
 

@@ -71,6 +71,7 @@ def check_backend_name(name: str) -> None:
 def resolve_backend(name: str, x_NI: torch.Tensor, w_EIO: torch.Tensor) -> Backend:
     """The backend that runs these operands; ValueError if a named one cannot."""
     check_backend_name(name)
+    _load_lazy()          # "auto" must see lazily registered backends (triton)
     if name != "auto":
         b = _BACKENDS[name]
         if not b.supported(x_NI, w_EIO):

@@ -1,0 +1,33 @@
+"""The fused expert path: gather → gate/up GEMM + SwiGLU → down GEMM + combine, in kernels.
+
+Legend: T tokens, D model dim.
+
+`fused_experts` returns the layer's routed output ``y_TD`` computed by the Triton kernels of
+`moekit.kernels.fused_moe` when they apply here (a SwiGLU bank, a device the kernels run on,
+backend ``"auto"`` or ``"triton"``), and None otherwise, so the caller falls back to the
+dispatch → experts → combine path, which computes the same function (tests compare both).
+The deterministic ``"slots"`` combine needs every token's K pairs in token-major order
+(``routing.slots_per_token``); other routings use the atomic combine.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["fused_experts"]
+
+
+def fused_experts(x_TD: torch.Tensor, routing, experts, *, backend: str) -> Optional[torch.Tensor]:
+    if backend not in ("auto", "triton"):
+        return None
+    try:
+        from moekit.kernels.backend import fused_moe_applicable      # imports no triton on the CPU
+    except ImportError:
+        return None
+    if not fused_moe_applicable(x_TD, experts):
+        return None
+    from moekit.kernels import fused_moe
+
+    combine = "slots" if getattr(routing, "slots_per_token", None) is not None else "atomic"
+    return fused_moe.fused_moe_forward(x_TD, routing, experts, combine=combine)
