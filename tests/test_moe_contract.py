@@ -301,3 +301,13 @@ def test_top_k_defaults_to_the_routers_own():
     r = moekit.routing.TopKRouter(8, 4, 3)
     with pytest.raises(ValueError, match="differs from the router instance"):
         MoE(d_model=8, num_experts=4, router=r, top_k=2)
+
+
+def test_deepcopy_after_training_forward():
+    import copy
+
+    moe = make()
+    moe(torch.randn(4, 16)).sum().backward()
+    twin = copy.deepcopy(moe)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(twin.eval()(x), moe.eval()(x))

@@ -214,6 +214,15 @@ class MoE(nn.Module):
             total = total + v
         return total
 
+    def __getstate__(self):
+        # copy.deepcopy / pickle after a training forward: drop the autograd graph that
+        # aux_loss and last_routing hold (they describe the last forward, not the model).
+        state = self.__dict__.copy()
+        if isinstance(state.get("aux_loss"), torch.Tensor):
+            state["aux_loss"] = state["aux_loss"].detach()
+        state["last_routing"] = None
+        return state
+
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"backend={self.backend!r}, aux_loss_coef={self.aux_loss_coef}, z_loss_coef={self.z_loss_coef}, "
