@@ -5,16 +5,16 @@
     >>> y = moe(torch.randn(4, 16, 64))
     >>> loss = y.square().mean() + moekit.aux_loss(moe)
 """
-from moekit import experts, losses, ops, routing
+from moekit import experts, layers, losses, models, ops, routing
 from moekit.experts import ExpertBank, GLUExperts, MLPExperts, SharedExperts
-from moekit.layers import MoE, MoEStats, aux_loss, moe_layers
+from moekit.layers import MoE, MoEStats, SoftMoE, aux_loss, moe_layers
 from moekit.losses import update_router_biases
 from moekit.routing import Router, Routing, available as available_routers, build_router, register_router
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MoE", "MoEStats", "Routing", "Router", "ExpertBank", "GLUExperts", "MLPExperts", "SharedExperts",
+    "MoE", "MoEStats", "SoftMoE", "Routing", "Router", "ExpertBank", "GLUExperts", "MLPExperts", "SharedExperts",
     "aux_loss", "moe_layers", "update_router_biases", "available_routers", "build_router",
-    "register_router", "experts", "losses", "ops", "routing", "__version__",
+    "register_router", "experts", "layers", "losses", "models", "ops", "routing", "__version__",
 ]

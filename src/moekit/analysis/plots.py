@@ -1,0 +1,156 @@
+"""PNG plots of a run (matplotlib, an optional extra: without it every function returns None).
+
+Each function writes one figure and returns its path.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+__all__ = ["have_matplotlib", "plot_loss_curves", "plot_load_heatmap", "plot_doc_specialisation",
+           "plot_token_specialisation", "plot_coactivation"]
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _plt():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        return None
+
+
+def _smooth(y: np.ndarray, k: int = 5) -> np.ndarray:
+    if len(y) < k:
+        return y
+    return np.convolve(y, np.ones(k) / k, mode="valid")
+
+
+def plot_loss_curves(results: Sequence[dict], train_logs: dict, path) -> Optional[Path]:
+    """Validation loss vs step and vs training time, and smoothed training loss, per variant."""
+    plt = _plt()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for r in results:
+        ev = r.get("evals", [])
+        if ev:
+            axes[0].plot([e["step"] for e in ev], [e["val_loss"] for e in ev], marker="o", ms=3, label=r["variant"])
+            axes[1].plot([e["train_time"] for e in ev], [e["val_loss"] for e in ev], marker="o", ms=3,
+                         label=r["variant"])
+        tr = train_logs.get(r["variant"], [])
+        if tr:
+            steps = np.array([t["step"] for t in tr])
+            loss = np.array([t["ce"] for t in tr], dtype=float)
+            k = min(5, len(loss))
+            axes[2].plot(steps[k - 1:], _smooth(loss, k), label=r["variant"])
+    for ax, (xl, title) in zip(axes, [("step", "validation loss vs steps"), ("training time (s)",
+                                                                              "validation loss vs wall time"),
+                                      ("step", "training cross-entropy (smoothed)")]):
+        ax.set_xlabel(xl)
+        ax.set_ylabel("nats / token")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_load_heatmap(load: dict, path, title: str = "") -> Optional[Path]:
+    """Share of routed pairs per expert (rows) over training (columns), one panel per MoE layer."""
+    plt = _plt()
+    if plt is None or not load.get("steps"):
+        return None
+    frac = np.asarray(load["fraction"])                                   # (n, L, E)
+    L = frac.shape[1]
+    fig, axes = plt.subplots(1, L, figsize=(3.2 * L + 1, 3.2), squeeze=False)
+    E = frac.shape[2]
+    for j in range(L):
+        ax = axes[0, j]
+        im = ax.imshow(frac[:, j, :].T, aspect="auto", cmap="viridis", vmin=0, vmax=max(2.0 / E, frac.max()),
+                       extent=[load["steps"][0], load["steps"][-1], E - 0.5, -0.5], interpolation="nearest")
+        ax.set_title(f"layer {load['layers'][j]}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("expert")
+        if E <= 16:
+            ax.set_yticks(range(E))
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="share of routed pairs")
+    fig.suptitle(title or f"expert load over training (uniform = {1 / E:.3f})", y=1.04)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_doc_specialisation(spec: dict, doc_names: Sequence[str], path, title: str = "") -> Optional[Path]:
+    """Share of each document's routed pairs going to each expert (rows: documents)."""
+    plt = _plt()
+    if plt is None:
+        return None
+    share = np.asarray(spec["doc_share"])                                  # (P, E)
+    keep = share.sum(1) > 0
+    share = share[keep]
+    names = [n for n, k in zip(doc_names, keep) if k]
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * share.shape[1], 1 + 0.3 * len(names)))
+    im = ax.imshow(share, aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("expert")
+    ax.set_title(title or f"layer {spec['layer']}: documents → experts (NMI {spec['nmi_doc']:.3f})")
+    fig.colorbar(im, ax=ax, label="share of the document's pairs")
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_token_specialisation(by_token_EV: np.ndarray, token_names: Sequence[str], path, *, layer: int,
+                              top: int = 40) -> Optional[Path]:
+    """Share of each frequent token's pairs per expert (columns: the `top` most frequent tokens)."""
+    plt = _plt()
+    if plt is None:
+        return None
+    c = np.asarray(by_token_EV, dtype=np.float64)
+    freq = c.sum(0)
+    order = np.argsort(-freq, kind="stable")[:top]
+    order = order[freq[order] > 0]
+    share = c[:, order] / np.maximum(freq[order], 1)
+    labels = [repr(token_names[i])[1:-1] or "?" for i in order]
+    fig, ax = plt.subplots(figsize=(1 + 0.28 * len(order), 1 + 0.35 * c.shape[0]))
+    im = ax.imshow(share, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks(range(len(order)), labels, fontsize=8, family="monospace")
+    ax.set_ylabel("expert")
+    ax.set_title(f"layer {layer}: which expert each frequent token goes to")
+    fig.colorbar(im, ax=ax, label="share of the token's pairs")
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_coactivation(coact: Sequence[dict], path) -> Optional[Path]:
+    """P(top-1 expert in the next MoE layer | top-1 expert in this one), one panel per pair."""
+    plt = _plt()
+    if plt is None or not coact:
+        return None
+    fig, axes = plt.subplots(1, len(coact), figsize=(3.4 * len(coact) + 1, 3.2), squeeze=False)
+    for ax, c in zip(axes[0], coact):
+        j = np.asarray(c["joint"], dtype=np.float64)
+        cond = j / np.maximum(j.sum(1, keepdims=True), 1)
+        im = ax.imshow(cond, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"L{c['from_layer']}→L{c['to_layer']} (NMI {c['nmi']:.2f})", fontsize=9)
+        ax.set_xlabel(f"expert in layer {c['to_layer']}")
+        ax.set_ylabel(f"expert in layer {c['from_layer']}")
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="P(next | this)")
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)

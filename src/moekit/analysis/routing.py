@@ -1,0 +1,185 @@
+"""Routing analytics: what the routers of a trained model did, over training and on held-out text.
+
+Legend: L MoE layers, E experts, V vocabulary, P documents (plays).
+
+- `load_over_training(metrics.jsonl)`: per layer and expert, the share of routed pairs in each
+  logging interval, with load imbalance (max/mean), drop fraction and router entropy.
+- `probe_routing(model, batches)`: runs the model in eval mode on ``(x, y, doc)`` batches and
+  counts, per MoE layer, routed pairs by (expert, token id) and (expert, document), plus each
+  token's top-1 expert (the pair with the largest weight) for co-activation across layers.
+- `specialisation(probe, ...)`: which tokens and which documents each expert prefers, by lift
+  ``P(x | e) / P(x)``, and the mutual information ``I(expert; token)``, ``I(expert; document)``
+  normalised by ``H(expert)`` (0: routing ignores it; 1: routing is a function of it).
+- `coactivation(probe)`: joint counts of top-1 experts in consecutive MoE layers and their
+  normalised mutual information (do tokens follow fixed expert paths through depth?).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from moekit.train.metrics import read_metrics
+
+__all__ = ["load_over_training", "RoutingProbe", "probe_routing", "mutual_information", "specialisation",
+           "coactivation"]
+
+
+def load_over_training(metrics_path) -> dict:
+    """``{"steps": [n], "layers": [L], "fraction": (n, L, E) list, "load_imbalance": (n, L),
+    "drop_fraction": (n, L), "router_entropy": (n, L)}`` from the ``routing`` records."""
+    recs = read_metrics(metrics_path, kind="routing")
+    if not recs:
+        return {"steps": [], "layers": [], "fraction": [], "load_imbalance": [], "drop_fraction": [],
+                "router_entropy": []}
+    layers = recs[0]["layers"]
+    frac = []
+    for r in recs:
+        c = np.asarray(r["tokens_per_expert"], dtype=np.float64)          # (L, E)
+        frac.append((c / np.maximum(c.sum(-1, keepdims=True), 1)).tolist())
+    return {"steps": [r["step"] for r in recs], "layers": layers, "fraction": frac,
+            "load_imbalance": [r["load_imbalance"] for r in recs],
+            "drop_fraction": [r["drop_fraction"] for r in recs],
+            "router_entropy": [r["router_entropy"] for r in recs]}
+
+
+@dataclass
+class RoutingProbe:
+    """Counts from `probe_routing`. Arrays are numpy int64.
+
+    layers: block index of each MoE layer. by_token: (L, E, V). by_doc: (L, E, P).
+    top1: (L, T) top-1 expert of every probed token (-1 if all its pairs were dropped).
+    tokens: (T,) token ids; docs: (T,) document ids. dropped: (L,) pairs dropped.
+    """
+
+    layers: list
+    num_experts: int
+    by_token: np.ndarray
+    by_doc: np.ndarray
+    top1: np.ndarray
+    tokens: np.ndarray
+    docs: np.ndarray
+    dropped: np.ndarray
+    entropy: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+@torch.no_grad()
+def probe_routing(model, batches: Sequence, *, num_docs: int, device: Optional[torch.device] = None) -> RoutingProbe:
+    """Route `batches` of ``(x_BS, y_BS, doc_BS)`` through `model` (eval mode) and count."""
+    blocks = [(i, b.ffn) for i, b in enumerate(model.blocks) if getattr(b, "is_moe", False)]
+    if not blocks:
+        raise ValueError("the model has no MoE layers to analyse")
+    E = blocks[0][1].num_experts
+    V = model.config.vocab_size
+    L = len(blocks)
+    device = device or next(model.parameters()).device
+    by_token = np.zeros((L, E, V), dtype=np.int64)
+    by_doc = np.zeros((L, E, num_docs), dtype=np.int64)
+    top1, toks, docs = [[] for _ in range(L)], [], []
+    dropped = np.zeros(L, dtype=np.int64)
+    entropy = np.zeros(L)
+    was_training = model.training
+    model.eval()
+    try:
+        for x, _, doc in batches:
+            model(x.to(device))
+            tok_T = x.reshape(-1).cpu()
+            doc_T = doc.reshape(-1).cpu()
+            T = tok_T.numel()
+            toks.append(tok_T.numpy())
+            docs.append(doc_T.numpy())
+            for j, (_, moe) in enumerate(blocks):
+                r = moe.last_routing
+                t_N, e_N, w_N = r.token_ids.cpu(), r.expert_ids.cpu(), r.weights.detach().float().cpu()
+                np.add.at(by_token[j], (e_N.numpy(), tok_T[t_N].numpy()), 1)
+                np.add.at(by_doc[j], (e_N.numpy(), doc_T[t_N].numpy()), 1)
+                # top-1 expert per token: the kept pair with the largest weight (ties: lowest expert).
+                best_w = torch.full((T,), -float("inf"))
+                best_w.scatter_reduce_(0, t_N, w_N, reduce="amax")
+                is_best = w_N == best_w[t_N]
+                best_e = torch.full((T,), E, dtype=torch.long)
+                best_e.scatter_reduce_(0, t_N[is_best], e_N[is_best], reduce="amin")
+                top1[j].append(torch.where(best_e == E, -1, best_e).numpy())
+                dropped[j] += int(r.dropped)
+                if moe.last_stats is not None and moe.last_stats.router_entropy is not None:
+                    entropy[j] += float(moe.last_stats.router_entropy) / len(batches)
+    finally:
+        model.train(was_training)
+    return RoutingProbe(layers=[i for i, _ in blocks], num_experts=E, by_token=by_token, by_doc=by_doc,
+                        top1=np.stack([np.concatenate(t) for t in top1]), tokens=np.concatenate(toks),
+                        docs=np.concatenate(docs), dropped=dropped, entropy=entropy)
+
+
+def mutual_information(joint: np.ndarray) -> tuple[float, float]:
+    """``(I(A; B), I / H(A))`` in nats for a joint count matrix with A on rows.
+
+    ``I = Σ p(a,b) log(p(a,b) / (p(a) p(b)))``; the ratio is 0 when H(A) = 0.
+    """
+    joint = np.asarray(joint, dtype=np.float64)
+    n = joint.sum()
+    if n <= 0:
+        return 0.0, 0.0
+    p = joint / n
+    pa, pb = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+    nz = p > 0
+    mi = float((p[nz] * np.log(p[nz] / (pa @ pb)[nz])).sum())
+    ha = float(-(pa[pa > 0] * np.log(pa[pa > 0])).sum())
+    return max(mi, 0.0), (max(mi, 0.0) / ha if ha > 0 else 0.0)
+
+
+def _top_by_lift(counts_EX: np.ndarray, names, top: int, min_count: int) -> list[list[dict]]:
+    """Per expert: the `top` items with the highest lift P(x|e)/P(x) among items seen ≥ min_count."""
+    total_X = counts_EX.sum(0).astype(np.float64)
+    p_X = total_X / max(total_X.sum(), 1)
+    out = []
+    for e in range(counts_EX.shape[0]):
+        c = counts_EX[e].astype(np.float64)
+        n_e = c.sum()
+        if n_e == 0:
+            out.append([])
+            continue
+        lift = np.where((total_X >= min_count) & (p_X > 0), (c / n_e) / np.maximum(p_X, 1e-12), 0.0)
+        order = np.argsort(-lift, kind="stable")[:top]
+        out.append([{"item": names[i], "lift": float(lift[i]), "share_of_item": float(c[i] / total_X[i])}
+                    for i in order if lift[i] > 0])
+    return out
+
+
+def specialisation(probe: RoutingProbe, *, token_names: Sequence[str], doc_names: Sequence[str],
+                   top: int = 8, min_count: int = 20) -> list[dict]:
+    """Per MoE layer: load share per expert, the tokens and documents each expert prefers (by
+    lift) and the normalised mutual information of expert choice with token and document."""
+    out = []
+    for j, layer in enumerate(probe.layers):
+        bt, bd = probe.by_token[j], probe.by_doc[j]
+        mi_t, nmi_t = mutual_information(bt)
+        mi_d, nmi_d = mutual_information(bd)
+        load = bt.sum(1)
+        out.append({
+            "layer": layer,
+            "load_share": (load / max(load.sum(), 1)).tolist(),
+            "mi_token": mi_t, "nmi_token": nmi_t, "mi_doc": mi_d, "nmi_doc": nmi_d,
+            "top_tokens": _top_by_lift(bt, list(token_names), top, min_count),
+            "top_docs": _top_by_lift(bd, list(doc_names), min(top, 3), min_count),
+            "doc_share": (bd / np.maximum(bd.sum(0, keepdims=True), 1)).T.tolist(),   # (P, E)
+            "dropped": int(probe.dropped[j]),
+        })
+    return out
+
+
+def coactivation(probe: RoutingProbe) -> list[dict]:
+    """For each pair of consecutive MoE layers: the (E, E) joint counts of top-1 experts
+    (rows: earlier layer) over tokens routed in both, and its normalised mutual information."""
+    out = []
+    E = probe.num_experts
+    for j in range(len(probe.layers) - 1):
+        a, b = probe.top1[j], probe.top1[j + 1]
+        ok = (a >= 0) & (b >= 0)
+        joint = np.zeros((E, E), dtype=np.int64)
+        np.add.at(joint, (a[ok], b[ok]), 1)
+        mi, nmi = mutual_information(joint)
+        out.append({"from_layer": probe.layers[j], "to_layer": probe.layers[j + 1], "joint": joint.tolist(),
+                    "mi": mi, "nmi": nmi})
+    return out

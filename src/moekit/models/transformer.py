@@ -1,0 +1,318 @@
+"""Decoder-only transformer language model whose feed-forward layers can be `moekit.MoE`.
+
+Legend: B batch, S sequence, D model dim, H heads, F hidden dim, V vocabulary, E experts.
+
+Pre-norm blocks ``x + attn(norm(x))``, ``x + ffn(norm(x))`` with RMSNorm (Zhang & Sennrich
+2019), rotary positions (Su et al. 2021, RoFormer) and ``F.scaled_dot_product_attention``.
+The feed-forward of a block is either a dense SwiGLU/MLP or a sparse MoE layer (Shazeer et al.
+2017; Switch; GShard; DeepSeekMoE): placed in every layer or every other layer, after an
+optional number of leading dense layers (DeepSeekMoE keeps its first layer dense), with any
+registered router and optional shared experts.
+
+`dense_twin(config)` is the dense model with the same *active* parameters per token: each
+MoE layer becomes a dense FFN of hidden ``K · F_expert + shared hidden`` (the router's D·E
+weights are the only active parameters the twin does not have).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.experts import DenseFFN
+from moekit.layers import MoE, default_hidden
+from moekit.routing import available as available_routers
+
+__all__ = ["TransformerConfig", "TransformerLM", "dense_twin", "param_counts", "flops_per_token"]
+
+_PLACEMENTS = ("every", "every_other", "none")
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Shape of a `TransformerLM`. Built once; layers receive explicit keyword arguments.
+
+    ffn_hidden: hidden size F of a dense FFN (None: `default_hidden`, ⅔·4·D for SwiGLU).
+    moe_layers: ``"every"`` | ``"every_other"`` (layers 1, 3, … after the leading dense ones)
+        | ``"none"`` (a dense model).
+    first_dense_layers: leading layers that stay dense whatever ``moe_layers`` says.
+    expert_hidden: F of each routed expert (None: ``ffn_hidden``).
+    router_kwargs: extra arguments of the router, as ``((name, value), ...)``.
+    """
+
+    vocab_size: int
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 256
+    ffn: str = "swiglu"
+    ffn_hidden: Optional[int] = None
+    moe_layers: str = "every"
+    first_dense_layers: int = 0
+    num_experts: int = 8
+    top_k: int = 1
+    expert_hidden: Optional[int] = None
+    router: str = "topk"
+    router_kwargs: tuple = ()
+    num_shared_experts: int = 0
+    shared_hidden: Optional[int] = None
+    capacity_factor: Optional[float] = None
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    backend: str = "auto"
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        def pos_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "num_experts", "top_k"):
+            pos_int(name)
+        for name in ("ffn_hidden", "expert_hidden", "shared_hidden"):
+            if getattr(self, name) is not None:
+                pos_int(name)
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size")
+        if self.moe_layers not in _PLACEMENTS:
+            raise ValueError(f"moe_layers must be one of {_PLACEMENTS}, got {self.moe_layers!r}")
+        if not isinstance(self.first_dense_layers, int) or not 0 <= self.first_dense_layers <= self.n_layers:
+            raise ValueError(f"first_dense_layers must be an int in [0, n_layers={self.n_layers}], "
+                             f"got {self.first_dense_layers!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k must be <= num_experts={self.num_experts}, got {self.top_k}")
+        if self.router not in available_routers():
+            raise ValueError(f"router must be one of {available_routers()}, got {self.router!r}")
+        if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.router_kwargs, dict):       # accept a dict, store a hashable tuple
+            object.__setattr__(self, "router_kwargs", tuple(sorted(self.router_kwargs.items())))
+
+    @property
+    def dense_hidden(self) -> int:
+        return self.ffn_hidden if self.ffn_hidden is not None else default_hidden(self.d_model, self.ffn)
+
+    @property
+    def expert_d_hidden(self) -> int:
+        return self.expert_hidden if self.expert_hidden is not None else self.dense_hidden
+
+    @property
+    def shared_d_hidden(self) -> int:
+        return self.shared_hidden if self.shared_hidden is not None else self.expert_d_hidden
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether block i's feed-forward is an MoE layer."""
+        if self.moe_layers == "none" or i < self.first_dense_layers:
+            return False
+        return self.moe_layers == "every" or (i - self.first_dense_layers) % 2 == 1
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["router_kwargs"] = dict(self.router_kwargs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TransformerConfig":
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - valid)
+        if unknown:
+            raise ValueError(f"unknown TransformerConfig keys {unknown}; valid: {sorted(valid)}")
+        return cls(**d)
+
+
+def dense_twin(config: TransformerConfig) -> TransformerConfig:
+    """The dense model with the same active parameters per token as `config`.
+
+    Every MoE layer's ``K`` routed experts of hidden ``F_e`` plus ``S`` shared experts of hidden
+    ``F_s`` become one dense FFN of hidden ``K·F_e + S·F_s``: the same matmul FLOPs per token.
+    Only possible when every MoE layer has the same shape, so the twin keeps one ``ffn_hidden``;
+    leading dense layers of `config` then must have that hidden size too, else ValueError.
+    """
+    if not config.moe_layer_ids:
+        return config
+    twin_hidden = config.top_k * config.expert_d_hidden + config.num_shared_experts * config.shared_d_hidden
+    dense_ids = [i for i in range(config.n_layers) if not config.is_moe_layer(i)]
+    if dense_ids and config.dense_hidden != twin_hidden:
+        raise ValueError(f"the dense twin needs one FFN size: MoE layers are active-equivalent to hidden "
+                         f"{twin_hidden} but dense layers {dense_ids} have ffn_hidden={config.dense_hidden}")
+    return dataclasses.replace(config, moe_layers="none", ffn_hidden=twin_hidden)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (S, head_dim/2): angle ``s · θ^(−2i/head_dim)`` (RoFormer eq. 15)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    ang_SH = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return ang_SH.cos().float(), ang_SH.sin().float()
+
+
+def apply_rope(x_BHSd: torch.Tensor, cos_Sh: torch.Tensor, sin_Sh: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive halves (x1, x2) of each head by the position angle (GPT-NeoX layout)."""
+    x1, x2 = x_BHSd.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos_Sh - x2 * sin_Sh, x2 * cos_Sh + x1 * sin_Sh], dim=-1)
+    return out.to(x_BHSd.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.dropout = dropout
+
+    def forward(self, x_BSD: torch.Tensor, cos_Sh: torch.Tensor, sin_Sh: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).split(D, dim=-1)
+        q, k, v = (t.view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, S, d)
+        q, k = apply_rope(q, cos_Sh, sin_Sh), apply_rope(k, cos_Sh, sin_Sh)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig, moe: bool):
+        super().__init__()
+        c = config
+        self.attn_norm = nn.RMSNorm(c.d_model, eps=1e-6)
+        self.attn = CausalSelfAttention(c.d_model, c.n_heads, c.dropout)
+        self.ffn_norm = nn.RMSNorm(c.d_model, eps=1e-6)
+        self.is_moe = moe
+        if moe:
+            self.ffn = MoE(d_model=c.d_model, num_experts=c.num_experts, top_k=c.top_k,
+                           d_hidden=c.expert_d_hidden, router=c.router, expert=c.ffn,
+                           capacity_factor=c.capacity_factor, num_shared_experts=c.num_shared_experts,
+                           shared_d_hidden=c.shared_d_hidden if c.num_shared_experts else None,
+                           aux_loss_coef=c.aux_loss_coef, z_loss_coef=c.z_loss_coef, backend=c.backend,
+                           router_kwargs=dict(c.router_kwargs) or None)
+            # Routers that route by vocabulary id (hash routing) take token_ids; others refuse them.
+            self._wants_token_ids = "token_ids" in inspect.signature(self.ffn.router.forward).parameters
+        else:
+            self.ffn = DenseFFN(c.d_model, c.dense_hidden, expert=c.ffn)
+            self._wants_token_ids = False
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x_BSD, cos_Sh, sin_Sh, idx_BS):
+        x_BSD = x_BSD + self.drop(self.attn(self.attn_norm(x_BSD), cos_Sh, sin_Sh))
+        h = self.ffn_norm(x_BSD)
+        h = self.ffn(h, token_ids=idx_BS) if self._wants_token_ids else self.ffn(h)
+        return x_BSD + self.drop(h)
+
+
+class TransformerLM(nn.Module):
+    """``forward(idx_BS, targets_BS=None) -> (logits_BSV, loss or None)``; loss is the mean
+    next-token cross-entropy (without the MoE balancing losses: add `moekit.aux_loss(model)`)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        if not isinstance(config, TransformerConfig):
+            raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, config.is_moe_layer(i)) for i in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(config.max_seq_len, config.d_model // config.n_heads, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # GPT-2 style: N(0, 0.02) for embeddings and dense linears; residual output projections
+        # scaled by 1/√(2L) so the residual stream's variance does not grow with depth. Expert
+        # banks and routers keep their own initialisations (uniform per expert; router std √(0.1/D)).
+        std = 0.02
+        nn.init.normal_(self.embed.weight, std=std)
+        for name, p in self.named_parameters():
+            if p.dim() != 2 or ".ffn.router" in name or ".ffn.experts" in name or name == "embed.weight":
+                continue
+            if name.endswith("lm_head.weight"):
+                continue
+            scaled = name.endswith("attn.proj.weight") or name.endswith("down_proj.weight")
+            nn.init.normal_(p, std=std / math.sqrt(2 * self.config.n_layers) if scaled else std)
+
+    @property
+    def moe_blocks(self) -> list[Block]:
+        return [b for b in self.blocks if b.is_moe]
+
+    def forward(self, idx_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None):
+        if idx_BS.dim() != 2 or idx_BS.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"idx must be a (B, S) integer tensor, got {idx_BS.dtype} {tuple(idx_BS.shape)}")
+        B, S = idx_BS.shape
+        if S > self.config.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds max_seq_len={self.config.max_seq_len}")
+        x_BSD = self.embed(idx_BS)
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        for block in self.blocks:
+            x_BSD = block(x_BSD, cos, sin, idx_BS)
+        logits_BSV = self.lm_head(self.norm(x_BSD))
+        loss = None
+        if targets_BS is not None:
+            loss = F.cross_entropy(logits_BSV.float().reshape(B * S, -1), targets_BS.reshape(-1))
+        return logits_BSV, loss
+
+    @torch.no_grad()
+    def generate(self, idx_BS: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Sample `max_new_tokens` tokens autoregressively (the context is cropped to max_seq_len)."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        for _ in range(max_new_tokens):
+            ctx = idx_BS[:, -self.config.max_seq_len:]
+            logits = self(ctx)[0][:, -1].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            idx_BS = torch.cat([idx_BS, nxt], dim=1)
+        return idx_BS
+
+
+def param_counts(model: TransformerLM) -> dict:
+    """``total``, ``active`` (used per token) and ``embedding`` parameter counts.
+
+    Active counts each MoE layer's routed experts at ``K/E`` of their size (what one token
+    touches); a tied output head is counted once.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for block in model.moe_blocks:
+        moe = block.ffn
+        bank = sum(p.numel() for p in moe.experts.parameters())
+        inactive += bank - bank * moe.top_k // moe.num_experts
+    embedding = model.embed.weight.numel()
+    return {"total": total, "active": total - inactive, "embedding": embedding}
+
+
+def flops_per_token(model: TransformerLM, seq_len: int) -> dict:
+    """Matmul FLOPs per token: ``forward = 2·N_active_nonembed + 2·V·D (head) + 2·L·S·D``
+    (causal attention scores and values, half of a full S×S), training = 3 × forward
+    (Kaplan et al. 2020's 6N rule plus the attention term)."""
+    c = model.config
+    counts = param_counts(model)
+    # Norm weights are not matmuls; embedding lookup is free, the output head is a matmul.
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    head = c.vocab_size * c.d_model
+    matmul = counts["active"] - counts["embedding"] - norms - (0 if c.tie_embeddings else head)
+    fwd = 2 * matmul + 2 * head + 2 * c.n_layers * seq_len * c.d_model
+    return {"forward": fwd, "train": 3 * fwd}

@@ -1,0 +1,143 @@
+"""``moekit train | compare | report | generate | presets`` — argument parsing only; the work is in
+`moekit.train` and `moekit.analysis`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["register", "resolve_config"]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train and compare MoE models (default: MoE vs dense twin on Shakespeare)",
+                              description="Train every variant of a preset or config file and compare them. "
+                                          "With no arguments: the default MoE-vs-dense comparison on Shakespeare.")
+    p.add_argument("--preset", default=None, help="preset name (see `moekit presets`; default: 'default')")
+    p.add_argument("--config", default=None, metavar="FILE.toml", help="TOML config (applied over the preset)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override, e.g. train.steps=100, model.num_experts=16, variants.moe.top_k=2, "
+                        "variants=moe,dense (repeatable)")
+    p.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="train on your own text: files, folders of *.txt or globs (one file = one document)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<name>-<time>)")
+    p.add_argument("--resume", default=None, metavar="RUN", help="continue the run in folder RUN bit-exactly")
+    p.add_argument("--no-report", action="store_true", help="skip plots and the HTML report")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("compare", help="compare finished runs (equal steps and equal time)")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    p.set_defaults(func=cmd_compare)
+
+    p = subparsers.add_parser("report", help="(re)write plots, report.html and summary.json of a run")
+    p.add_argument("run", metavar="RUN")
+    p.set_defaults(func=cmd_report)
+
+    p = subparsers.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint folder, a variant folder or a run/variant")
+    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=300)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
+
+    p = subparsers.add_parser("presets", help="list the training presets")
+    p.set_defaults(func=cmd_presets)
+
+
+def resolve_config(preset, config, overrides):
+    """Preset (default 'default') → TOML file → --set overrides, validated at each stage."""
+    from moekit.train.config import apply_overrides, config_from_dict, get_preset, load_toml
+
+    if config is not None:
+        d = load_toml(config)
+        base = get_preset(preset or "default").to_dict()
+        for sec, val in d.items():
+            if sec in ("model", "data", "optim", "train") and isinstance(val, dict):
+                base.setdefault(sec, {}).update(val)
+            else:
+                base[sec] = val
+        run = config_from_dict(base)
+    else:
+        run = get_preset(preset or "default")
+    return apply_overrides(run, list(overrides))
+
+
+def cmd_train(args) -> int:
+    from moekit.train.experiment import default_run_dir, load_run_config, run_experiment
+
+    if args.resume:
+        if args.preset or args.config or args.overrides or args.data:
+            raise ValueError("--resume continues a run with its saved config; drop --preset/--config/--set/--data")
+        run_dir = Path(args.resume)
+        run = load_run_config(run_dir)
+    else:
+        overrides = list(args.overrides)
+        if args.data:
+            overrides = ["data.source=files", "data.paths=" + json.dumps(args.data)] + overrides
+        run = resolve_config(args.preset, args.config, overrides)
+        run_dir = Path(args.out) if args.out else default_run_dir(run)
+    print(f"run folder: {run_dir}", flush=True)
+    out = run_experiment(run, run_dir, resume=bool(args.resume), progress=not args.quiet)
+    print()
+    print(out["table"])
+    if out["status"] == "interrupted":
+        print(f"\ninterrupted; continue with: moekit train --resume {run_dir}")
+        return 130
+    if not args.no_report:
+        from moekit.analysis.report import write_report
+
+        paths = write_report(run_dir)
+        print(f"\nreport: {paths['html']}\nsummary: {paths['summary']}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from moekit.train.compare import comparison_rows, comparison_table
+    from moekit.train.experiment import load_results
+
+    results = []
+    for r in args.runs:
+        res = load_results(r)
+        if not res:
+            raise FileNotFoundError(f"{r}: no finished variants (no */result.json)")
+        if len(args.runs) > 1:       # several runs: name variants by run
+            for x in res:
+                x["variant"] = f"{Path(r).name}/{x['variant']}"
+        results += res
+    if args.json:
+        print(json.dumps(comparison_rows(results), indent=2))
+    else:
+        print(comparison_table(results))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from moekit.analysis.report import write_report
+
+    paths = write_report(args.run)
+    print(f"report: {paths['html']}\nsummary: {paths['summary']}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from moekit.train.sample import generate_text
+
+    text = generate_text(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device)
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from moekit.train.config import PRESETS
+
+    for name, p in PRESETS.items():
+        variants = ", ".join(p.get("variants", {}))
+        steps = p.get("train", {}).get("steps", "default")
+        print(f"{name:10s} steps={steps}  variants: {variants}")
+    return 0

@@ -1,0 +1,102 @@
+"""Compare trained variants at equal steps and at equal wall-clock time (plain-text tables).
+
+Equal steps: each variant's validation loss at the last step all of them reached (their eval
+points are the same steps). Equal time: ``T* = min_v train_time_v``; each variant's validation
+loss at ``T*`` is linearly interpolated between its two evaluations around ``T*`` (training
+time only; evaluation and checkpoint time excluded).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+__all__ = ["loss_at_step", "loss_at_time", "comparison_rows", "format_table", "comparison_table"]
+
+
+def loss_at_step(result: dict, step: int) -> Optional[float]:
+    for e in result.get("evals", []):
+        if e["step"] == step:
+            return e["val_loss"]
+    return None
+
+
+def loss_at_time(result: dict, t: float) -> Optional[float]:
+    """Validation loss at training time `t` (linear between evaluations; None before the first)."""
+    evals = result.get("evals", [])
+    prev = None
+    for e in evals:
+        if e["train_time"] >= t:
+            if e["train_time"] == t or prev is None:
+                return e["val_loss"] if e["train_time"] == t else None
+            w = (t - prev["train_time"]) / (e["train_time"] - prev["train_time"])
+            return prev["val_loss"] + w * (e["val_loss"] - prev["val_loss"])
+        prev = e
+    return evals[-1]["val_loss"] if evals and abs(evals[-1]["train_time"] - t) < 1e-9 else None
+
+
+def _reference(results: Sequence[dict]) -> dict:
+    for r in results:
+        if r["variant"] == "dense" or r.get("model", {}).get("moe_layers") == "none":
+            return r
+    return results[0]
+
+
+def comparison_rows(results: Sequence[dict]) -> dict:
+    """``{"equal_steps": {...}, "equal_time": {...}}`` with one row per variant."""
+    results = [r for r in results if r.get("evals")]
+    if not results:
+        return {"equal_steps": {"step": None, "rows": []}, "equal_time": {"time_s": None, "rows": []}}
+    common = set.intersection(*({e["step"] for e in r["evals"]} for r in results))
+    step = max(common) if common else None
+    t_star = min(r["evals"][-1]["train_time"] for r in results)
+    ref = _reference(results)
+    ref_step = loss_at_step(ref, step) if step is not None else None
+    ref_time = loss_at_time(ref, t_star)
+    rows_s, rows_t = [], []
+    for r in results:
+        ls = loss_at_step(r, step) if step is not None else None
+        lt = loss_at_time(r, t_star)
+        steps_at_t = None
+        for e in r["evals"]:
+            if e["train_time"] <= t_star + 1e-9:
+                steps_at_t = e["step"]
+        # steps reached by t* (interpolated from the evaluation points' times)
+        rows_s.append({"variant": r["variant"], "val_loss": ls,
+                       "delta": None if ls is None or ref_step is None else ls - ref_step,
+                       "params_total": r.get("params_total"), "params_active": r.get("params_active"),
+                       "flops_per_token": r.get("flops_per_token_train"), "tokens_per_s": r.get("tokens_per_s"),
+                       "train_time_s": r.get("train_time_s")})
+        rows_t.append({"variant": r["variant"], "val_loss": lt,
+                       "delta": None if lt is None or ref_time is None else lt - ref_time,
+                       "last_eval_step_before": steps_at_t})
+    return {"reference": ref["variant"], "equal_steps": {"step": step, "rows": rows_s},
+            "equal_time": {"time_s": t_star, "rows": rows_t}}
+
+
+def _f(v, fmt):
+    return "-" if v is None else format(v, fmt)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def comparison_table(results: Sequence[dict]) -> str:
+    """Both tables as text, ready to print."""
+    c = comparison_rows(results)
+    if not c["equal_steps"]["rows"]:
+        return "(no evaluated variants)"
+    ref = c["reference"]
+    a = format_table(
+        ["variant", "val loss", f"vs {ref}", "params", "active", "train FLOPs/tok", "tok/s", "train s"],
+        [[r["variant"], _f(r["val_loss"], ".4f"), _f(r["delta"], "+.4f"), _f(r["params_total"], ","),
+          _f(r["params_active"], ","), _f(r["flops_per_token"], ".3g"), _f(r["tokens_per_s"], ",.0f"),
+          _f(r["train_time_s"], ".0f")] for r in c["equal_steps"]["rows"]])
+    b = format_table(
+        ["variant", "val loss", f"vs {ref}", "last eval step"],
+        [[r["variant"], _f(r["val_loss"], ".4f"), _f(r["delta"], "+.4f"), _f(r["last_eval_step_before"], "d")]
+         for r in c["equal_time"]["rows"]])
+    return (f"Equal steps (step {c['equal_steps']['step']}), validation loss in nats/token:\n{a}\n\n"
+            f"Equal wall time ({c['equal_time']['time_s']:.0f} s of training, loss interpolated "
+            f"between evaluations):\n{b}")

@@ -1,0 +1,77 @@
+"""Run every variant of a `RunConfig` into one run folder and compare them.
+
+Layout of a run folder::
+
+    RUN/config.json            the resolved RunConfig
+    RUN/<variant>/             metrics.jsonl, result.json, checkpoints/step_*/
+    RUN/comparison.txt         the equal-steps / equal-time tables
+    RUN/summary.json, report.html, plots/   (written by moekit.analysis.write_report)
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from moekit.train.compare import comparison_table
+from moekit.train.config import RunConfig, config_from_dict
+from moekit.train.data import build_corpus
+from moekit.train.trainer import train_variant
+
+__all__ = ["run_experiment", "load_run_config", "load_results", "default_run_dir"]
+
+
+def default_run_dir(run: RunConfig, root: os.PathLike = "runs") -> Path:
+    return Path(root) / f"{run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def load_run_config(run_dir: os.PathLike) -> RunConfig:
+    return config_from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
+
+
+def load_results(run_dir: os.PathLike) -> list[dict]:
+    """result.json of every variant of a run folder, in the run's variant order."""
+    run_dir = Path(run_dir)
+    names = load_run_config(run_dir).variant_names if (run_dir / "config.json").exists() else \
+        sorted(p.parent.name for p in run_dir.glob("*/result.json"))
+    out = []
+    for n in names:
+        p = run_dir / n / "result.json"
+        if p.exists():
+            out.append(json.loads(p.read_text()))
+    return out
+
+
+def run_experiment(run: RunConfig, run_dir: os.PathLike, *, resume: bool = False, progress: bool = True,
+                   stream=None) -> dict:
+    """Train each variant in turn (sharing one tokenised corpus); returns
+    ``{"results": [...], "status": "completed" | "interrupted", "table": str}``."""
+    stream = stream or sys.stdout
+    run_dir = Path(run_dir)
+    # Under torchrun only rank 0 owns the run folder: the other ranks would otherwise see the
+    # config.json rank 0 just wrote and stop.
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if resume:
+        if not (run_dir / "config.json").exists():
+            raise FileNotFoundError(f"--resume: {run_dir} has no config.json (not a run folder)")
+    elif is_main and (run_dir / "config.json").exists():
+        raise FileExistsError(f"{run_dir} already holds a run; use --resume or another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        (run_dir / "config.json").write_text(run.to_json())
+    data = build_corpus(run.data)
+    tok, train, val = data
+    print(f"data: {run.data.source}, {len(train.doc_names)} train / {len(val.doc_names)} val documents, "
+          f"{len(train):,} / {len(val):,} tokens, vocabulary {tok.vocab_size}", file=stream, flush=True)
+    results, status = [], "completed"
+    for name in run.variant_names:
+        res = train_variant(run, name, run_dir / name, data=data, resume=resume, progress=progress)
+        results.append(res)
+        if res["status"] == "interrupted":
+            status = "interrupted"
+            break
+    table = comparison_table(results)
+    (run_dir / "comparison.txt").write_text(table + "\n")
+    return {"results": results, "status": status, "table": table}

@@ -1,0 +1,40 @@
+"""Load a trained model from a checkpoint and sample text from it."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from moekit.models.transformer import TransformerConfig, TransformerLM
+from moekit.train.checkpoint import latest_checkpoint, load_checkpoint, read_config
+from moekit.train.tokenizer import tokenizer_from_dict
+
+__all__ = ["load_model", "generate_text"]
+
+
+def _find(path: os.PathLike):
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r} (give a step_* folder, a variant folder "
+                                f"or its checkpoints/ folder)")
+    return found
+
+
+def load_model(path: os.PathLike, device: str = "cpu"):
+    """``(model in eval mode, tokenizer, config dict)`` from a checkpoint folder."""
+    found = _find(path)
+    cfg = read_config(found)
+    model = TransformerLM(TransformerConfig.from_dict(cfg["model"]))
+    load_checkpoint(found, model=model, map_location=device)
+    return model.to(device).eval(), tokenizer_from_dict(cfg["tokenizer"]), cfg
+
+
+def generate_text(path: os.PathLike, prompt: str, *, max_new_tokens: int = 300, temperature: float = 0.8,
+                  top_k=None, seed: int = 0, device: str = "cpu") -> str:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    model, tok, _ = load_model(path, device)
+    ids = tok.encode(prompt if prompt else "\n")[None].to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+    return tok.decode(out[0].tolist())

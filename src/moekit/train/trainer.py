@@ -1,0 +1,397 @@
+"""The language-model trainer: AdamW, warmup + cosine, clipping, accumulation, checkpoints, resume.
+
+One `Trainer` trains one model variant of a `RunConfig` into its own folder:
+
+- loss per optimizer step ``= (1/A) Σ_{a=1..A} (CE_a + aux_a)`` over A micro-batches of equal
+  size: both the cross-entropy and the MoE balancing losses are per-micro-batch means, so
+  dividing each by A makes the step's gradient the mean over micro-batches — the same
+  normalisation for both terms, independent of A;
+- the aux-loss-free bias update (`moekit.update_router_biases`) runs right after
+  ``optimizer.step()``, on the loads summed over the step's micro-batches;
+- bf16 autocast on CUDA (``train.amp="auto"``), optional `torch.compile`;
+- every random draw (init, data windows, router noise) comes from seeded generators whose
+  states are checkpointed, so ``--resume`` continues bit-exactly;
+- a non-finite loss or gradient norm stops the run with `NonFiniteLossError` *before* the
+  optimizer step, keeping the last good checkpoint; Ctrl-C saves the last completed step.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+import moekit
+from moekit.models.transformer import TransformerLM, flops_per_token, param_counts
+from moekit.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from moekit.train.config import RunConfig, variant_model_config
+from moekit.train.data import BatchSampler, build_corpus, eval_batches
+from moekit.train.distributed import distributed_context
+from moekit.train.metrics import MetricsLogger
+from moekit.train.progress import Progress
+
+__all__ = ["Trainer", "NonFiniteLossError", "lr_at", "resolve_device", "train_variant"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) became NaN or inf; the last good checkpoint is kept."""
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup from lr/warmup to lr over
+    `warmup_steps`, then cosine decay to ``min_lr_ratio · lr`` at the last step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps - 1)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available here; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float):
+    """Decay matrices (and stacked expert weights); never norms, biases or the embedding."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class _RoutingAccumulator:
+    """Sums per-layer MoE statistics over micro-batches and steps (detached, on device)."""
+
+    def __init__(self, model: TransformerLM):
+        self.layers = [(i, b.ffn) for i, b in enumerate(model.blocks) if b.is_moe]
+        self.reset()
+
+    def reset(self):
+        self.counts = [None] * len(self.layers)
+        self.dropped = [0.0] * len(self.layers)
+        self.entropy = [0.0] * len(self.layers)
+        self.n = 0
+
+    def add(self):
+        for j, (_, moe) in enumerate(self.layers):
+            s = moe.last_stats
+            if s is None:
+                continue
+            c = s.tokens_per_expert.detach().float()
+            self.counts[j] = c if self.counts[j] is None else self.counts[j] + c
+            self.dropped[j] += s.dropped.detach().float()
+            if s.router_entropy is not None:
+                self.entropy[j] += s.router_entropy.detach().float()
+        self.n += 1
+
+    def summary(self) -> dict:
+        """Per layer: tokens per expert, load imbalance (max/mean), drop fraction, entropy."""
+        out = {"layers": [], "tokens_per_expert": [], "load_imbalance": [], "drop_fraction": [],
+               "router_entropy": []}
+        for j, (i, _) in enumerate(self.layers):
+            c = self.counts[j]
+            if c is None:
+                continue
+            kept = float(c.sum())
+            drop = float(self.dropped[j])
+            out["layers"].append(i)
+            out["tokens_per_expert"].append([int(v) for v in c.tolist()])
+            out["load_imbalance"].append(float(c.max() / c.mean().clamp_min(1e-9)))
+            out["drop_fraction"].append(drop / max(kept + drop, 1.0))
+            out["router_entropy"].append(float(self.entropy[j]) / max(self.n, 1))
+        return out
+
+
+class Trainer:
+    """Train one variant of `run` into `out_dir` (``checkpoints/``, ``metrics.jsonl``, ``result.json``).
+
+    data: optional ``(tokenizer, train Corpus, val Corpus)`` to share between variants.
+    """
+
+    def __init__(self, run: RunConfig, variant: str, out_dir: os.PathLike, *, data=None,
+                 progress: bool = True):
+        if variant not in run.variant_names:
+            raise ValueError(f"unknown variant {variant!r}; this run has {run.variant_names}")
+        self.run, self.variant, self.out_dir = run, variant, Path(out_dir)
+        tc = run.train
+        self.dist = distributed_context()
+        self.is_main = self.dist is None or self.dist.is_main
+        self.device = self.dist.device if self.dist is not None else resolve_device(tc.device)
+        if isinstance(self.device, str):
+            self.device = torch.device(self.device)
+        if tc.threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(tc.threads)
+        self.tokenizer, self.train_corpus, self.val_corpus = data if data is not None else build_corpus(run.data)
+        self.model_config = variant_model_config(run, variant, vocab_size=self.tokenizer.vocab_size)
+
+        _seed_everything(tc.seed)
+        self.model = TransformerLM(self.model_config).to(self.device)
+        self.counts = param_counts(self.model)
+        self.flops = flops_per_token(self.model, run.data.seq_len)
+        if self.dist is not None:
+            self.model = self.dist.prepare_model(self.model)
+        oc = run.optim
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, oc.weight_decay), lr=oc.lr,
+                                           betas=(oc.beta1, oc.beta2), eps=oc.eps, **fused)
+        rank = 0 if self.dist is None else self.dist.rank
+        # Data order: its own generator (seed and rank), independent of the model's RNG draws.
+        self.sampler = BatchSampler(self.train_corpus, seq_len=run.data.seq_len, batch_size=run.data.batch_size,
+                                    seed=tc.seed * 1000003 + 17 + rank)
+        self.val_batches = eval_batches(self.val_corpus, seq_len=run.data.seq_len,
+                                        batch_size=run.data.batch_size, max_batches=tc.eval_batches)
+        amp = tc.amp if tc.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if amp == "bf16" \
+            else contextlib.nullcontext
+        self.forward = torch.compile(self.model) if tc.compile else self.model
+        self.step = 0
+        self.train_time = 0.0
+        self.tokens_seen = 0
+        self.evals: list[dict] = []
+        self.progress_enabled = progress and self.is_main
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.last_good: Optional[Path] = None
+        self._in_update = False
+
+    # -- state ----------------------------------------------------------------------------
+    def checkpoint_config(self) -> dict:
+        return {"variant": self.variant, "model": self.model_config.to_dict(),
+                "tokenizer": self.tokenizer.to_dict(), "run": self.run.to_dict()}
+
+    def trainer_state(self, sampler_state=None) -> dict:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                "sampler": sampler_state if sampler_state is not None else self.sampler.state_dict(),
+                "rng": rng_state(), "train_time": self.train_time, "tokens_seen": self.tokens_seen,
+                "evals": list(self.evals)}
+
+    def save(self, sampler_state=None) -> Path:
+        state = self.trainer_state(sampler_state)
+        if self.dist is not None:
+            path = self.ckpt_dir / f"step_{self.step:06d}"
+            state.pop("optimizer")          # saved (sharded) as an object below
+            self.dist.save_checkpoint({"model": self.model, "optimizer": self.optimizer,
+                                       "trainer_state": state, "config": self.checkpoint_config()}, path)
+            self.last_good = path
+            return path
+        self.last_good = save_checkpoint(self.ckpt_dir, self.step, model=self.model,
+                                         config=self.checkpoint_config(), trainer_state=state,
+                                         keep=self.run.train.keep_checkpoints)
+        return self.last_good
+
+    def resume(self, path: Optional[os.PathLike] = None) -> bool:
+        """Restore the latest checkpoint under this variant's folder (or `path`); False if none."""
+        path = Path(path) if path is not None else self.ckpt_dir
+        if self.dist is not None:
+            try:
+                state = self.dist.load_checkpoint({"model": self.model, "optimizer": self.optimizer,
+                                                   "trainer_state": {}, "config": {}}, path)
+            except FileNotFoundError:
+                return False
+            ts = state["trainer_state"]
+        else:
+            found = latest_checkpoint(path)
+            if found is None:
+                return False
+            ts = load_checkpoint(found, model=self.model, map_location=self.device)
+            self.optimizer.load_state_dict(ts["optimizer"])
+            self.last_good = found
+        self.step = int(ts["step"])
+        self.sampler.load_state_dict(ts["sampler"])
+        set_rng_state(ts["rng"])
+        self.train_time = float(ts["train_time"])
+        self.tokens_seen = int(ts["tokens_seen"])
+        self.evals = list(ts["evals"])
+        return True
+
+    # -- loop -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation cross-entropy (nats per token) over the fixed validation batches."""
+        self.model.eval()
+        total, n = 0.0, 0
+        for x, y, _ in self.val_batches:
+            with self.autocast():
+                _, loss = self.forward(x.to(self.device), y.to(self.device))
+            total += float(loss) * y.numel()
+            n += y.numel()
+        self.model.train()
+        return total / n
+
+    def accumulate_gradients(self, batch_fns, routing: Optional[_RoutingAccumulator] = None) -> tuple[float, float]:
+        """Forward/backward over A micro-batches (each ``fn() -> (x, y, doc)``), adding
+        ``(CE_a + aux_a) / A`` to the gradients; returns the mean CE and mean aux loss."""
+        A = len(batch_fns)
+        ce_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        for fn in batch_fns:
+            x, y, _ = fn()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.autocast():
+                _, ce = self.forward(x, y)
+                aux = moekit.aux_loss(self.model).float()
+            ((ce + aux) / A).backward()
+            ce_sum += ce.detach()
+            aux_sum += aux.detach()
+            if routing is not None:
+                routing.add()
+        return float(ce_sum) / A, float(aux_sum) / A
+
+    def _train_step(self, routing: _RoutingAccumulator) -> dict:
+        tc, oc = self.run.train, self.run.optim
+        lr = lr_at(self.step, lr=oc.lr, warmup_steps=oc.warmup_steps, total_steps=tc.steps,
+                   min_lr_ratio=oc.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        ce_val, aux_val = self.accumulate_gradients([self.sampler.next_batch for _ in range(tc.grad_accum)],
+                                                    routing)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if oc.grad_clip > 0 and self.dist is not None:
+            gnorm = self.dist.clip_grad_norm_(self.model, oc.grad_clip)
+        elif oc.grad_clip > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, oc.grad_clip))
+        else:
+            gnorm = float(torch.nn.utils.get_total_norm([p.grad for p in params])) \
+                if hasattr(torch.nn.utils, "get_total_norm") else float("nan")
+        if not (math.isfinite(ce_val) and math.isfinite(aux_val)) or (oc.grad_clip > 0 and not math.isfinite(gnorm)):
+            what = "loss" if not math.isfinite(ce_val + aux_val) else "gradient norm"
+            raise NonFiniteLossError(
+                f"{what} became non-finite at step {self.step + 1} (cross-entropy {ce_val}, aux {aux_val}, "
+                f"grad norm {gnorm}); stopped before the optimizer step. Last good checkpoint: "
+                f"{self.last_good or 'none written yet'}. Try a lower optim.lr, optim.grad_clip > 0, "
+                f"or train.amp='none'.")
+        # A Ctrl-C inside the update would leave parameters half-updated: flag the window so
+        # the interrupt handler keeps the previous checkpoint instead of saving that state.
+        self._in_update = True
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        moekit.update_router_biases(self.model)
+        self._in_update = False
+        return {"loss": ce_val + aux_val, "ce": ce_val, "aux": aux_val, "lr": lr, "grad_norm": gnorm}
+
+    def fit(self, *, stop_at_step: Optional[int] = None) -> dict:
+        """Train to ``train.steps`` (or `stop_at_step`); returns the result dict (also in result.json).
+
+        ``status`` is ``"completed"``, ``"stopped"`` (stop_at_step), ``"interrupted"`` (Ctrl-C,
+        checkpoint saved) — a non-finite loss raises `NonFiniteLossError` after logging it.
+        """
+        tc = self.run.train
+        end = tc.steps if stop_at_step is None else min(stop_at_step, tc.steps)
+        log = MetricsLogger(self.out_dir / "metrics.jsonl", resume_step=self.step if self.step > 0 else None,
+                            enabled=self.is_main)
+        bar = Progress(tc.steps, start=self.step, label=self.variant, every=tc.log_every,
+                       enabled=self.progress_enabled)
+        routing = _RoutingAccumulator(self.model)
+        interval = _RoutingAccumulator(self.model)
+        tokens_per_step = self.run.data.batch_size * self.run.data.seq_len * tc.grad_accum
+        tps_ema = None
+        status = "completed" if end == tc.steps else "stopped"
+        self.model.train()
+        try:
+            if self.step == 0 and self.is_main:
+                log.log("event", 0, event="start", variant=self.variant, params=self.counts, flops=self.flops,
+                        device=str(self.device))
+            while self.step < end:
+                sampler_before = self.sampler.state_dict()
+                rng_before = rng_state()
+                t0 = time.perf_counter()
+                routing.reset()
+                try:
+                    m = self._train_step(routing)
+                except KeyboardInterrupt:
+                    # Nothing of this step was applied: rewind the data and RNG streams to its start.
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.sampler.load_state_dict(sampler_before)
+                    set_rng_state(rng_before)
+                    raise
+                except NonFiniteLossError as e:
+                    log.log("event", self.step + 1, event="non_finite", message=str(e))
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                self.step += 1
+                self.train_time += dt
+                self.tokens_seen += tokens_per_step
+                tps = tokens_per_step / dt
+                tps_ema = tps if tps_ema is None else 0.9 * tps_ema + 0.1 * tps
+                interval.counts = [c if a is None else (a if c is None else a + c)
+                                   for a, c in zip(interval.counts, routing.counts)]
+                interval.dropped = [a + b for a, b in zip(interval.dropped, routing.dropped)]
+                interval.entropy = [a + b for a, b in zip(interval.entropy, routing.entropy)]
+                interval.n += routing.n
+                rs = routing.summary()
+                imb = float(np.mean(rs["load_imbalance"])) if rs["layers"] else None
+                drop = float(np.mean(rs["drop_fraction"])) if rs["layers"] else None
+                bar.update(self.step, loss=m["loss"], **{"tok/s": round(tps_ema)}, imbalance=imb, drop=drop)
+                if self.step % tc.log_every == 0 or self.step == end:
+                    log.log("train", self.step, **m, tokens_per_s=tps, train_time=self.train_time,
+                            tokens=self.tokens_seen, load_imbalance=imb, drop_fraction=drop)
+                    if interval.layers:
+                        log.log("routing", self.step, **interval.summary())
+                    interval.reset()
+                if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                    vl = self.evaluate()
+                    self.evals.append({"step": self.step, "train_time": self.train_time, "val_loss": vl,
+                                       "tokens": self.tokens_seen})
+                    log.log("eval", self.step, val_loss=vl, train_time=self.train_time, tokens=self.tokens_seen)
+                    bar.message(f"[{self.variant}] step {self.step}: val loss {vl:.4f}")
+                if self.step % tc.ckpt_every == 0 or self.step == end:
+                    self.save()
+        except KeyboardInterrupt:
+            status = "interrupted"
+            if self._in_update:
+                path = self.last_good
+                bar.message(f"[{self.variant}] interrupted inside an optimizer update: the model is "
+                            f"half-updated and is not saved; last good checkpoint: {path}")
+            else:
+                path = self.save()
+                bar.message(f"[{self.variant}] interrupted at step {self.step}: saved {path}; "
+                            f"continue with --resume")
+            log.log("event", self.step, event="interrupted", checkpoint=str(path))
+        finally:
+            bar.close()
+            log.close()
+        result = self.result(status)
+        if self.is_main:
+            import json
+            (self.out_dir / "result.json").write_text(json.dumps(result, indent=2))
+        return result
+
+    def result(self, status: str) -> dict:
+        final = self.evals[-1]["val_loss"] if self.evals else None
+        return {"variant": self.variant, "status": status, "steps": self.step,
+                "val_loss": final, "evals": list(self.evals), "train_time_s": self.train_time,
+                "tokens_seen": self.tokens_seen,
+                "tokens_per_s": self.tokens_seen / self.train_time if self.train_time > 0 else None,
+                "params_total": self.counts["total"], "params_active": self.counts["active"],
+                "params_embedding": self.counts["embedding"],
+                "flops_per_token_forward": self.flops["forward"], "flops_per_token_train": self.flops["train"],
+                "model": self.model_config.to_dict(), "device": str(self.device),
+                "checkpoint": str(self.last_good) if self.last_good else None}
+
+
+def train_variant(run: RunConfig, variant: str, out_dir: os.PathLike, *, data=None, resume: bool = False,
+                  stop_at_step: Optional[int] = None, progress: bool = True) -> dict:
+    """Build a `Trainer`, optionally resume from its latest checkpoint, and fit."""
+    trainer = Trainer(run, variant, out_dir, data=data, progress=progress)
+    if resume:
+        trainer.resume()
+    return trainer.fit(stop_at_step=stop_at_step)

@@ -1,0 +1,110 @@
+"""The `moekit` command: parsing, extensibility, config errors, and a tiny end-to-end run."""
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from moekit import cli
+
+DATA = Path(__file__).parent / "data" / "shakespeare"
+
+
+def test_commands_registered():
+    assert cli._COMMAND_MODULES == ["moekit.train.commands", "moekit.recipes.commands", "moekit.parallel.commands"]
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"train", "compare", "report", "generate", "presets"} <= set(sub.choices)
+    args = parser.parse_args(["train", "--preset", "tiny", "--set", "train.steps=3", "--set", "model.top_k=2"])
+    assert args.preset == "tiny" and args.overrides == ["train.steps=3", "model.top_k=2"]
+
+
+def test_data_flag_points_at_user_files():
+    from moekit.train.commands import resolve_config
+
+    args = cli.build_parser().parse_args(["train", "--data", str(DATA), "extra/*.txt"])
+    assert args.data == [str(DATA), "extra/*.txt"]
+    run = resolve_config(None, None, ["data.source=files", "data.paths=" + json.dumps(args.data)])
+    assert run.data.source == "files" and run.data.paths == (str(DATA), "extra/*.txt")
+
+
+def test_a_missing_command_module_contributes_nothing(monkeypatch):
+    monkeypatch.setattr(cli, "_COMMAND_MODULES", ["moekit.train.commands", "moekit.no_such_module.commands"])
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert "train" in sub.choices
+
+
+def test_an_extra_command_module_registers(monkeypatch):
+    mod = types.ModuleType("moekit_fake_cmds")
+
+    def register(sp):
+        p = sp.add_parser("hello")
+        p.set_defaults(func=lambda args: 7)
+
+    mod.register = register
+    monkeypatch.setitem(sys.modules, "moekit_fake_cmds", mod)
+    monkeypatch.setattr(cli, "_COMMAND_MODULES", ["moekit_fake_cmds"])
+    assert cli.main(["hello"]) == 7
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["train", "--set", "train.stepz=1"], "valid keys"),
+    (["train", "--preset", "nope"], "available: "),
+    (["train", "--set", "model.router=nope"], "router must be one of"),
+])
+def test_bad_config_fails_at_once(argv, match, capsys, tmp_path):
+    assert cli.main(argv + ["--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert match in err
+    assert not (tmp_path / "x").exists()        # failed before doing any work
+
+
+def test_toml_config_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nsteps = 3\nwarmup = 2\n")
+    assert cli.main(["train", "--config", str(bad)]) == 2
+    assert "unknown key(s) ['warmup'] in [train]" in capsys.readouterr().err
+
+
+def test_end_to_end_train_compare_report_generate(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""
+name = "e2e"
+[model]
+d_model = 32
+n_layers = 2
+n_heads = 2
+num_experts = 4
+[data]
+source = "files"
+paths = ["{DATA}"]
+seq_len = 32
+batch_size = 4
+val_fraction = 0.25
+[train]
+steps = 6
+eval_every = 3
+eval_batches = 1
+log_every = 3
+ckpt_every = 3
+""")
+    out = tmp_path / "run"
+    assert cli.main(["train", "--config", str(cfg), "--out", str(out), "--quiet", "--no-report"]) == 0
+    text = capsys.readouterr().out
+    assert "Equal steps (step 6)" in text and "Equal wall time" in text and "dense" in text
+    # running into the same folder again refuses; --resume of a finished run is a no-op
+    assert cli.main(["train", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
+    assert cli.main(["train", "--resume", str(out), "--quiet", "--no-report"]) == 0
+    capsys.readouterr()
+    assert cli.main(["compare", str(out), "--json"]) == 0
+    comp = json.loads(capsys.readouterr().out)
+    assert [r["variant"] for r in comp["equal_steps"]["rows"]] == ["moe", "dense"]
+    assert cli.main(["report", str(out)]) == 0
+    capsys.readouterr()
+    assert (out / "summary.json").exists() and (out / "report.html").exists()
+    assert cli.main(["generate", str(out / "moe"), "--prompt", "HAMLET", "--max-new-tokens", "20"]) == 0
+    gen = capsys.readouterr().out
+    assert gen.startswith("HAMLET") and len(gen.rstrip("\n")) == 26
+    assert cli.main(["generate", str(tmp_path / "nothing")]) == 2
