@@ -95,3 +95,13 @@ def test_topk_stable_breaks_ties_to_lowest_index():
     assert i.tolist() == [[1], [0]]
     with pytest.raises(ValueError):
         topk_stable(s, 6)
+
+
+def test_topk_stable_fast_path_equals_stable_sort():
+    s = torch.randn(200, 37)
+    for k in (2, 5, 37):
+        v, i = topk_stable(s, k)
+        vs, is_ = torch.sort(s, dim=-1, descending=True, stable=True)
+        assert torch.equal(i, is_[:, :k]) and torch.equal(v, vs[:, :k])
+    s[3, [4, 9, 20]] = 10.0                     # a tie at the top: falls back, lowest index first
+    assert topk_stable(s, 2)[1][3].tolist() == [4, 9]
