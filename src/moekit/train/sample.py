@@ -20,8 +20,30 @@ def _find(path: os.PathLike):
     return found
 
 
+def _load_distributed(path: os.PathLike):
+    """A checkpoint written by a ``torchrun`` job (torch.distributed.checkpoint, expert shards)
+    loaded into one single-process model, or None if `path` holds none."""
+    try:
+        from moekit import parallel
+    except ImportError:
+        return None
+    found = parallel.latest_checkpoint(path) if os.path.isdir(path) else None
+    if found is None:
+        return None
+    cfg = parallel.load_checkpoint({"config": {}}, found)["config"]
+    model = TransformerLM(TransformerConfig.from_dict(cfg["model"]))
+    parallel.load_checkpoint({"model": model}, found)
+    return model, cfg
+
+
 def load_model(path: os.PathLike, device: str = "cpu"):
-    """``(model in eval mode, tokenizer, config dict)`` from a checkpoint folder."""
+    """``(model in eval mode, tokenizer, config dict)`` from a checkpoint folder (written by a
+    single process, or resharded to one process from a ``torchrun`` job's checkpoint)."""
+    if latest_checkpoint(path) is None:
+        loaded = _load_distributed(path) or _load_distributed(os.path.join(path, "checkpoints"))
+        if loaded is not None:
+            model, cfg = loaded
+            return model.to(device).eval(), tokenizer_from_dict(cfg["tokenizer"]), cfg
     found = _find(path)
     cfg = read_config(found)
     model = TransformerLM(TransformerConfig.from_dict(cfg["model"]))
