@@ -118,6 +118,11 @@ class LocalDispatcher:
         order_N[meta.inverse_N] = torch.arange(order_N.numel(), device=order_N.device)
         acc = torch.float32 if y_ND.dtype in (torch.float16, torch.bfloat16) else y_ND.dtype
         y_TKD = _gather_rows(y_ND, meta.inverse_N, order_N).view(T, K, -1)      # token-major
-        w_T1K = meta.weights_N.view(T, 1, K).to(acc)                            # already token-major
-        out = torch.bmm(w_T1K, y_TKD.to(acc)).squeeze(1)                        # Σ_k w_tk · y_tk
+        w_TK = meta.weights_N.view(T, K).to(acc)                                # already token-major
+        # Σ_k w_tk · y_tk: a broadcast multiply-sum is faster for small K, a batched matmul
+        # (no (T, K, D) temporary) for large K (measured on CPU, fwd + bwd).
+        if K <= 4:
+            out = (y_TKD.to(acc) * w_TK.unsqueeze(-1)).sum(1)
+        else:
+            out = torch.bmm(w_TK.unsqueeze(1), y_TKD.to(acc)).squeeze(1)
         return out.to(out_dtype or y_ND.dtype)

@@ -100,7 +100,12 @@ class _GroupedMM(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = ctx.fwd(gy_NO, w_EIO.transpose(-2, -1), offs_E)
         if ctx.needs_input_grad[1]:
-            gw = ctx.wgrad(x_NI, gy_NO, offs_E, w_EIO.shape[0])
+            if w_EIO.transpose(-2, -1).is_contiguous():
+                # w is the transposed view of an (E, O, I) parameter (nn.Linear layout): build
+                # its gradient in that layout, gy_eᵀ x_e, so accumulating it needs no copy.
+                gw = ctx.wgrad(gy_NO, x_NI, offs_E, w_EIO.shape[0]).transpose(-2, -1)
+            else:
+                gw = ctx.wgrad(x_NI, gy_NO, offs_E, w_EIO.shape[0])
         return gx, gw, None, None, None
 
 
