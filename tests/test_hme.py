@@ -8,14 +8,6 @@ SLOPES = torch.tensor([[2.0, 1.0], [-1.0, 0.5], [3.0, -1.0], [0.0, 0.0]], dtype=
 NOISE = 0.05
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: extra intra-op threads only add synchronisation on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def piecewise_linear(n, g):
     """R3: x ~ U[−1, 1], four regimes on equal-width intervals, noise N(0, 0.05²)."""

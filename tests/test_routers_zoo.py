@@ -20,15 +20,6 @@ MOE_KW = {"switch": {"top_k": 1}, "task": {"router_kwargs": {"num_tasks": 3}},
           "stable_moe": {"router_kwargs": {"vocab_size": 50}}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: a second intra-op thread only adds synchronisation, which costs 10-100x on
-    # a shared, oversubscribed machine. Restored for the other test modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def router_inputs(name, shape):
     if name in ("hash", "stable_moe"):

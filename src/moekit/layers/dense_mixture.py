@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.layers.checks import check_float_input
 from moekit.experts import ExpertBank
 from moekit.experts.build import resolve_experts
 from moekit.layers.moe import default_hidden
@@ -92,12 +93,7 @@ class DenseMoE(nn.Module):
         return torch.softmax(F.linear(x_TD.float(), self.gate_weight.float()) / self.temperature, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"x must be a float tensor, got dtype {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
+        check_float_input(x, self.d_model)
         x_TD = x.reshape(-1, self.d_model)
         T, E = x_TD.shape[0], self.num_experts
         g_TE = self.gate(x_TD)

@@ -17,6 +17,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from moekit.layers.checks import check_float_input
 from moekit.experts import SharedExperts
 from moekit.experts.build import resolve_experts
 from moekit.experts.glu import GLU_ACTIVATIONS
@@ -141,12 +142,7 @@ class MoE(nn.Module):
 
     # ------------------------------------------------------------------------------------
     def _check(self, x: torch.Tensor, mask, token_ids, router_inputs):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"x must be a float tensor, got dtype {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
+        check_float_input(x, self.d_model)
         checks = [("mask", mask, torch.bool), ("token_ids", token_ids, None)]
         checks += [(k, v, None) for k, v in router_inputs.items()]
         for name, t, dt in checks:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.layers.checks import check_float_input
 from moekit.experts.base import activation_fn
 
 __all__ = ["MMoE", "SharedBottom", "CGC", "PLE", "ExtractionLevel", "ExpertGroup", "TaskTower",
@@ -42,12 +43,7 @@ def _pos_int(name: str, v) -> None:
 
 
 def _check_x(x: torch.Tensor, d_in: int) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"x must be a float tensor, got dtype {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] != d_in:
-        raise ValueError(f"x must have last dimension d_in={d_in}, got shape {tuple(x.shape)}")
+    check_float_input(x, d_in, "d_in")
 
 
 class ExpertGroup(nn.Module):

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.layers.checks import check_float_input
 from moekit.experts import ExpertBank
 from moekit.experts.build import resolve_experts
 from moekit.ops.backends import check_backend_name
@@ -138,11 +139,8 @@ class SoftMoE(nn.Module):
 
     # ----------------------------------------------------------------------------------
     def _check(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"x must be a float tensor, got dtype {x.dtype}")
-        if x.dim() not in (2, 3) or x.shape[-1] != self.d_model:
+        check_float_input(x, self.d_model)
+        if x.dim() not in (2, 3):
             raise ValueError(f"x must have shape (B, M, {self.d_model}) or (M, {self.d_model}), "
                              f"got {tuple(x.shape)}")
         if x.shape[-2] == 0:
