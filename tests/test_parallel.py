@@ -551,3 +551,70 @@ def test_single_process_prepare_is_identity_and_errors_without_group():
     assert type(model.moe1.dispatcher).__name__ == "LocalDispatcher"
     with pytest.raises(RuntimeError, match="not initialised"):
         apply_expert_parallel(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2 for the non-expert parameters, expert parallelism for the experts
+def _fsdp_case(rank, world, mesh_shape=None, ckpt=None):
+    torch.manual_seed(0)
+    ref = TwoLayer(d=8, num_experts=4, top_k=2, d_hidden=8, aux_loss_coef=0.01)
+    model = copy.deepcopy(ref)
+    x = torch.randn(world * 6, 8)
+    target = torch.randn(world * 6, 8)
+    y_ref = ref(x)
+    loss_ref = _task(y_ref, target) + moekit.aux_loss(ref)
+    loss_ref.backward()
+
+    mesh = None
+    if mesh_shape is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("dp", "ep"))
+    prepare_model(model, mesh=mesh, fsdp=True)
+    from torch.distributed.tensor import DTensor
+    assert isinstance(model.inp.weight, DTensor) and not isinstance(model.moe1.router.weight, DTensor)
+    chunk = slice(rank * 6, (rank + 1) * 6)
+    y = model(x[chunk])
+    loss = _task(y, target[chunk]) + moekit.aux_loss(model)
+    loss.backward()
+    _close(y, y_ref[chunk], "fsdp output")
+    task = _task(y, target[chunk]).detach().clone()
+    dist.all_reduce(task)
+    _close(task / world + moekit.aux_loss(model).detach(), loss_ref.detach(), "fsdp global loss", atol=1e-5)
+    ref_params = dict(ref.named_parameters())
+    checked = 0
+    for name, p in model.named_parameters():
+        rp = ref_params[name]
+        if isinstance(p, DTensor):                         # FSDP-sharded: compare the full tensors
+            _close(p.full_tensor(), rp, f"{name} value")
+            _close(p.grad.full_tensor(), rp.grad, f"{name} grad")
+            checked += 1
+        else:
+            shard = expert_shard_of(p)
+            if shard is None:
+                _close(p.grad, rp.grad, f"{name} grad")
+            else:
+                _close(p.grad, rp.grad[shard.offset:shard.offset + shard.num_local], f"{name} expert grad")
+    assert checked == 6          # inp, norm, out: weight + bias each
+    # The global gradient norm covers FSDP shards, expert shards and replicated parameters once.
+    ref_norm = torch.nn.utils.get_total_norm([q.grad for q in ref.parameters()])
+    _close(clip_grad_norm_(model, 1e9), ref_norm, "global grad norm with FSDP", atol=1e-5)
+    clip_grad_norm_(model, 0.5 * float(ref_norm))                    # clipping halves every grad
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5 * float(ref_norm))
+    _close(model.inp.weight.grad.full_tensor(), ref.inp.weight.grad, "clipped FSDP grad")
+    if ckpt is not None:
+        save_checkpoint({"model": model}, ckpt)
+    return True
+
+
+def test_fsdp2_non_expert_params_with_expert_parallel_equal_one_process(tmp_path):
+    ckpt = str(tmp_path / "fsdp_ck")
+    assert all(run_ranks(_fsdp_case, 2, None, ckpt).values())
+    # Saved with FSDP shards and expert shards at 2 ranks, loaded into one plain process.
+    torch.manual_seed(0)
+    ref = TwoLayer(d=8, num_experts=4, top_k=2, d_hidden=8, aux_loss_coef=0.01)
+    fresh = TwoLayer(d=8, num_experts=4, top_k=2, d_hidden=8, aux_loss_coef=0.01)
+    load_checkpoint({"model": fresh}, ckpt)
+    for (n, a), (_, b) in zip(fresh.state_dict().items(), ref.state_dict().items()):
+        _close(a, b, f"reloaded {n}")
+    # 2-D mesh: experts sharded over "ep", averaged over "dp"; FSDP over all 4 ranks.
+    assert all(run_ranks(_fsdp_case, 4, (2, 2)).values())

@@ -20,6 +20,14 @@ from moekit.parallel.sharding import expert_shard_of
 __all__ = ["clip_grad_norm_", "grad_norm"]
 
 
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
+
+
 @torch.no_grad()
 def grad_norm(parameters: Union[nn.Module, Iterable[torch.Tensor]], norm_type: float = 2.0) -> torch.Tensor:
     """The global gradient norm (float32 scalar) over replicated parameters and expert shards."""
@@ -37,7 +45,18 @@ def grad_norm(parameters: Union[nn.Module, Iterable[torch.Tensor]], norm_type: f
         norms = torch.stack([torch.linalg.vector_norm(g.float(), norm_type) for g in gs])
         return norms.max() if inf else norms.pow(norm_type).sum()
 
+    # FSDP2 parameters (DTensor grads): each rank holds a disjoint shard of the same tensor.
+    fsdp = [g for g, s in grads if _is_dtensor(g)]
+    grads = [(g, s) for g, s in grads if not _is_dtensor(g)]
     total = part([g for g, s in grads if s is None])
+    fsdp_by_group: dict = {}
+    for g in fsdp:
+        group = g.device_mesh.get_group()
+        fsdp_by_group.setdefault(id(group), (group, []))[1].append(g.to_local())
+    for group, gs in fsdp_by_group.values():
+        e = part(gs)
+        dist.all_reduce(e, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
+        total = torch.maximum(total, e) if inf else total + e
     by_group: dict = {}
     for g, s in grads:
         if s is not None:
@@ -59,5 +78,6 @@ def clip_grad_norm_(parameters: Union[nn.Module, Iterable[torch.Tensor]], max_no
     coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
     for p in params:
         if p.grad is not None:
-            p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+            g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad      # in place on the shard
+            g.mul_(coef.to(g.device, g.dtype))
     return total

@@ -42,6 +42,14 @@ def broadcast_model(model: nn.Module, group=None, src: int = 0) -> None:
         dist.broadcast(t.data, src=src_global, group=pg)
 
 
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:                                  # older torch: no FSDP2 either
+        return False
+    return isinstance(t, DTensor)
+
+
 class GradientSync:
     """Averages gradients over `world_group`; expert shards over `expert_data_group` only.
 
@@ -61,7 +69,8 @@ class GradientSync:
             self.expert_data_group = None
         self.scale = 1.0 / dist.get_world_size(self.world_group)
         self.mode = mode
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        # Parameters managed by FSDP2 (DTensors) are reduce-scattered by FSDP itself.
+        self.params = [p for p in model.parameters() if p.requires_grad and not _is_dtensor(p)]
         self._handles = []
         self._enabled = True
         if mode == "hooks":

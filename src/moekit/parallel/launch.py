@@ -55,7 +55,8 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0) -> Tu
 
 
 def prepare_model(model: nn.Module, *, mesh=None, ep_dim: str = "ep", dp_dim: str = "dp",
-                  grad_sync: str = "hooks", balance_scope: str = "global", broadcast: bool = True) -> nn.Module:
+                  grad_sync: str = "hooks", balance_scope: str = "global", broadcast: bool = True,
+                  fsdp: bool = False) -> nn.Module:
     """Make `model` train on every rank like one process on the concatenated batch (in place).
 
     1. broadcast rank 0's parameters and buffers (so every rank starts identical);
@@ -64,6 +65,12 @@ def prepare_model(model: nn.Module, *, mesh=None, ep_dim: str = "ep", dp_dim: st
     3. a `GradientSync`: non-expert gradients averaged over all ranks, expert shards over
        ``mesh[dp_dim]`` (ranks holding the same shard). ``grad_sync="hooks"`` does it inside
        every backward; ``"manual"`` waits for `moekit.parallel.sync_gradients(model)`.
+
+    ``fsdp=True``: the non-expert parameters (everything outside the MoE layers) are sharded
+    with FSDP2 (``torch.distributed.fsdp.fully_shard``) over all ranks instead of replicated;
+    FSDP reduce-scatters their gradients, and the `GradientSync` handles only the MoE layers'
+    parameters (expert shards, routers, shared experts). Build the optimizer afterwards.
+    Checkpoints and `clip_grad_norm_` are not yet tested with FSDP-sharded parameters.
 
     With a single process (no process group or world size 1) the model is returned unchanged.
     Returns the same module object (state_dict keys are unchanged, no wrapper).
@@ -92,6 +99,23 @@ def prepare_model(model: nn.Module, *, mesh=None, ep_dim: str = "ep", dp_dim: st
     if broadcast:
         broadcast_model(model)
     apply_expert_parallel(model, ep_group, balance_scope=balance_scope)
+    if fsdp:
+        _apply_fsdp(model)
     model._moekit_grad_sync = GradientSync(model, expert_data_group=edp_group, mode=grad_sync)
     model._moekit_ep_group = ep_group
     return model
+
+
+def _apply_fsdp(model: nn.Module) -> None:
+    """FSDP2 over a 1-D mesh of all ranks for every parameter outside the MoE layers."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from moekit.layers import moe_layers
+
+    moe_params = {p for layer in moe_layers(model) for p in layer.parameters()}
+    if not any(p not in moe_params for p in model.parameters()):
+        raise ValueError("fsdp=True: the model has no parameters outside its MoE layers to shard")
+    device_type = next(model.parameters()).device.type
+    world_mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    fully_shard(model, mesh=world_mesh, ignored_params=moe_params)
