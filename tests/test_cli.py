@@ -97,6 +97,13 @@ ckpt_every = 3
     # running into the same folder again refuses; --resume of a finished run is a no-op
     assert cli.main(["train", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
     assert cli.main(["train", "--resume", str(out), "--quiet", "--no-report"]) == 0
+    # --auto-resume (what torchrun --max-restarts re-runs): continues the run with the same
+    # config, refuses a different one
+    assert cli.main(["train", "--config", str(cfg), "--out", str(out), "--quiet", "--no-report",
+                     "--auto-resume"]) == 0
+    assert "resumes where it holds checkpoints" in capsys.readouterr().out
+    assert cli.main(["train", "--config", str(cfg), "--out", str(out), "--quiet", "--no-report",
+                     "--auto-resume", "--set", "train.seed=5"]) == 2
     capsys.readouterr()
     assert cli.main(["compare", str(out), "--json"]) == 0
     comp = json.loads(capsys.readouterr().out)

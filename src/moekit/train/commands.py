@@ -22,6 +22,9 @@ def register(subparsers) -> None:
                    help="train on your own text: files, folders of *.txt or globs (one file = one document)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<name>-<time>)")
     p.add_argument("--resume", default=None, metavar="RUN", help="continue the run in folder RUN bit-exactly")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="with --out: continue the run there if one exists (same config), else start it; "
+                        "for `torchrun --max-restarts`, which re-runs the same command after a failure")
     p.add_argument("--no-report", action="store_true", help="skip plots and the HTML report")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -81,8 +84,14 @@ def cmd_train(args) -> int:
             overrides = ["data.source=files", "data.paths=" + json.dumps(args.data)] + overrides
         run = resolve_config(args.preset, args.config, overrides)
         run_dir = Path(args.out) if args.out else default_run_dir(run)
-    print(f"run folder: {run_dir}", flush=True)
-    out = run_experiment(run, run_dir, resume=bool(args.resume), progress=not args.quiet)
+    resume = bool(args.resume)
+    if args.auto_resume:
+        if args.resume or not args.out:
+            raise ValueError("--auto-resume needs --out RUN (and no --resume)")
+        resume = "auto"
+    print(f"run folder: {run_dir}{' (resumes where it holds checkpoints)' if resume == 'auto' else ''}",
+          flush=True)
+    out = run_experiment(run, run_dir, resume=resume, progress=not args.quiet)
     print()
     print(out["table"])
     if out["status"] == "interrupted":

@@ -44,7 +44,7 @@ def load_results(run_dir: os.PathLike) -> list[dict]:
     return out
 
 
-def run_experiment(run: RunConfig, run_dir: os.PathLike, *, resume: bool = False, progress: bool = True,
+def run_experiment(run: RunConfig, run_dir: os.PathLike, *, resume=False, progress: bool = True,
                    stream=None) -> dict:
     """Train each variant in turn (sharing one tokenised corpus); returns
     ``{"results": [...], "status": "completed" | "interrupted", "table": str}``."""
@@ -53,14 +53,23 @@ def run_experiment(run: RunConfig, run_dir: os.PathLike, *, resume: bool = False
     # Under torchrun only rank 0 owns the run folder: the other ranks would otherwise see the
     # config.json rank 0 just wrote and stop.
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if resume:
-        if not (run_dir / "config.json").exists():
+    cfg_path = run_dir / "config.json"
+    # resume="auto" (`--auto-resume`, what `torchrun --max-restarts` re-runs): every rank takes
+    # the same path whatever it sees on disk — each variant resumes from its latest checkpoint
+    # if there is one, else starts — so no rank decides from a file another rank just wrote.
+    auto = resume == "auto"
+    if auto:
+        if is_main and cfg_path.exists() and load_run_config(run_dir).to_json() != run.to_json():
+            raise ValueError(f"{run_dir} holds a run with another config; use another --out or the same options")
+    elif resume:
+        if not cfg_path.exists():
             raise FileNotFoundError(f"--resume: {run_dir} has no config.json (not a run folder)")
-    elif is_main and (run_dir / "config.json").exists():
+    elif is_main and cfg_path.exists():
         raise FileExistsError(f"{run_dir} already holds a run; use --resume or another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        (run_dir / "config.json").write_text(run.to_json())
+    if is_main and not (auto and cfg_path.exists()):
+        cfg_path.write_text(run.to_json())
+    resume = bool(resume)
     data = build_corpus(run.data)
     tok, train, val = data
     print(f"data: {run.data.source}, {len(train.doc_names)} train / {len(val.doc_names)} val documents, "
