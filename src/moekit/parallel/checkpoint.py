@@ -73,6 +73,14 @@ def _as_dtensor(local: torch.Tensor, shard: ExpertShard):
     return DTensor.from_local(local.detach(), _mesh(shard, local.device), [Shard(0)], run_check=False)
 
 
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
+
+
 def _to_local(t):
     from torch.distributed.tensor import DTensor
 
@@ -85,8 +93,22 @@ def _expert_tensors() -> Dict[int, tuple]:
     return {t.data_ptr(): (expert_shard_of(t), tuple(t.shape)) for t in sharded_tensors()}
 
 
+def _reshard_fsdp(module: nn.Module) -> None:
+    """FSDP2 keeps a root module's parameters unsharded after a forward without backward (e.g.
+    an evaluation); register the sharded ones, which the optimizer holds, before naming them."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def _param_names(state: Dict[str, Any]) -> Dict[int, str]:
     modules = [(k, v) for k, v in state.items() if isinstance(v, nn.Module)]
+    for _, m in modules:
+        _reshard_fsdp(m)
     names = {}
     for key, m in modules:
         for n, p in m.named_parameters():
@@ -309,13 +331,20 @@ def load_checkpoint(state_dict: Dict[str, Any], path) -> Dict[str, Any]:
     names = _param_names(state_dict)
     for k, v in state_dict.items():
         if isinstance(v, nn.Module):
-            v.load_state_dict({n: _to_local(t) for n, t in sd[k].items()})
+            # FSDP2 parameters are DTensors and take the loaded DTensors (DCP resharded them);
+            # expert shards and replicated tensors take local tensors.
+            current = v.state_dict(keep_vars=True)
+            v.load_state_dict({n: t if _is_dtensor(current.get(n)) else _to_local(t) for n, t in sd[k].items()})
         elif isinstance(v, torch.optim.Optimizer):
-            _, keys = _optim_keys(v, names)
+            params, keys = _optim_keys(v, names)
             index = {n: i for i, n in enumerate(keys)}
             loaded = sd[k]
+
+            def _value(i, vv):
+                return vv if _is_dtensor(params[i]) else _to_local(vv)
             v.load_state_dict({
-                "state": {index[n]: {kk: _to_local(vv) for kk, vv in st.items()} for n, st in loaded["state"].items()},
+                "state": {index[n]: {kk: _value(index[n], vv) for kk, vv in st.items()}
+                          for n, st in loaded["state"].items()},
                 "param_groups": [{**{kk: vv for kk, vv in g.items() if kk != "params"},
                                   "params": [index[n] for n in g["params"]]} for g in loaded["param_groups"]],
             })

@@ -96,6 +96,8 @@ class TrainConfig:
     amp: ``"auto"`` (bf16 autocast on CUDA, none on CPU) | ``"bf16"`` | ``"none"``.
     device: ``"auto"`` | ``"cpu"`` | ``"cuda"`` | ``"cuda:N"``.
     threads: torch intra-op threads on CPU (None: leave torch's default).
+    fsdp: under torchrun, shard the non-expert parameters with FSDP2 (experts are always
+    expert-parallel); ignored is never silent: it is an error in a single process.
     """
 
     steps: int = 600
@@ -110,6 +112,7 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_checkpoints: int = 2
     threads: Optional[int] = None
+    fsdp: bool = False
 
     def __post_init__(self):
         _check_pos(self, "steps", "grad_accum", "eval_every", "eval_batches", "log_every", "ckpt_every",
@@ -119,6 +122,8 @@ class TrainConfig:
             raise ValueError(f"train.amp must be one of ('auto', 'bf16', 'none'), got {self.amp!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"train.compile must be true or false, got {self.compile!r}")
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"train.fsdp must be true or false, got {self.fsdp!r}")
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
             raise ValueError(f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.threads is not None:

@@ -27,8 +27,8 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def prepare_model(self, model):
-        return self.parallel.prepare_model(model)
+    def prepare_model(self, model, *, fsdp: bool = False):
+        return self.parallel.prepare_model(model, fsdp=fsdp)
 
     def save_checkpoint(self, state: dict, path) -> None:
         self.parallel.save_checkpoint(state, path)

@@ -147,7 +147,10 @@ class Trainer:
         self.counts = param_counts(self.model)
         self.flops = flops_per_token(self.model, run.data.seq_len)
         if self.dist is not None:
-            self.model = self.dist.prepare_model(self.model)
+            self.model = self.dist.prepare_model(self.model, fsdp=tc.fsdp)
+        elif tc.fsdp:
+            raise ValueError("train.fsdp=true shards parameters over the ranks of a torchrun job; "
+                             "this is a single process (WORLD_SIZE=1)")
         oc = run.optim
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, oc.weight_decay), lr=oc.lr,
