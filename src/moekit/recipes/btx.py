@@ -146,10 +146,7 @@ def btx(base: nn.Module, experts: Sequence[nn.Module], *, top_k: int = 2, includ
             moe.train(site.module.training)
             if site.name == "":          # base is itself one FFN
                 return moe
-            site.install(merged, moe)
-            parent = merged.get_submodule(site.name.rpartition(".")[0]) if "." in site.name else merged
-            if isinstance(getattr(parent, "is_moe", None), bool):       # moekit TransformerLM blocks
-                parent.is_moe = True
+            site.put(merged, moe)
     finally:
         torch.random.set_rng_state(rng_state)
     return merged

@@ -58,6 +58,13 @@ class FFNSite:
     read: Callable[[], DenseWeights]
     install: Callable[[nn.Module, nn.Module], None]      # (model, new_layer) -> None
 
+    def put(self, model: nn.Module, moe: nn.Module) -> None:
+        """Install `moe` here and mark a moekit TransformerLM block as an MoE block."""
+        self.install(model, moe)
+        parent = model.get_submodule(self.name.rpartition(".")[0]) if "." in self.name else model
+        if isinstance(getattr(parent, "is_moe", None), bool):
+            parent.is_moe = True
+
     @property
     def param_prefixes(self) -> tuple[str, ...]:
         """Dotted prefixes of the FFN's own parameters (what an MoE layer replaces)."""

@@ -204,10 +204,7 @@ def upcycle(model: nn.Module, num_experts: int, top_k: int = 2, *, granularity: 
             moe.train(site.module.training)
             if site.name == "":
                 return moe
-            site.install(model, moe)
-            parent = model.get_submodule(site.name.rpartition(".")[0]) if "." in site.name else model
-            if isinstance(getattr(parent, "is_moe", None), bool):     # moekit TransformerLM blocks
-                parent.is_moe = True
+            site.put(model, moe)
     finally:
         torch.random.set_rng_state(torch_state)
     return model
