@@ -31,6 +31,7 @@ class DispatchMeta:
     num_tokens: int
     slots_per_token: Optional[int] = None     # K on the uniform path
     inverse_N: Optional[torch.Tensor] = None  # row of pair (t, k) = inverse_N[t·K + k]
+    order_N: Optional[torch.Tensor] = None    # pair held by row r = order_N[r] (inverse of inverse_N)
 
 
 def permute(x_TD: torch.Tensor, token_ids_N: torch.Tensor, expert_ids_N: torch.Tensor, num_experts: int):
@@ -103,7 +104,7 @@ class LocalDispatcher:
             src_N = torch.div(order_N, K, rounding_mode="floor")
             x_ND = _GatherTokens.apply(x_TD, src_N, inverse_N, K)
             meta = DispatchMeta(token_ids_N=src_N, weights_N=routing.weights,
-                                num_tokens=T, slots_per_token=K, inverse_N=inverse_N)
+                                num_tokens=T, slots_per_token=K, inverse_N=inverse_N, order_N=order_N)
             return x_ND, counts_E, meta
         x_ND = x_TD.index_select(0, routing.token_ids[order_N])
         meta = DispatchMeta(token_ids_N=routing.token_ids[order_N], weights_N=routing.weights[order_N],
@@ -114,10 +115,8 @@ class LocalDispatcher:
         if meta.slots_per_token is None:
             return unpermute(y_ND, meta.token_ids_N, meta.weights_N, meta.num_tokens, out_dtype)
         T, K = meta.num_tokens, meta.slots_per_token
-        order_N = torch.empty_like(meta.inverse_N)
-        order_N[meta.inverse_N] = torch.arange(order_N.numel(), device=order_N.device)
         acc = torch.float32 if y_ND.dtype in (torch.float16, torch.bfloat16) else y_ND.dtype
-        y_TKD = _gather_rows(y_ND, meta.inverse_N, order_N).view(T, K, -1)      # token-major
+        y_TKD = _gather_rows(y_ND, meta.inverse_N, meta.order_N).view(T, K, -1)      # token-major
         w_TK = meta.weights_N.view(T, K).to(acc)                                # already token-major
         # Σ_k w_tk · y_tk: a broadcast multiply-sum is faster for small K, a batched matmul
         # (no (T, K, D) temporary) for large K (measured on CPU, fwd + bwd).
