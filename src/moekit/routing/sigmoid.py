@@ -60,11 +60,6 @@ class SigmoidRouter(TokenChoiceRouter):
     def preference(self, logits_TE, probs_TE):
         return torch.sigmoid(logits_TE) + self.expert_bias
 
-    def fallback_weights(self, logits_TE, probs_TE, topk_ids_TK, weights_TK):
-        s_TE = torch.sigmoid(logits_TE)
-        chosen = s_TE.gather(1, topk_ids_TK)
-        return s_TE * (weights_TK.sum(-1, keepdim=True) / chosen.sum(-1, keepdim=True).clamp_min(1e-20))
-
     def select(self, logits_TE: torch.Tensor):
         s_TE = torch.sigmoid(logits_TE)
         choice_TE = s_TE.detach() + self.expert_bias
