@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moekit.parallel.sharding import ExpertShard, expert_shard_of, sharded_tensors
+from moekit.parallel.sharding import ExpertShard, expert_shard_of, is_dtensor, sharded_tensors
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "to_dcp_state_dict"]
 
@@ -72,13 +72,6 @@ def _as_dtensor(local: torch.Tensor, shard: ExpertShard):
         raise ValueError(f"expert shard has {local.shape[0]} rows, expected {shard.num_local}")
     return DTensor.from_local(local.detach(), _mesh(shard, local.device), [Shard(0)], run_check=False)
 
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(t, DTensor)
 
 
 def _to_local(t):
@@ -334,14 +327,14 @@ def load_checkpoint(state_dict: Dict[str, Any], path) -> Dict[str, Any]:
             # FSDP2 parameters are DTensors and take the loaded DTensors (DCP resharded them);
             # expert shards and replicated tensors take local tensors.
             current = v.state_dict(keep_vars=True)
-            v.load_state_dict({n: t if _is_dtensor(current.get(n)) else _to_local(t) for n, t in sd[k].items()})
+            v.load_state_dict({n: t if is_dtensor(current.get(n)) else _to_local(t) for n, t in sd[k].items()})
         elif isinstance(v, torch.optim.Optimizer):
             params, keys = _optim_keys(v, names)
             index = {n: i for i, n in enumerate(keys)}
             loaded = sd[k]
 
             def _value(i, vv):
-                return vv if _is_dtensor(params[i]) else _to_local(vv)
+                return vv if is_dtensor(params[i]) else _to_local(vv)
             v.load_state_dict({
                 "state": {index[n]: {kk: _value(index[n], vv) for kk, vv in st.items()}
                           for n, st in loaded["state"].items()},

@@ -15,17 +15,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moekit.parallel.sharding import expert_shard_of
+from moekit.parallel.sharding import is_dtensor, expert_shard_of
 
 __all__ = ["clip_grad_norm_", "grad_norm"]
 
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(t, DTensor)
 
 
 @torch.no_grad()
@@ -46,8 +39,8 @@ def grad_norm(parameters: Union[nn.Module, Iterable[torch.Tensor]], norm_type: f
         return norms.max() if inf else norms.pow(norm_type).sum()
 
     # FSDP2 parameters (DTensor grads): each rank holds a disjoint shard of the same tensor.
-    fsdp = [g for g, s in grads if _is_dtensor(g)]
-    grads = [(g, s) for g, s in grads if not _is_dtensor(g)]
+    fsdp = [g for g, s in grads if is_dtensor(g)]
+    grads = [(g, s) for g, s in grads if not is_dtensor(g)]
     total = part([g for g, s in grads if s is None])
     fsdp_by_group: dict = {}
     for g in fsdp:
@@ -78,6 +71,6 @@ def clip_grad_norm_(parameters: Union[nn.Module, Iterable[torch.Tensor]], max_no
     coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
     for p in params:
         if p.grad is not None:
-            g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad      # in place on the shard
+            g = p.grad.to_local() if is_dtensor(p.grad) else p.grad      # in place on the shard
             g.mul_(coef.to(g.device, g.dtype))
     return total

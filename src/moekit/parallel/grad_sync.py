@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moekit.parallel.comm import resolve_group
-from moekit.parallel.sharding import expert_shard_of
+from moekit.parallel.sharding import is_dtensor, expert_shard_of
 
 __all__ = ["GradientSync", "sync_gradients", "broadcast_model", "GRAD_SYNC_MODES"]
 
@@ -41,13 +41,6 @@ def broadcast_model(model: nn.Module, group=None, src: int = 0) -> None:
             raise ValueError("broadcast_model must run before apply_expert_parallel (shards differ by rank)")
         dist.broadcast(t.data, src=src_global, group=pg)
 
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:                                  # older torch: no FSDP2 either
-        return False
-    return isinstance(t, DTensor)
 
 
 class GradientSync:
@@ -70,7 +63,7 @@ class GradientSync:
         self.scale = 1.0 / dist.get_world_size(self.world_group)
         self.mode = mode
         # Parameters managed by FSDP2 (DTensors) are reduce-scattered by FSDP itself.
-        self.params = [p for p in model.parameters() if p.requires_grad and not _is_dtensor(p)]
+        self.params = [p for p in model.parameters() if p.requires_grad and not is_dtensor(p)]
         self._handles = []
         self._enabled = True
         if mode == "hooks":

@@ -56,6 +56,15 @@ def sharded_tensors():
     return list(_SHARDED)
 
 
+def is_dtensor(t) -> bool:
+    """Whether `t` is a DTensor (e.g. a parameter or gradient that FSDP2 shards)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:                                  # older torch: no FSDP2 either
+        return False
+    return isinstance(t, DTensor)
+
+
 def expert_shard_of(t) -> Optional[ExpertShard]:
     """The `ExpertShard` tag of a sharded expert parameter or buffer, else None."""
     return getattr(t, "_moekit_expert_shard", None)
