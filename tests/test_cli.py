@@ -104,7 +104,8 @@ ckpt_every = 3
     assert "resumes where it holds checkpoints" in capsys.readouterr().out
     assert cli.main(["train", "--config", str(cfg), "--out", str(out), "--quiet", "--no-report",
                      "--auto-resume", "--set", "train.seed=5"]) == 2
-    capsys.readouterr()
+    assert cli.main(["train", "--auto-resume", "--quiet"]) == 2          # needs --out
+    assert "--auto-resume needs --out" in capsys.readouterr().err
     assert cli.main(["compare", str(out), "--json"]) == 0
     comp = json.loads(capsys.readouterr().out)
     assert [r["variant"] for r in comp["equal_steps"]["rows"]] == ["moe", "dense"]

@@ -308,3 +308,11 @@ def test_metrics_and_result_files(tmp_path, data):
     r = [r for r in recs if r["kind"] == "routing"][0]
     assert len(r["tokens_per_expert"]) == 2 and sum(r["tokens_per_expert"][0]) == 5 * 4 * 32
     assert all(x >= 1.0 for x in r["load_imbalance"])
+
+
+def test_fsdp_needs_a_torchrun_job(data, tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="train.fsdp=true .* single process"):
+        Trainer(tiny(train={"fsdp": True}), "moe", tmp_path / "f", data=data, progress=False)
+    with pytest.raises(ValueError, match="train.fsdp must be true or false"):
+        tiny(train={"fsdp": "yes"})
