@@ -97,7 +97,7 @@ class TrainConfig:
     device: ``"auto"`` | ``"cpu"`` | ``"cuda"`` | ``"cuda:N"``.
     threads: torch intra-op threads on CPU (None: leave torch's default).
     fsdp: under torchrun, shard the non-expert parameters with FSDP2 (experts are always
-    expert-parallel); ignored is never silent: it is an error in a single process.
+    expert-parallel); in a single process it is an error, not silently ignored.
     """
 
     steps: int = 600
