@@ -1,5 +1,6 @@
-"""Expert designs beyond stacked FFNs (METHODS.md X3–X7, G1, F4): any-module, heterogeneous,
-LoRA/(IA)³, CondConv, SMEAR, attention-head experts, dense and residual mixtures."""
+"""Expert designs (METHODS.md X3–X7, G1, F4): stacked MLP/GLU banks against nn.Linear loops,
+any-module, heterogeneous, LoRA/(IA)³, CondConv, SMEAR, attention-head experts, dense and
+residual mixtures."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,122 @@ def defining_identity(moe, x_TD):
     for t, e, w in zip(r.token_ids.tolist(), r.expert_ids.tolist(), r.weights):
         out[t] += w * moe.experts[e](x_TD[t:t + 1])[0]
     return out
+
+
+# ---------------------------------------------------------------------------------------- Stacked FFN banks
+def _mlp_bank(bias, E=4, D=20, F=12):
+    torch.manual_seed(0)
+    bank = moekit.MLPExperts(E, D, F, activation="gelu", bias=bias)
+    if bias:
+        with torch.no_grad():          # biases start at zero; make them matter
+            bank.up_bias.normal_()
+            bank.down_bias.normal_()
+    return bank
+
+
+def _linear_loop(bank, x, counts, g, dtype):
+    """Output, input grad and stacked weight grads of `bank`'s experts rebuilt by hand as
+    ``nn.Linear(D, F) → GELU → nn.Linear(F, D)`` in `dtype`, run one expert at a time."""
+    bias = bank.up_bias is not None
+    experts = []
+    for e in range(bank.num_experts):
+        up = nn.Linear(bank.d_model, bank.d_hidden, bias=bias, dtype=dtype)
+        down = nn.Linear(bank.d_hidden, bank.d_model, bias=bias, dtype=dtype)
+        with torch.no_grad():
+            up.weight.copy_(bank.up_proj[e])
+            down.weight.copy_(bank.down_proj[e])
+            if bias:
+                up.bias.copy_(bank.up_bias[e])
+                down.bias.copy_(bank.down_bias[e])
+        experts.append(nn.Sequential(up, nn.GELU(), down))
+    x = x.to(dtype).requires_grad_()
+    y = torch.cat([m(xs) for m, xs in zip(experts, torch.split(x, counts.tolist()))])
+    y.backward(g.to(dtype))
+    out = {"y": y, "x": x.grad, "up_proj": torch.stack([m[0].weight.grad for m in experts]),
+           "down_proj": torch.stack([m[2].weight.grad for m in experts])}
+    if bias:
+        out["up_bias"] = torch.stack([m[0].bias.grad for m in experts])
+        out["down_bias"] = torch.stack([m[2].bias.grad for m in experts])
+    return out
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("backend", ["eager", "grouped_mm"])
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 1, 0], [40, 0, 0, 57]])
+def test_mlp_experts_equal_per_expert_linear_loop(bias, backend, counts):
+    """Outputs and all gradients against nn.Linear experts; the bound is twice the error of the
+    same loop in float32 against it in float64 (experts with no rows included)."""
+    bank = _mlp_bank(bias)
+    counts = torch.tensor(counts)
+    x = torch.randn(int(counts.sum()), bank.d_model)
+    g = torch.randn_like(x)
+    xg = x.clone().requires_grad_()
+    y = bank(xg, counts, backend=backend)
+    y.backward(g)
+    got = {"y": y, "x": xg.grad, **{n: p.grad for n, p in bank.named_parameters()}}
+    exact, plain = _linear_loop(bank, x, counts, g, torch.float64), _linear_loop(bank, x, counts, g, torch.float32)
+    assert got.keys() == exact.keys()
+    for k, ref in exact.items():
+        err = (got[k].double() - ref).abs().max().item()
+        base = (plain[k].double() - ref).abs().max().item()
+        assert err <= 2 * base + 1e-6, f"{k}: error {err:.2e}, float32 nn.Linear loop {base:.2e}"
+    for e in (counts == 0).nonzero().flatten().tolist():     # no rows: exactly zero weight grads
+        assert all(not got[k][e].any() for k in got if k not in ("y", "x"))
+
+
+@pytest.mark.parametrize("backend", ["eager", "grouped_mm"])
+def test_mlp_experts_bias_in_moe_defining_identity(backend):
+    bank = _mlp_bank(True)
+    moe = moekit.MoE(d_model=20, num_experts=4, top_k=2, experts=bank, backend=backend).eval()
+    x = torch.randn(2, 9, 20)
+    y = moe(x)
+    torch.testing.assert_close(y.reshape(-1, 20), defining_identity(moe, x.reshape(-1, 20)), atol=1e-5, rtol=1e-5)
+
+
+def test_mlp_experts_bias_false_is_unchanged():
+    """bias=False is the bias-free bank: same parameters, and zero biases change no bit."""
+    plain, biased = _mlp_bank(False), moekit.MLPExperts(4, 20, 12, bias=True)
+    assert set(plain.state_dict()) == {"up_proj", "down_proj"} and plain.up_bias is None
+    assert {k: tuple(v.shape) for k, v in biased.state_dict().items()} == {
+        "up_proj": (4, 12, 20), "down_proj": (4, 20, 12), "up_bias": (4, 12), "down_bias": (4, 20)}
+    assert not biased.up_bias.any() and not biased.down_bias.any()          # zero at init
+    biased.load_state_dict(plain.state_dict(), strict=False)
+    counts = torch.tensor([2, 0, 3, 4])
+    x = torch.randn(9, 20)
+    for backend in ("eager", "grouped_mm"):
+        assert torch.equal(biased(x, counts, backend=backend), plain(x, counts, backend=backend))
+    assert torch.equal(biased[2](x), plain[2](x))
+    assert "bias=True" in repr(biased) and "bias" not in repr(plain)
+
+
+@pytest.mark.parametrize("backend", ["eager", "grouped_mm"])
+def test_glu_experts_equal_per_expert_linear_loop(backend):
+    """Gate rows first in gate_up_proj: expert e is ``down(silu(gate(x)) · up(x))``."""
+    torch.manual_seed(1)
+    bank = moekit.GLUExperts(3, 16, 8)
+    counts = torch.tensor([4, 0, 5])
+    x = torch.randn(9, 16, requires_grad=True)
+    y = bank(x, counts, backend=backend)
+    ref = []
+    for e, xs in enumerate(torch.split(x, counts.tolist())):
+        gate, up = bank.gate_up_proj[e].chunk(2, 0)
+        ref.append(F.linear(F.silu(F.linear(xs, gate)) * F.linear(xs, up), bank.down_proj[e]))
+    ref = torch.cat(ref)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, [x, *bank.parameters()], g),
+                    torch.autograd.grad(ref, [x, *bank.parameters()], g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_mlp_experts_bad_input():
+    for bad in (1, "yes", None):
+        with pytest.raises(TypeError, match="bias must be a bool"):
+            moekit.MLPExperts(4, 8, 8, bias=bad)
+    with pytest.raises(ValueError, match="d_hidden"):
+        moekit.MLPExperts(4, 8, 0, bias=True)
+    with pytest.raises(ValueError, match="activation"):
+        moekit.MLPExperts(4, 8, 8, activation="nope", bias=True)
 
 
 # ---------------------------------------------------------------------------------------- ModuleExperts

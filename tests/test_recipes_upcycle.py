@@ -8,7 +8,6 @@ from torch import nn
 
 import moekit
 from moekit.recipes import upcycle
-from moekit.recipes.bias_experts import BiasMLPExperts
 from moekit.recipes.dense_ffn import find_dense_ffns
 
 tf = pytest.importorskip("transformers")
@@ -80,7 +79,8 @@ def test_bert_identity(m, ids):
     up = upcycle(copy.deepcopy(dense), 4, 2, granularity=m).eval()
     assert isinstance(up.encoder.layer[0].intermediate, moekit.MoE)
     assert isinstance(up.encoder.layer[0].output.dense, nn.Identity)
-    assert isinstance(up.encoder.layer[0].intermediate.experts, BiasMLPExperts)
+    bank = up.encoder.layer[0].intermediate.experts
+    assert isinstance(bank, moekit.MLPExperts) and bank.up_bias is not None
     randomise_routers(up, scale=3.0, tie=m)
     assert (up(ids).last_hidden_state - ref).abs().max().item() < 1e-5
 
@@ -92,7 +92,7 @@ def test_sequential_mlp_returns_moe(bias):
     x = torch.randn(3, 7, 16)
     moe = upcycle(seq, 4, 2).eval()
     assert isinstance(moe, moekit.MoE)
-    assert isinstance(moe.experts, BiasMLPExperts) == bias
+    assert isinstance(moe.experts, moekit.MLPExperts) and (moe.experts.up_bias is not None) == bias
     assert (moe(x) - seq(x)).abs().max().item() < 1e-6
     # Copies are bit-exact: each expert computes the dense FFN on its own.
     assert torch.equal(moe.experts[3](x), moe.experts[0](x))
@@ -195,22 +195,15 @@ def test_errors():
         upcycle(tiny_llama(), 2, 1, layers=[5])
 
 
-@pytest.mark.parametrize("backend", ["eager", "grouped_mm"])
-def test_bias_experts_backend_matches_reference(backend):
-    torch.manual_seed(0)
-    bank = BiasMLPExperts(4, 20, 12, activation="gelu")
-    with torch.no_grad():
-        bank.up_bias.normal_()
-        bank.down_bias.normal_()
-    counts = torch.tensor([3, 0, 5, 1])                  # an expert with no rows
-    x = torch.randn(int(counts.sum()), 20, requires_grad=True)
-    y = bank(x, counts, backend=backend)
-    ref = torch.cat([bank.expert_forward(e, x[s:s + c]) for e, (s, c) in
-                     enumerate(zip([0, 3, 3, 8], counts.tolist()))])
-    assert torch.allclose(y, ref, atol=1e-6)
-    g1, = torch.autograd.grad(y.sum(), x)
-    g2, = torch.autograd.grad(ref.sum(), x)
-    assert torch.allclose(g1, g2, atol=1e-6)
+def test_bias_experts_is_a_deprecated_alias():
+    """`BiasMLPExperts` is now ``MLPExperts(bias=True)`` (its own test: tests/test_experts_zoo.py)."""
+    from moekit.recipes.bias_experts import BiasMLPExperts
+
+    with pytest.warns(DeprecationWarning, match="bias=True"):
+        old = BiasMLPExperts(4, 20, 12, activation="relu")
+    new = moekit.MLPExperts(4, 20, 12, activation="relu", bias=True)
+    assert isinstance(old, moekit.MLPExperts) and old.activation == "relu"
+    assert {k: v.shape for k, v in old.state_dict().items()} == {k: v.shape for k, v in new.state_dict().items()}
 
 
 def test_shared_experts_of_sparse_blocks_are_not_dense_ffns():

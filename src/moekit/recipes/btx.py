@@ -23,7 +23,6 @@ from torch import nn
 from moekit.experts.glu import GLUExperts
 from moekit.experts.mlp import MLPExperts
 from moekit.layers.moe import MoE
-from moekit.recipes.bias_experts import BiasMLPExperts
 from moekit.recipes.dense_ffn import DenseWeights, find_dense_ffns
 
 __all__ = ["btx", "average_models", "moe_from_ffns"]
@@ -57,7 +56,7 @@ def moe_from_ffns(ffns: Sequence[DenseWeights], top_k: int, *, router: str = "to
         new = {"gate_up_proj": stack(f.w_in for f in ffns)}
     else:
         has_bias = f0.b_in is not None or f0.b_out is not None
-        bank = (BiasMLPExperts if has_bias else MLPExperts)(N, D, F, activation=f0.activation)
+        bank = MLPExperts(N, D, F, activation=f0.activation, bias=has_bias)
         new = {"up_proj": stack(f.w_in for f in ffns)}
         if has_bias:
             new["up_bias"] = stack(f.b_in if f.b_in is not None else f.w_in.new_zeros(F) for f in ffns)

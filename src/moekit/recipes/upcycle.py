@@ -37,7 +37,6 @@ from torch import nn
 from moekit.experts.glu import GLUExperts
 from moekit.experts.mlp import MLPExperts
 from moekit.layers.moe import MoE
-from moekit.recipes.bias_experts import BiasMLPExperts
 from moekit.recipes.dense_ffn import DenseWeights, find_dense_ffns
 from moekit.routing.base import Router
 
@@ -86,7 +85,7 @@ def _reinit_units(bank, frac: float, dense: DenseWeights, gen: torch.Generator) 
                 w_in[rows] = draw
             draw = torch.randn(bank.d_model, n, generator=gen).to(bank.down_proj) * down_std + down_mean
             bank.down_proj[e][:, idx] = draw
-            if isinstance(bank, BiasMLPExperts):
+            if getattr(bank, "up_bias", None) is not None:
                 bank.up_bias[e][idx] = 0.0
 
 
@@ -115,7 +114,7 @@ def upcycle_weights(dense: DenseWeights, num_experts: int, top_k: int, *, granul
         new = {"gate_up_proj": _tile(torch.cat([gate_mFD, up_mFD], 1), num_experts)}
     elif dense.kind == "mlp":
         has_bias = dense.b_in is not None or dense.b_out is not None
-        bank = (BiasMLPExperts if has_bias else MLPExperts)(E, D, Fm, activation=dense.activation)
+        bank = MLPExperts(E, D, Fm, activation=dense.activation, bias=has_bias)
         new = {"up_proj": _tile(dense.w_in.view(m, Fm, D), num_experts)}
         if has_bias:
             b_in = dense.b_in if dense.b_in is not None else dense.w_in.new_zeros(F)
