@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from moekit.ops import available_backends, grouped_mm_reference, permute, resolve_backend, topk_stable, unpermute
+from moekit.ops.topk import topk_stable_reference
 from moekit.ops.grouped_mm import fast_supported, grouped_mm_autograd_with_reference, grouped_mm_fast
 
 CPU_BACKENDS = [b for b in available_backends() if b in ("eager", "grouped_mm")]
@@ -97,11 +98,25 @@ def test_topk_stable_breaks_ties_to_lowest_index():
         topk_stable(s, 6)
 
 
-def test_topk_stable_fast_path_equals_stable_sort():
-    s = torch.randn(200, 37)
-    for k in (2, 5, 37):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_topk_stable_equals_stable_sort(dtype):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(300, 37, generator=g)
+    # Awkward values: many ties (rounded scores), ±0, ±inf, tiny and huge magnitudes.
+    s[:100] = (s[:100] * 2).round() / 2
+    s[100, :] = 0.0
+    s[101, ::2] = -0.0
+    s[102, [1, 5]] = float("inf")
+    s[103, [0, 7]] = float("-inf")
+    s[104] = s[104] * 1e-40                        # subnormal in float32
+    s[105] = s[105] * 1e30
+    s[3, [4, 9, 20]] = 10.0                        # a tie at the top, lowest index first
+    s = s.to(dtype)
+    for k in (1, 2, 5, 36, 37):
         v, i = topk_stable(s, k)
-        vs, is_ = torch.sort(s, dim=-1, descending=True, stable=True)
-        assert torch.equal(i, is_[:, :k]) and torch.equal(v, vs[:, :k])
-    s[3, [4, 9, 20]] = 10.0                     # a tie at the top: falls back, lowest index first
+        vr, ir = topk_stable_reference(s, k)
+        assert torch.equal(i, ir), k
+        assert torch.equal(v, vr) and v.dtype == dtype
     assert topk_stable(s, 2)[1][3].tolist() == [4, 9]
+
+

@@ -398,10 +398,13 @@ def test_gpu_fused_topk_gate(score):
 
 
 @in_process
-@pytest.mark.parametrize("cap", [None, 0.5])
-def test_moe_layer_takes_the_fused_path_and_matches_eager(monkeypatch, cap):
+@pytest.mark.parametrize("cap,sync_free,masked", [(None, False, False), (0.5, False, False), (0.5, True, False),
+                                                  (None, True, True), (0.75, True, True)],
+                         ids=["dropless", "capacity", "capacity-sync-free", "mask-sync-free", "capacity+mask-sync-free"])
+def test_moe_layer_takes_the_fused_path_and_matches_eager(monkeypatch, cap, sync_free, masked):
     """`MoE(backend="triton")` runs `fused_moe_forward` (slots when dropless, atomic with
-    capacity) and computes what the eager layer computes, outputs and gradients."""
+    capacity or with the static layout of sync-free routing, whose dropped slots the kernels
+    skip) and computes what the eager layer computes, outputs and gradients."""
     import moekit
     from moekit.kernels import fused_moe as fm
 
@@ -413,9 +416,13 @@ def test_moe_layer_takes_the_fused_path_and_matches_eager(monkeypatch, cap):
     ref = moekit.MoE(d_model=16, num_experts=4, top_k=2, d_hidden=8, backend="eager", capacity_factor=cap,
                      num_shared_experts=1)
     fast = moekit.MoE(d_model=16, num_experts=4, top_k=2, d_hidden=8, backend="triton", capacity_factor=cap,
-                      num_shared_experts=1)
+                      num_shared_experts=1, sync_free=sync_free)
     fast.load_state_dict(ref.state_dict())
-    from equivalence import assert_same_outputs_and_grads
+    from equivalence import CallWith, assert_same_outputs_and_grads
 
-    assert_same_outputs_and_grads(ref, fast, torch.randn(2, 9, 16), rtol_y=1e-4)
-    assert calls == ["atomic" if cap else "slots"]
+    mask = torch.rand(2, 9, generator=torch.Generator().manual_seed(1)) > 0.3 if masked else None
+    assert_same_outputs_and_grads(CallWith(ref, mask=mask), CallWith(fast, mask=mask), torch.randn(2, 9, 16),
+                                  rtol_y=1e-4)
+    assert calls == ["atomic" if (cap or sync_free) else "slots"]
+    if sync_free:
+        assert fast.last_routing.keep is not None and int(ref.last_stats.dropped) == int(fast.last_stats.dropped)

@@ -91,7 +91,7 @@ def probe_routing(model, batches: Sequence, *, num_docs: int, device: Optional[t
             toks.append(tok_T.numpy())
             docs.append(doc_T.numpy())
             for j, (_, moe) in enumerate(blocks):
-                r = moe.last_routing
+                r = moe.last_routing.compact()
                 t_N, e_N, w_N = r.token_ids.cpu(), r.expert_ids.cpu(), r.weights.detach().float().cpu()
                 np.add.at(by_token[j], (e_N.numpy(), tok_T[t_N].numpy()), 1)
                 np.add.at(by_doc[j], (e_N.numpy(), doc_T[t_N].numpy()), 1)

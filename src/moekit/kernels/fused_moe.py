@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from moekit.ops.counting import count_ids
 from moekit.kernels.grouped_gemm import gmm, gmm_wgrad
 
 __all__ = ["fused_moe_forward", "fused_moe_reference", "fused_swiglu_experts", "sort_pairs", "COMBINES"]
@@ -39,14 +40,18 @@ __all__ = ["fused_moe_forward", "fused_moe_reference", "fused_swiglu_experts", "
 _SILU_NAMES = ("silu", "swish")
 
 
-def sort_pairs(token_ids_N: torch.Tensor, expert_ids_N: torch.Tensor, weights_N: torch.Tensor, num_experts: int):
+def sort_pairs(token_ids_N: torch.Tensor, expert_ids_N: torch.Tensor, weights_N: torch.Tensor, num_experts: int,
+               keep_N: Optional[torch.Tensor] = None):
     """Pairs grouped by expert, stable (as `moekit.ops.dispatch.permute`).
 
     Returns ``(tok_N int32, weights_N, offs_E int32, order_N int32)`` in expert-sorted order;
-    ``order_N[r]`` is the position of sorted row r in the routing's own pair order.
+    ``order_N[r]`` is the position of sorted row r in the routing's own pair order. Pairs
+    with ``keep_N`` False sort after every expert's rows, past ``offs_E[-1]``, where no
+    kernel reads them.
     """
-    order_N = torch.argsort(expert_ids_N, stable=True)
-    counts_E = torch.bincount(expert_ids_N, minlength=num_experts)
+    sort_key = expert_ids_N if keep_N is None else torch.where(keep_N, expert_ids_N, num_experts)
+    order_N = torch.argsort(sort_key, stable=True)
+    counts_E = count_ids(expert_ids_N, num_experts, keep_N)
     offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
     return token_ids_N[order_N].to(torch.int32), weights_N[order_N], offs_E, order_N.to(torch.int32)
 
@@ -153,13 +158,17 @@ def fused_moe_forward(x_TD: torch.Tensor, routing, bank, *, combine: str = "atom
 
     combine: ``"atomic"`` (any routing; fp32 atomic adds, so not bitwise reproducible) or
     ``"slots"`` (deterministic; needs the dropless token-choice layout, pair p belonging to
-    token ``p // K`` — checked on the device without a host sync).
+    token ``p // K`` — checked on the device without a host sync — and every pair kept).
+    A routing in the static layout (`Routing.keep`) runs its kept pairs only.
     """
     _check_bank(bank)
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    keep_N = getattr(routing, "keep", None)
+    if combine == "slots" and keep_N is not None:
+        raise ValueError("combine='slots' writes every slot: a routing with dropped slots (keep) needs 'atomic'")
     tok_N, weights_N, offs_E, order_N = sort_pairs(routing.token_ids, routing.expert_ids, routing.weights,
-                                                   routing.num_experts)
+                                                   routing.num_experts, keep_N)
     if combine == "atomic":
         return fused_swiglu_experts(x_TD, bank.gate_up_proj, bank.down_proj, tok_N, weights_N, offs_E)
     T, N = x_TD.shape[0], routing.token_ids.numel()

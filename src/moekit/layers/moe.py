@@ -65,6 +65,15 @@ class MoE(nn.Module):
             ``"sequence"`` or ``"none"``.
         backend: ``"auto"`` | ``"eager"`` | ``"grouped_mm"`` | ``"triton"`` (when installed).
         router_kwargs: extra keyword arguments for a router built by name.
+        sync_free: route and compute without any host synchronisation, so the layer can be
+            captured in a CUDA graph (``torch.cuda.graph``) with capacity and padding masks
+            too: the router returns the static layout (`Routing.keep`), capacity stays on the
+            device. Needs a router with ``supports_sync_free`` (the token-choice family) and a
+            backend that reads no counts on the host (``"grouped_mm"`` or ``"triton"``; under
+            ``"auto"`` the operands must suit one of them). Same outputs as ``False``.
+
+    ``last_stats`` is computed from the last routing when first read, so a forward pass does
+    not pay for (or synchronise on) statistics nobody reads.
     """
 
     _is_moe_layer = True
@@ -76,7 +85,7 @@ class MoE(nn.Module):
                  drop_policy: str = "position", num_shared_experts: int = 0,
                  shared_d_hidden: Optional[int] = None, shared_expert_gate: bool = False,
                  aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0, balance_loss: str = "auto",
-                 backend: str = "auto", router_kwargs: Optional[dict] = None):
+                 backend: str = "auto", router_kwargs: Optional[dict] = None, sync_free: bool = False):
         super().__init__()
         check_router_args(d_model, num_experts, top_k)
         if balance_loss != "auto" and balance_loss not in BALANCE_LOSSES:
@@ -87,6 +96,11 @@ class MoE(nn.Module):
         if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
         check_backend_name(backend)
+        if not isinstance(sync_free, bool):
+            raise TypeError(f"sync_free must be a bool, got {type(sync_free).__name__}")
+        if sync_free and backend == "eager":
+            raise ValueError("sync_free=True needs a backend that reads no counts on the host "
+                             "('grouped_mm', 'triton' or 'auto'), got backend='eager'")
         self.d_model, self.num_experts = d_model, num_experts
         self.aux_loss_coef, self.z_loss_coef = float(aux_loss_coef), float(z_loss_coef)
         self.backend = backend
@@ -116,6 +130,14 @@ class MoE(nn.Module):
             raise TypeError(f"router must be a name or a moekit Router, got {type(router).__name__}")
         if isinstance(router, Router) and top_k is not None and top_k != router.top_k:
             raise ValueError(f"top_k={top_k} differs from the router instance's top_k={router.top_k}")
+        if sync_free:
+            if not getattr(self.router, "supports_sync_free", False):
+                from moekit.routing.registry import available, get_router_class
+                ok = [n for n in available() if getattr(get_router_class(n), "supports_sync_free", False)]
+                raise ValueError(f"sync_free=True needs a router that routes without a host sync, one of {ok}; "
+                                 f"got {type(self.router).__name__}")
+            self.router.sync_free = True
+        self.sync_free = sync_free
         self.top_k = self.router.top_k
         self.balance_loss = self.router.default_balance_loss if balance_loss == "auto" else balance_loss
 
@@ -137,8 +159,21 @@ class MoE(nn.Module):
 
         self.dispatcher = LocalDispatcher()
         self.aux_loss: torch.Tensor = torch.zeros(())
-        self.last_stats: Optional[MoEStats] = None
+        self.last_stats = None
         self.last_routing = None
+
+    @property
+    def last_stats(self) -> Optional[MoEStats]:
+        """Detached statistics of the last forward pass (computed on first read)."""
+        if self._stats is None and self._stats_inputs is not None:
+            routing, mask_T, T = self._stats_inputs
+            n_valid = T if mask_T is None else int(mask_T.sum())
+            self._stats, self._stats_inputs = compute_stats(routing, mask_T, n_valid), None
+        return self._stats
+
+    @last_stats.setter
+    def last_stats(self, value: Optional[MoEStats]) -> None:
+        self._stats, self._stats_inputs = value, None
 
     # ------------------------------------------------------------------------------------
     def _check(self, x: torch.Tensor, mask, token_ids, router_inputs):
@@ -193,8 +228,7 @@ class MoE(nn.Module):
 
         seq_len = shape[-2] if x.dim() >= 3 else T
         self.aux_loss = self.compute_aux_loss(routing, mask_T, seq_len)
-        n_valid = T if mask_T is None else int(mask_T.sum())
-        self.last_stats = compute_stats(routing, mask_T, n_valid)
+        self._stats, self._stats_inputs = None, (routing, mask_T, T)
         self.last_routing = routing
         return y_TD.reshape(shape)
 
@@ -217,6 +251,7 @@ class MoE(nn.Module):
         if isinstance(state.get("aux_loss"), torch.Tensor):
             state["aux_loss"] = state["aux_loss"].detach()
         state["last_routing"] = None
+        state["_stats_inputs"] = None
         return state
 
     def extra_repr(self) -> str:

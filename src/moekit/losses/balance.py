@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from moekit.ops.counting import count_ids
+
 __all__ = [
     "load_balancing_loss", "z_loss", "importance_loss", "load_loss", "cv_squared",
     "sequence_balance_loss", "router_entropy", "selection_counts", "balance_loss", "BALANCE_LOSSES",
@@ -30,8 +32,7 @@ def _masked_mean_rows(x_TE: torch.Tensor, mask: Optional[torch.Tensor]) -> torch
 def selection_counts(topk_ids_TK: torch.Tensor, num_experts: int,
                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(E,) how many (token, slot) selections went to each expert, padding excluded."""
-    ids = topk_ids_TK if mask is None else topk_ids_TK[mask]
-    return torch.bincount(ids.reshape(-1), minlength=num_experts)
+    return count_ids(topk_ids_TK, num_experts, None if mask is None else mask.unsqueeze(-1))
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, top_k: int, *,
@@ -103,8 +104,9 @@ def sequence_balance_loss(probs_TE: torch.Tensor, topk_ids_TK: torch.Tensor, *, 
     f_BE = onehot_TE.view(B, seq_len, E).sum(1) * (E / (K * n_B)).unsqueeze(-1)
     P_BE = (probs_TE.float() * m_T.unsqueeze(-1)).view(B, seq_len, E).sum(1) / n_B.unsqueeze(-1)
     per_seq = (f_BE * P_BE).sum(-1)
-    has_tokens = m_T.view(B, seq_len).sum(1) > 0
-    return per_seq[has_tokens].mean() if bool(has_tokens.any()) else per_seq.sum() * 0
+    # Mean over the sequences that hold a token (0 when none does).
+    has_tokens = (m_T.view(B, seq_len).sum(1) > 0).to(per_seq.dtype)
+    return (per_seq * has_tokens).sum() / has_tokens.sum().clamp_min(1)
 
 
 def router_entropy(probs_TE: torch.Tensor, *, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

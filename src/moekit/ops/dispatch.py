@@ -13,6 +13,12 @@ Two paths compute the same function:
 - uniform (every token has exactly K pairs in token-major order — dropless token choice):
   both directions are pure gathers by a permutation and its inverse, followed by a sum over
   the K slots, so neither the forward nor the backward pass scatters (`_gather_rows`).
+
+The static layout of sync-free routing (`Routing.keep`) takes the uniform path with the
+dropped slots sorted after every expert's rows: ``counts_E`` covers the kept rows only, the
+grouped matmuls never reach the rows past them, and those rows are zeroed on the way in
+(so their gradient is 0) and on the way out (so whatever the backend left there is ignored).
+Nothing here reads a count on the host.
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from moekit.ops.counting import count_ids
 
 __all__ = ["DispatchMeta", "LocalDispatcher", "permute", "unpermute"]
 
@@ -32,6 +40,7 @@ class DispatchMeta:
     slots_per_token: Optional[int] = None     # K on the uniform path
     inverse_N: Optional[torch.Tensor] = None  # row of pair (t, k) = inverse_N[t·K + k]
     order_N: Optional[torch.Tensor] = None    # pair held by row r = order_N[r] (inverse of inverse_N)
+    rows_ok: Optional[torch.Tensor] = None    # (N, 1) bool, static layout: rows that hold a kept pair
 
 
 def permute(x_TD: torch.Tensor, token_ids_N: torch.Tensor, expert_ids_N: torch.Tensor, num_experts: int):
@@ -40,7 +49,7 @@ def permute(x_TD: torch.Tensor, token_ids_N: torch.Tensor, expert_ids_N: torch.T
     Returns ``(x_ND, counts_E, order_N)`` with ``x_ND = x_TD[token_ids_N[order_N]]``.
     """
     order_N = torch.argsort(expert_ids_N, stable=True)
-    counts_E = torch.bincount(expert_ids_N, minlength=num_experts)
+    counts_E = count_ids(expert_ids_N, num_experts)
     return x_TD.index_select(0, token_ids_N[order_N]), counts_E, order_N
 
 
@@ -94,8 +103,11 @@ class LocalDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, routing):
         E, T = routing.num_experts, x_TD.shape[0]
-        order_N = torch.argsort(routing.expert_ids, stable=True)
-        counts_E = torch.bincount(routing.expert_ids, minlength=E)
+        keep_N = getattr(routing, "keep", None)
+        # Dropped slots (static layout) sort after every expert, as if in an expert E.
+        sort_key = routing.expert_ids if keep_N is None else torch.where(keep_N, routing.expert_ids, E)
+        order_N = torch.argsort(sort_key, stable=True)
+        counts_E = count_ids(routing.expert_ids, E, keep_N)
         K = getattr(routing, "slots_per_token", None)
         if K is not None and routing.token_ids.numel() == T * K:
             inverse_N = torch.empty_like(order_N)
@@ -103,9 +115,18 @@ class LocalDispatcher:
             # Row r holds pair order[r] = (t, k) with t = order[r] // K.
             src_N = torch.div(order_N, K, rounding_mode="floor")
             x_ND = _GatherTokens.apply(x_TD, src_N, inverse_N, K)
+            rows_ok = None
+            if keep_N is not None:
+                rows_ok = (torch.arange(order_N.numel(), device=order_N.device) < counts_E.sum()).unsqueeze(-1)
+                x_ND = torch.where(rows_ok, x_ND, torch.zeros((), dtype=x_ND.dtype, device=x_ND.device))
             meta = DispatchMeta(token_ids_N=src_N, weights_N=routing.weights,
-                                num_tokens=T, slots_per_token=K, inverse_N=inverse_N, order_N=order_N)
+                                num_tokens=T, slots_per_token=K, inverse_N=inverse_N, order_N=order_N,
+                                rows_ok=rows_ok)
             return x_ND, counts_E, meta
+        if keep_N is not None:
+            raise ValueError("a routing with `keep` (static layout) must list every token's K slots "
+                             f"(slots_per_token), got slots_per_token={K} for {routing.token_ids.numel()} pairs "
+                             f"and {T} tokens")
         x_ND = x_TD.index_select(0, routing.token_ids[order_N])
         meta = DispatchMeta(token_ids_N=routing.token_ids[order_N], weights_N=routing.weights[order_N],
                             num_tokens=T)
@@ -116,6 +137,8 @@ class LocalDispatcher:
             return unpermute(y_ND, meta.token_ids_N, meta.weights_N, meta.num_tokens, out_dtype)
         T, K = meta.num_tokens, meta.slots_per_token
         acc = torch.float32 if y_ND.dtype in (torch.float16, torch.bfloat16) else y_ND.dtype
+        if meta.rows_ok is not None:
+            y_ND = torch.where(meta.rows_ok, y_ND, torch.zeros((), dtype=y_ND.dtype, device=y_ND.device))
         y_TKD = _gather_rows(y_ND, meta.inverse_N, meta.order_N).view(T, K, -1)      # token-major
         w_TK = meta.weights_N.view(T, K).to(acc)                                # already token-major
         # Σ_k w_tk · y_tk: a broadcast multiply-sum is faster for small K, a batched matmul

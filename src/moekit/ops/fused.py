@@ -7,7 +7,8 @@ Legend: T tokens, D model dim.
 backend ``"auto"`` or ``"triton"``), and None otherwise, so the caller falls back to the
 dispatch → experts → combine path, which computes the same function (tests compare both).
 The deterministic ``"slots"`` combine needs every token's K pairs in token-major order
-(``routing.slots_per_token``); other routings use the atomic combine.
+(``routing.slots_per_token``) with every slot kept; other routings (capacity, masks, the
+static layout of sync-free routing) use the atomic combine.
 """
 from __future__ import annotations
 
@@ -29,5 +30,6 @@ def fused_experts(x_TD: torch.Tensor, routing, experts, *, backend: str) -> Opti
         return None
     from moekit.kernels import fused_moe
 
-    combine = "slots" if getattr(routing, "slots_per_token", None) is not None else "atomic"
+    uniform = getattr(routing, "slots_per_token", None) is not None and getattr(routing, "keep", None) is None
+    combine = "slots" if uniform else "atomic"
     return fused_moe.fused_moe_forward(x_TD, routing, experts, combine=combine)

@@ -4,7 +4,9 @@ Legend: N rows (kept pairs, grouped by expert), E experts, I input dim, O output
 
 ``grouped_mm(x_NI, w_EIO, offs_E)`` returns ``y_NO`` with
 ``y[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ w[e]`` (``offs`` are cumulative row ends,
-int32, ``offs[-1] == N``). Two implementations of that one signature:
+int32, ``offs[-1] <= N``; rows past ``offs[-1]`` belong to no expert: the reference returns
+zeros there, fast paths leave them unspecified and callers mask them — the static layout of
+sync-free routing parks dropped slots there). Two implementations of that one signature:
 
 - `grouped_mm_reference`: a Python loop over experts (the eager reference; any dtype);
 - `grouped_mm_fast`: ``torch._grouped_mm`` forward and backward, wrapped in an autograd
@@ -61,9 +63,11 @@ def _segments(offs_E: torch.Tensor):
 
 def grouped_mm_reference(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     """Per-expert loop; differentiable by autograd; any float dtype."""
-    outs = [x_NI[s:t] @ w_EIO[e] for e, s, t in _segments(offs_E) if t > s]
-    if not outs:
-        return x_NI.new_zeros(x_NI.shape[0], w_EIO.shape[2]) + 0 * w_EIO.sum()
+    segments = list(_segments(offs_E))
+    outs = [x_NI[s:t] @ w_EIO[e] for e, s, t in segments if t > s]
+    tail = x_NI.shape[0] - (segments[-1][2] if segments else 0)
+    if tail or not outs:
+        outs.append(x_NI.new_zeros(tail, w_EIO.shape[2]) + 0 * w_EIO.sum())
     return torch.cat(outs, dim=0)
 
 

@@ -1,32 +1,52 @@
-"""Top-k selection with a deterministic tie-break.
+"""Top-k selection with a deterministic tie-break and no host synchronisation.
 
 Legend: T tokens, E experts, K selected.
 
 `torch.topk` does not promise which of several equal scores wins. Routing must be
 reproducible and identical on every backend and rank, so ties go to the lowest expert index
-(METHODS.md contract 2). Fast path: ``torch.topk`` of k+1 values; only when two of them are
-equal (rare for float scores, common for hand-made or zero-initialised ones) does the whole
-call fall back to a stable descending sort, which gives the lowest-index rule exactly.
+(METHODS.md contract 2). Each score becomes a unique int64 key, ``order_bits(score) · 2³² +
+(E − 1 − index)``: the high half orders the float32 values (the sign-magnitude bit pattern
+mapped to a monotone integer, −0 folded onto +0), the low half makes an earlier index win a
+tie. ``torch.topk`` of unique keys has one answer, and the whole selection stays on the
+device — no data-dependent branch, so a routed layer can be captured in a CUDA graph.
+float64 scores (gradcheck) use a stable descending sort, which gives the same rule.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["topk_stable"]
+__all__ = ["topk_stable", "topk_stable_reference"]
+
+_LOW_BITS = 1 << 32
+
+
+def _tie_break_keys(scores_TE: torch.Tensor) -> torch.Tensor:
+    """(…, E) int64 keys ordered as the scores, ties ordered by lower index first."""
+    s = scores_TE.float() + 0.0                     # fp16/bf16 widen exactly; −0.0 becomes +0.0
+    bits = s.view(torch.int32)
+    # Negative floats order in reverse of their bit patterns: flip the magnitude bits.
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    E = scores_TE.shape[-1]
+    rank = (E - 1) - torch.arange(E, device=scores_TE.device, dtype=torch.int64)
+    return ordered * _LOW_BITS + rank
 
 
 def topk_stable(scores_TE: torch.Tensor, k: int):
     """``(values_TK, indices_TK)`` of the k largest scores per row, ties to the lowest index."""
-    if not 0 < k <= scores_TE.shape[-1]:
-        raise ValueError(f"k must be in [1, {scores_TE.shape[-1]}], got {k}")
+    E = scores_TE.shape[-1]
+    if not 0 < k <= E:
+        raise ValueError(f"k must be in [1, {E}], got {k}")
+    if scores_TE.dtype == torch.float64:
+        return topk_stable_reference(scores_TE, k)
     if k == 1:
         # argmax returns the first maximal index.
         idx = scores_TE.argmax(dim=-1, keepdim=True)
         return scores_TE.gather(-1, idx), idx
-    E = scores_TE.shape[-1]
-    if scores_TE.numel():
-        v, i = torch.topk(scores_TE, min(k + 1, E), dim=-1)
-        if not bool((v[..., 1:] == v[..., :-1]).any()):
-            return v[..., :k], i[..., :k]
+    _, idx = torch.topk(_tie_break_keys(scores_TE), k, dim=-1)
+    return scores_TE.gather(-1, idx), idx
+
+
+def topk_stable_reference(scores_TE: torch.Tensor, k: int):
+    """The rule by definition: a stable descending sort, first k."""
     values, indices = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
     return values[..., :k], indices[..., :k]

@@ -67,6 +67,8 @@ class ExpertParallelDispatcher(LocalDispatcher):
             raise ValueError(f"routing has num_experts={routing.num_experts}, the dispatcher was built "
                              f"for {self.num_experts}")
         W, L = self.world_size, self.num_local_experts
+        # The all-to-all needs its splits on the host anyway: list the kept pairs only.
+        routing = routing.compact()
         x_ND, counts_E, local_meta = super().dispatch(x_TD, routing)
         recv_WL = self.exchange_counts(counts_E)
         # One host sync for both split lists (the all-to-all needs them on the host).

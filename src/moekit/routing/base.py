@@ -10,13 +10,15 @@ one format, so the dispatcher, the losses and the statistics never look inside a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 from torch import nn
 
-from moekit.routing.capacity import DROP_POLICIES, apply_capacity, capacity_for
+from moekit.ops.counting import count_ids
+from moekit.routing.capacity import (DROP_POLICIES, apply_capacity, apply_capacity_static, capacity_for,
+                                     capacity_tensor)
 
 __all__ = ["Routing", "Router", "TokenChoiceRouter", "check_router_args", "check_no_top_k", "router_float"]
 
@@ -47,6 +49,11 @@ class Routing:
         slots_per_token: K when the pairs are exactly every token × K slots in token-major
             order (dropless, unmasked token choice) — lets the dispatcher gather and reduce
             instead of scatter; None otherwise.
+        keep: None (every pair listed is kept), or — in the static layout of sync-free routing
+            (``sync_free=True``) — an (N,) bool tensor over all T·K slots marking the kept
+            pairs; the others (capacity drops, padding) carry weight 0 and contribute nothing.
+            The static layout has shapes that do not depend on the data, so no host sync;
+            `compact` turns it into the kept-pairs-only form.
     """
 
     token_ids: torch.Tensor
@@ -60,14 +67,28 @@ class Routing:
     aux_losses: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
     slots_per_token: Optional[int] = None
+    keep: Optional[torch.Tensor] = None
 
     @property
     def num_pairs(self) -> int:
+        """Pairs listed (in the static layout: all slots, kept or not)."""
         return self.token_ids.numel()
 
     def tokens_per_expert(self) -> torch.Tensor:
-        """(E,) int64: kept pairs per expert."""
-        return torch.bincount(self.expert_ids, minlength=self.num_experts)
+        """(E,) int64: kept pairs per expert (no host sync)."""
+        return count_ids(self.expert_ids, self.num_experts, self.keep)
+
+    def compact(self) -> "Routing":
+        """This routing with only the kept pairs listed (itself when `keep` is None).
+
+        Boolean indexing: a host sync on a GPU. For consumers that need the standard form
+        (expert parallelism, analysis); the local dispatch and the kernels read `keep` as is.
+        """
+        if self.keep is None:
+            return self
+        k = self.keep
+        return replace(self, token_ids=self.token_ids[k], expert_ids=self.expert_ids[k], weights=self.weights[k],
+                       keep=None, slots_per_token=None, aux_losses=dict(self.aux_losses), extras=dict(self.extras))
 
 
 def check_router_args(d_model: int, num_experts: int, top_k: Optional[int] = None) -> None:
@@ -110,6 +131,10 @@ class Router(nn.Module):
     # Routers whose output for one token depends on other tokens (expert choice, BASE)
     # set this so autoregressive models can refuse them.
     causal_safe: bool = True
+    # Routers that can route without a host sync (static layout, see `Routing.keep`) set
+    # this; `sync_free` then switches it on (the MoE layer's ``sync_free=True`` does).
+    supports_sync_free: bool = False
+    sync_free: bool = False
 
     def __init__(self, d_model: int, num_experts: int, top_k: Optional[int] = None):
         super().__init__()
@@ -143,7 +168,13 @@ class TokenChoiceRouter(Router):
     Capacity (Switch / GShard): each expert takes at most ``C = ceil(cf · K · T / E)`` pairs,
     with ``capacity_factor`` in training and ``eval_capacity_factor`` in eval (``None`` means
     dropless). ``drop_policy`` decides who is dropped (see `moekit.routing.capacity`).
+
+    With ``sync_free = True`` the routing comes in the static layout (every token's K slots,
+    `Routing.keep` marking the kept ones) whenever capacity or a padding mask would make the
+    number of kept pairs data-dependent; the kept pairs are the same.
     """
+
+    supports_sync_free = True
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, *,
                  capacity_factor: Optional[float] = None, eval_capacity_factor: Optional[float] = "same",
@@ -201,6 +232,8 @@ class TokenChoiceRouter(Router):
         T, K = topk_ids_TK.shape
         E = self.num_experts
         cf = self.current_capacity_factor()
+        if self.sync_free and (cf is not None or mask is not None):
+            return self._build_static(logits_TE, probs_TE, topk_ids_TK, weights_TK, mask, cf, **routing_kwargs)
         if cf is None:
             token_ids = torch.arange(T, device=topk_ids_TK.device).repeat_interleave(K)
             expert_ids = topk_ids_TK.reshape(-1)
@@ -214,16 +247,39 @@ class TokenChoiceRouter(Router):
         else:
             n_valid = T if mask is None else int(mask.sum())
             capacity = capacity_for(cf, K, n_valid, E)
-            fallback = None
-            if self.drop_policy == "reroute":
-                pref_TE = self.preference(logits_TE, probs_TE).detach()
-                fallback = (pref_TE, self.fallback_weights(logits_TE, probs_TE, topk_ids_TK, weights_TK))
+            fallback = self._reroute_fallback(logits_TE, probs_TE, topk_ids_TK, weights_TK)
             token_ids, expert_ids, weights, dropped = apply_capacity(
                 topk_ids_TK, weights_TK, num_experts=E, capacity=capacity, policy=self.drop_policy,
                 mask_T=mask, fallback=fallback)
         return Routing(token_ids=token_ids, expert_ids=expert_ids, weights=weights, logits=logits_TE,
                        dropped=dropped, num_experts=E, probs=probs_TE, topk_ids=topk_ids_TK,
                        **routing_kwargs)
+
+    def _reroute_fallback(self, logits_TE, probs_TE, topk_ids_TK, weights_TK):
+        """``(preference_TE, fallback_weights_TE)`` for the re-route policy, else None."""
+        if self.drop_policy != "reroute":
+            return None
+        pref_TE = self.preference(logits_TE, probs_TE).detach()
+        return pref_TE, self.fallback_weights(logits_TE, probs_TE, topk_ids_TK, weights_TK)
+
+    def _build_static(self, logits_TE, probs_TE, topk_ids_TK, weights_TK, mask, cf, **routing_kwargs) -> Routing:
+        T, K = topk_ids_TK.shape
+        E = self.num_experts
+        device = topk_ids_TK.device
+        if cf is None:          # dropless with padding: only the mask decides
+            keep_TK = mask.unsqueeze(1).expand(T, K)
+            expert_TK, w_TK = topk_ids_TK, torch.where(keep_TK, weights_TK, torch.zeros_like(weights_TK))
+            dropped = torch.zeros((), dtype=torch.long, device=device)
+        else:
+            capacity = capacity_for(cf, K, T, E) if mask is None else capacity_tensor(cf, K, mask.sum(), E)
+            fallback = self._reroute_fallback(logits_TE, probs_TE, topk_ids_TK, weights_TK)
+            expert_TK, w_TK, keep_TK, dropped = apply_capacity_static(
+                topk_ids_TK, weights_TK, num_experts=E, capacity=capacity, policy=self.drop_policy,
+                mask_T=mask, fallback=fallback)
+        return Routing(token_ids=torch.arange(T, device=device).repeat_interleave(K),
+                       expert_ids=expert_TK.reshape(-1), weights=w_TK.reshape(-1), logits=logits_TE,
+                       dropped=dropped, num_experts=E, probs=probs_TE, topk_ids=topk_ids_TK,
+                       slots_per_token=K, keep=keep_TK.reshape(-1), **routing_kwargs)
 
     def extra_repr(self) -> str:
         cap = "dropless" if self.capacity_factor is None else (

@@ -17,6 +17,14 @@ routing group. Who is dropped when more arrive is the drop policy:
 
 A dropped pair contributes exactly 0; a token dropped from all its experts gets MoE output 0
 (the residual stream carries it).
+
+`apply_capacity_static` decides with shapes fixed by (T, K) alone — a keep mask over the
+token-major slots, the capacity itself a device scalar when a padding mask makes it
+data-dependent — so a layer with capacity can be captured in a CUDA graph. `apply_capacity`
+returns the kept pairs only (their number depends on the data: a host sync on a GPU): the
+static decisions compacted, or for ``"reroute"`` its own loop that stops once nothing is left
+to place. tests/test_capacity.py checks `apply_capacity` against plain-Python references and
+tests/test_sync_free.py checks that both functions keep exactly the same pairs.
 """
 from __future__ import annotations
 
@@ -25,7 +33,10 @@ from typing import Optional
 
 import torch
 
-__all__ = ["DROP_POLICIES", "capacity_for", "apply_capacity", "rank_within_expert"]
+from moekit.ops.counting import count_ids
+
+__all__ = ["DROP_POLICIES", "capacity_for", "capacity_tensor", "apply_capacity", "apply_capacity_static",
+           "rank_within_expert"]
 
 DROP_POLICIES = ("position", "probability", "reroute")
 
@@ -39,6 +50,18 @@ def capacity_for(capacity_factor: float, top_k: int, num_tokens: int, num_expert
     return max(1, math.ceil(capacity_factor * top_k * num_tokens / num_experts))
 
 
+def capacity_tensor(capacity_factor: float, top_k: int, num_tokens_0d: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """`capacity_for` with the token count a 0-d device tensor (no host sync); int64 0-d.
+
+    Computed in float64 in the same operation order as `capacity_for`, so both round alike.
+    """
+    if capacity_factor is None or capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor!r}")
+    n = num_tokens_0d.to(torch.float64)
+    c = torch.ceil(capacity_factor * top_k * n / num_experts).clamp_min(1)
+    return torch.where(n > 0, c, torch.zeros_like(c)).to(torch.int64)
+
+
 def rank_within_expert(expert_ids_N: torch.Tensor, num_experts: int) -> torch.Tensor:
     """(N,) position of each pair among the earlier pairs of the same expert (0-based).
 
@@ -46,7 +69,7 @@ def rank_within_expert(expert_ids_N: torch.Tensor, num_experts: int) -> torch.Te
     """
     N = expert_ids_N.numel()
     order = torch.argsort(expert_ids_N, stable=True)
-    counts_E = torch.bincount(expert_ids_N, minlength=num_experts)
+    counts_E = count_ids(expert_ids_N, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     ranks_sorted = torch.arange(N, device=expert_ids_N.device) - starts_E[expert_ids_N[order]]
     ranks = torch.empty_like(ranks_sorted)
@@ -80,46 +103,34 @@ def apply_capacity(topk_ids_TK: torch.Tensor, weights_TK: torch.Tensor, *, num_e
             raise ValueError("drop policy 'reroute' needs fallback=(preference_TE, weights_TE)")
         return _reroute(topk_ids_TK, weights_TK, num_experts, capacity, mask_T, *fallback)
 
+    # The static layout's decisions, compacted to the kept pairs (token-major order).
+    expert_TK, _, keep_TK, dropped = apply_capacity_static(topk_ids_TK, weights_TK, num_experts=num_experts,
+                                                           capacity=capacity, policy=policy, mask_T=mask_T)
+    keep = keep_TK.reshape(-1)
+    token_N = torch.arange(topk_ids_TK.shape[0], device=topk_ids_TK.device).repeat_interleave(topk_ids_TK.shape[1])
+    return token_N[keep], expert_TK.reshape(-1)[keep], weights_TK.reshape(-1)[keep], dropped
+
+
+def _reroute_setup(topk_ids_TK, weights_TK, mask_T, preference_TE, fallback_weights_TE):
+    """``(weight_TE, order_TE, need_T)``: each (token, expert)'s combine weight (the router's
+    own for its K choices, the fallback elsewhere), each token's preference order over all
+    experts (its K choices first, in their order), and the pairs each token still needs."""
     T, K = topk_ids_TK.shape
-    device = topk_ids_TK.device
-    # Slot-major flattening: index p = k·T + t, so every first choice precedes every second one.
-    expert_P = topk_ids_TK.t().reshape(-1)
-    weight_P = weights_TK.t().reshape(-1)
-    token_P = torch.arange(T, device=device).repeat(K)
-    valid_P = torch.ones_like(expert_P, dtype=torch.bool) if mask_T is None else mask_T.repeat(K)
-
-    if policy == "probability":
-        # Within each slot, larger weights first; the slot stays the major key.
-        slot_P = torch.arange(K, device=device).repeat_interleave(T)
-        order = torch.argsort(-weight_P.detach(), stable=True)
-        order = order[torch.argsort(slot_P[order], stable=True)]
-    else:
-        order = torch.arange(T * K, device=device)
-    order = order[valid_P[order]]
-
-    ranks = rank_within_expert(expert_P[order], num_experts)
-    keep_ordered = ranks < capacity
-    kept_P = order[keep_ordered]
-    dropped = (~keep_ordered).sum()
-    # Back to token-major order: (t, k) ↦ t·K + k.
-    kept_P = kept_P[torch.argsort(token_P[kept_P] * K + kept_P // T)]
-    return token_P[kept_P], expert_P[kept_P], weight_P[kept_P], dropped
-
-
-def _reroute(topk_ids_TK, weights_TK, num_experts, capacity, mask_T, preference_TE, fallback_weights_TE):
-    T, K = topk_ids_TK.shape
-    E = num_experts
-    device = topk_ids_TK.device
-    # Weight lookup: the router's own weights for its K choices, fallback weights elsewhere.
     weight_TE = fallback_weights_TE.scatter(1, topk_ids_TK, weights_TK)
-    # Preference order over all experts, the K choices first (in their order), then the rest.
     rest_TE = preference_TE.detach().scatter(1, topk_ids_TK, float("inf"))
     rest_order = torch.argsort(rest_TE, dim=1, descending=True, stable=True)[:, K:]
     order_TE = torch.cat([topk_ids_TK, rest_order], dim=1)
-
-    need_T = torch.full((T,), K, dtype=torch.long, device=device)
+    need_T = torch.full((T,), K, dtype=torch.long, device=topk_ids_TK.device)
     if mask_T is not None:
         need_T = need_T * mask_T.long()
+    return weight_TE, order_TE, need_T
+
+
+def _reroute(topk_ids_TK, weights_TK, num_experts, capacity, mask_T, preference_TE, fallback_weights_TE):
+    T = topk_ids_TK.shape[0]
+    E = num_experts
+    device = topk_ids_TK.device
+    weight_TE, order_TE, need_T = _reroute_setup(topk_ids_TK, weights_TK, mask_T, preference_TE, fallback_weights_TE)
     room_E = torch.full((E,), capacity, dtype=torch.long, device=device)
     arange_T = torch.arange(T, device=device)
     kept_t, kept_e, kept_r = [], [], []
@@ -131,7 +142,7 @@ def _reroute(topk_ids_TK, weights_TK, num_experts, capacity, mask_T, preference_
         exp = order_TE[tok, r]
         accept = rank_within_expert(exp, E) < room_E[exp]
         tok, exp = tok[accept], exp[accept]
-        room_E -= torch.bincount(exp, minlength=E)
+        room_E -= count_ids(exp, E)
         need_T[tok] -= 1
         kept_t.append(tok)
         kept_e.append(exp)
@@ -143,3 +154,71 @@ def _reroute(topk_ids_TK, weights_TK, num_experts, capacity, mask_T, preference_
     o = torch.argsort(tok * E + rnk)
     tok, exp = tok[o], exp[o]
     return tok, exp, weight_TE[tok, exp], need_T.sum()
+
+
+def apply_capacity_static(topk_ids_TK: torch.Tensor, weights_TK: torch.Tensor, *, num_experts: int,
+                          capacity, policy: str = "position", mask_T: Optional[torch.Tensor] = None,
+                          fallback=None):
+    """`apply_capacity` in the static layout: same decisions, shapes fixed by (T, K).
+
+    `capacity` is an int or a 0-d int64 tensor (see `capacity_tensor`).
+
+    Returns:
+        ``(expert_ids_TK, weights_TK, keep_TK, dropped)``: every token's K slots in
+        preference order, ``keep_TK`` True for the kept pairs. ``expert_ids_TK`` and the
+        weights differ from the inputs only under ``"reroute"`` (slot j of a token holds its
+        j-th accepted pair, as `apply_capacity` lists them). Dropped slots keep weight 0.
+    """
+    if policy not in DROP_POLICIES:
+        raise ValueError(f"drop policy must be one of {DROP_POLICIES}, got {policy!r}")
+    if policy == "reroute":
+        if fallback is None:
+            raise ValueError("drop policy 'reroute' needs fallback=(preference_TE, weights_TE)")
+        return _reroute_static(topk_ids_TK, weights_TK, num_experts, capacity, mask_T, *fallback)
+    T, K = topk_ids_TK.shape
+    device = topk_ids_TK.device
+    # Slot-major flattening: index p = k·T + t, so every first choice precedes every second one.
+    expert_P = topk_ids_TK.t().reshape(-1)
+    valid_P = torch.ones(T * K, dtype=torch.bool, device=device) if mask_T is None else mask_T.repeat(K)
+    if policy == "probability":
+        # Within each slot, larger weights first; the slot stays the major key.
+        slot_P = torch.arange(K, device=device).repeat_interleave(T)
+        order = torch.argsort(-weights_TK.t().reshape(-1).detach(), stable=True)
+        order = order[torch.argsort(slot_P[order], stable=True)]
+    else:
+        order = torch.arange(T * K, device=device)
+    # Padding goes last, so it takes no room (the dynamic version removes it).
+    order = order[torch.argsort((~valid_P[order]).to(torch.int8), stable=True)]
+    keep_ordered = (rank_within_expert(expert_P[order], num_experts) < capacity) & valid_P[order]
+    keep_P = torch.zeros(T * K, dtype=torch.bool, device=device).scatter(0, order, keep_ordered)
+    keep_TK = keep_P.view(K, T).t()
+    dropped = (valid_P.sum() - keep_P.sum()).to(torch.int64)
+    return topk_ids_TK, torch.where(keep_TK, weights_TK, torch.zeros_like(weights_TK)), keep_TK, dropped
+
+
+def _reroute_static(topk_ids_TK, weights_TK, num_experts, capacity, mask_T, preference_TE, fallback_weights_TE):
+    """`_reroute` with all E rounds run over all T tokens (non-candidates sorted last, so they
+    take no room): the same acceptances, no data-dependent shapes or early exit."""
+    T, K = topk_ids_TK.shape
+    E = num_experts
+    device = topk_ids_TK.device
+    weight_TE, order_TE, need_T = _reroute_setup(topk_ids_TK, weights_TK, mask_T, preference_TE, fallback_weights_TE)
+    room_E = torch.full((E,), 1, dtype=torch.long, device=device) * capacity
+    arange_T = torch.arange(T, device=device)
+    expert_TK = torch.zeros_like(topk_ids_TK)
+    keep_TK = torch.zeros(T, K, dtype=torch.bool, device=device)
+    for r in range(E):
+        cand_T = need_T > 0
+        exp_T = order_TE[:, r]
+        by_cand = torch.argsort((~cand_T).to(torch.int8), stable=True)      # candidates first, in token order
+        rank_T = torch.empty_like(arange_T).scatter(0, by_cand, rank_within_expert(exp_T[by_cand], E))
+        accept_T = cand_T & (rank_T < room_E[exp_T])
+        room_E = room_E - count_ids(exp_T, E, accept_T)
+        # The accepted pair fills the token's next free slot.
+        slot_T = (K - need_T).clamp(max=K - 1)
+        hit_TK = accept_T.unsqueeze(1) & (torch.arange(K, device=device) == slot_T.unsqueeze(1))
+        expert_TK = torch.where(hit_TK, exp_T.unsqueeze(1), expert_TK)
+        keep_TK = keep_TK | hit_TK
+        need_T = need_T - accept_T.long()
+    w_TK = weight_TE.gather(1, expert_TK)
+    return expert_TK, torch.where(keep_TK, w_TK, torch.zeros_like(w_TK)), keep_TK, need_T.sum()

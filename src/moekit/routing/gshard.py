@@ -34,6 +34,7 @@ __all__ = ["GShardRouter"]
 
 
 class GShardRouter(TopKRouter):
+    supports_sync_free = False      # its per-group capacity sizes groups on the host
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *, group_size: Optional[int] = None,
                  random_routing: bool = True, capacity_factor=None, eval_capacity_factor="same",
                  drop_policy: str = "position"):

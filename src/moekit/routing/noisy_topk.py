@@ -80,5 +80,4 @@ class NoisyTopKRouter(TokenChoiceRouter):
         kth_out = top_TK1[:, K - 1:K]       # threshold for the others
         in_top = noisy_TE >= kth_out
         threshold_TE = torch.where(in_top, kth_in, kth_out)
-        normal = torch.distributions.Normal(0.0, 1.0)
-        return normal.cdf((clean_TE - threshold_TE) / std_TE)
+        return torch.special.ndtr((clean_TE - threshold_TE) / std_TE)     # standard normal CDF

@@ -34,8 +34,13 @@ def no_drops(device) -> torch.Tensor:
 
 
 def check_token_input(name: str, ids_T: Optional[torch.Tensor], num_tokens: int,
-                      num_values: Optional[int] = None) -> torch.Tensor:
-    """Validate a per-token integer input (``token_ids``, ``task_ids``) of shape (T,)."""
+                      num_values: Optional[int] = None, *, sync_free: bool = False) -> torch.Tensor:
+    """Validate a per-token integer input (``token_ids``, ``task_ids``) of shape (T,).
+
+    The range check reads the values on the host (a ValueError naming them); with
+    `sync_free` it is an asynchronous device assertion instead (RuntimeError, or a CUDA
+    device-side assert), so routing stays free of host syncs.
+    """
     if ids_T is None:
         raise ValueError(f"this router needs `{name}` (an int tensor of shape ({num_tokens},)); "
                          f"pass it as MoE.forward(x, {name}=...)")
@@ -45,7 +50,11 @@ def check_token_input(name: str, ids_T: Optional[torch.Tensor], num_tokens: int,
         raise ValueError(f"{name} must have shape ({num_tokens},), got {tuple(ids_T.shape)}")
     if ids_T.dtype.is_floating_point or ids_T.dtype == torch.bool or ids_T.is_complex():
         raise ValueError(f"{name} must be an integer tensor, got dtype {ids_T.dtype}")
-    if ids_T.numel():
+    if sync_free:
+        ok = (ids_T >= 0).all() if num_values is None else ((ids_T >= 0) & (ids_T < num_values)).all()
+        bound = f"[0, {num_values})" if num_values is not None else ">= 0"
+        torch._assert_async(ok, f"{name} must lie in {bound}")
+    elif ids_T.numel():
         lo, hi = int(ids_T.min()), int(ids_T.max())
         if lo < 0 or (num_values is not None and hi >= num_values):
             bound = f"[0, {num_values})" if num_values is not None else ">= 0"

@@ -234,6 +234,19 @@ class RoutingDropout(Router):
         self.default_balance_loss = router.default_balance_loss
         self.causal_safe = router.causal_safe
 
+    # Sync-free routing is the inner router's (the wrapper itself never syncs).
+    @property
+    def supports_sync_free(self) -> bool:
+        return getattr(self.inner, "supports_sync_free", False)
+
+    @property
+    def sync_free(self) -> bool:
+        return getattr(self.inner, "sync_free", False)
+
+    @sync_free.setter
+    def sync_free(self, value: bool) -> None:
+        self.inner.sync_free = value
+
     def forward(self, x_TD, *, mask=None, **router_inputs) -> Routing:
         routing = self.inner(x_TD, mask=mask, **router_inputs)
         if not self.training or (self.token_rate == 0 and self.pair_rate == 0):
@@ -243,12 +256,17 @@ class RoutingDropout(Router):
         keep_N = ~masked_T[routing.token_ids]
         if self.pair_rate > 0:
             keep_N &= torch.rand(keep_N.shape, device=x_TD.device) >= self.pair_rate
+        routing.extras["masked_tokens"] = masked_T
+        if routing.keep is not None or self.sync_free:
+            # Static layout: mark the dropped-out pairs instead of removing them.
+            keep_N = keep_N if routing.keep is None else keep_N & routing.keep
+            routing.keep = keep_N
+            routing.weights = torch.where(keep_N, routing.weights, torch.zeros_like(routing.weights))
+            return routing
         routing.token_ids = routing.token_ids[keep_N]
         routing.expert_ids = routing.expert_ids[keep_N]
         routing.weights = routing.weights[keep_N]
-        if hasattr(routing, "slots_per_token"):
-            routing.slots_per_token = None          # pairs are no longer every token × K slots
-        routing.extras["masked_tokens"] = masked_T
+        routing.slots_per_token = None          # pairs are no longer every token × K slots
         return routing
 
     def extra_repr(self) -> str:

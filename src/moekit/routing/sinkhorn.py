@@ -32,12 +32,14 @@ def sinkhorn_balance(logits_TE: torch.Tensor, num_iters: int = 8,
     """
     T, E = logits_TE.shape
     log_P = logits_TE.detach().float()
-    if mask_T is not None:
-        log_P = log_P.masked_fill(~mask_T.unsqueeze(-1), float("-inf"))
-        T = int(mask_T.sum())
     if T == 0:
         return log_P
-    log_col_target = torch.log(torch.tensor(T / E, device=log_P.device))
+    n = torch.tensor(float(T), dtype=torch.float64, device=log_P.device)
+    if mask_T is not None:
+        log_P = log_P.masked_fill(~mask_T.unsqueeze(-1), float("-inf"))
+        n = mask_T.sum().to(torch.float64)      # on the device: no host sync
+    # (With every row padding the iterations produce NaN columns; the last mask covers them.)
+    log_col_target = torch.log((n / E).to(torch.float32))
     for _ in range(num_iters):
         log_P = log_P - torch.logsumexp(log_P, dim=0, keepdim=True) + log_col_target
         log_P = log_P - torch.logsumexp(log_P, dim=1, keepdim=True)

@@ -59,7 +59,8 @@ class TaskRouter(TokenChoiceRouter):
 
     def forward(self, x_TD, *, mask=None, task_ids=None):
         self.check_input(x_TD, mask)
-        ids_T = check_token_input("task_ids", task_ids, x_TD.shape[0], self.num_tasks).to(x_TD.device)
+        ids_T = check_token_input("task_ids", task_ids, x_TD.shape[0], self.num_tasks,
+                                  sync_free=self.sync_free).to(x_TD.device)
         logits_TE = self.task_logits()[ids_T]
         topk_ids_TK, weights_TK, probs_TE = self.select(logits_TE)
         return self.build_routing(logits_TE, probs_TE, topk_ids_TK, weights_TK, mask)
