@@ -157,3 +157,22 @@ def test_router_state_dict_names():
     assert set(TopKRouter(8, 4, 2).state_dict()) == {"weight"}
     assert set(SigmoidRouter(8, 4, 2).state_dict()) == {"weight", "expert_bias"}
     assert set(NoisyTopKRouter(8, 4, 2).state_dict()) == {"weight", "noise_weight"}
+
+
+# -- the fused gate option ------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["topk", "switch", "sigmoid"])
+def test_fused_gate_option(name, monkeypatch):
+    """``fused_gate``: "auto" never picks the kernel on the CPU; True without a device the
+    kernels run on is a clear error; anything else is refused."""
+    from moekit.routing import build_router
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="fused_gate must be"):
+        build_router(name, d_model=8, num_experts=4, fused_gate="yes")
+    auto = build_router(name, d_model=8, num_experts=4)
+    assert auto.fused_gate == "auto"
+    forced = build_router(name, d_model=8, num_experts=4, fused_gate=True)
+    x = torch.randn(5, 8)
+    auto(x)                                            # PyTorch gate on the CPU
+    with pytest.raises(ValueError, match="fused_gate=True needs float32 logits on a device"):
+        forced(x)

@@ -4,18 +4,13 @@ scores with a selection-only bias) — the `select` step of `TopKRouter` / `Sigm
 
 Legend: T tokens, E experts, K experts per token.
 
-For each row of float32 ``logits_TE``::
-
-    s      = softmax(logits)               (score="softmax")   or  sigmoid(logits)  (score="sigmoid")
-    choice = s + bias                      (bias only steers the choice, never the weights)
-    ids    = the K largest of choice, ties to the lowest expert index (METHODS.md §0.2 contract 2)
-    w      = s[ids] / Σ s[ids] if normalize else s[ids];   w *= route_scale
-    probs  = s  (softmax)   or   s / Σ_E s  (sigmoid, DeepSeek-V3's normalised affinities)
+The function is `moekit.ops.gate`'s (see its docstring), for float32 logits.
 
 Selection is by repeated row maxima (K passes over a row held in registers), fine for the
 K ≤ 8 and E ≤ a few hundred of the benchmark shapes. The backward pass recomputes the
 differentiable part (weights and probs from the logits, with the selected ids fixed) in
-PyTorch. `topk_gate_reference` has the same signature and is the eager reference.
+PyTorch. `moekit.ops.gate.topk_gate_reference` has the same signature and is the eager
+reference (re-exported here).
 """
 from __future__ import annotations
 
@@ -26,12 +21,9 @@ import triton
 import triton.language as tl
 
 from moekit.kernels.launch import launch_context
-from moekit.ops.topk import topk_stable
+from moekit.ops.gate import SCORES, check_gate_args, gate_weights_probs, topk_gate_reference
 
 __all__ = ["fused_topk_gate", "topk_gate_reference", "SCORES"]
-
-SCORES = ("softmax", "sigmoid")
-
 
 @triton.jit
 def _topk_gate_kernel(
@@ -84,44 +76,6 @@ def _topk_gate_kernel(
     tl.store(w_ptr + out, top_w, mask=mk)
 
 
-def _scores(logits_TE: torch.Tensor, score: str) -> torch.Tensor:
-    return torch.softmax(logits_TE, dim=-1) if score == "softmax" else torch.sigmoid(logits_TE)
-
-
-def _weights_probs(logits_TE, ids_TK, score, normalize, route_scale):
-    """The differentiable part, given the selection (shared by the reference and the backward)."""
-    s_TE = _scores(logits_TE, score)
-    w_TK = s_TE.gather(1, ids_TK)
-    if normalize:
-        w_TK = w_TK / w_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-    w_TK = w_TK * route_scale
-    probs_TE = s_TE if score == "softmax" else s_TE / s_TE.sum(-1, keepdim=True).clamp_min(1e-30)
-    return w_TK, probs_TE
-
-
-def _check(logits_TE, top_k, score, bias_E):
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    if logits_TE.dim() != 2 or logits_TE.dtype != torch.float32:
-        raise ValueError(f"logits must be float32 (T, E), got {logits_TE.dtype} {tuple(logits_TE.shape)}")
-    E = logits_TE.shape[1]
-    if not isinstance(top_k, int) or not 0 < top_k <= E:
-        raise ValueError(f"top_k must be an int in [1, {E}], got {top_k!r}")
-    if bias_E is not None and bias_E.shape != (E,):
-        raise ValueError(f"bias must have shape ({E},), got {tuple(bias_E.shape)}")
-
-
-def topk_gate_reference(logits_TE: torch.Tensor, top_k: int, *, score: str = "softmax", normalize: bool = True,
-                        route_scale: float = 1.0, bias_E: Optional[torch.Tensor] = None):
-    """Eager reference: ``(ids_TK int64, weights_TK fp32, probs_TE fp32)``."""
-    _check(logits_TE, top_k, score, bias_E)
-    s_TE = _scores(logits_TE, score)
-    choice = s_TE.detach() if bias_E is None else s_TE.detach() + bias_E.float()
-    _, ids_TK = topk_stable(choice, top_k)
-    w_TK, probs_TE = _weights_probs(logits_TE, ids_TK, score, normalize, route_scale)
-    return ids_TK, w_TK, probs_TE
-
-
 class _TopKGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TE, bias_E, top_k, score, normalize, route_scale):
@@ -152,7 +106,7 @@ class _TopKGate(torch.autograd.Function):
         logits_TE, ids = ctx.saved_tensors
         with torch.enable_grad():
             lg = logits_TE.detach().requires_grad_(True)
-            w, probs = _weights_probs(lg, ids, *ctx.cfg)
+            w, probs = gate_weights_probs(lg, ids, *ctx.cfg)
             outs, grads = [], []
             for o, g in ((w, d_w), (probs, d_probs)):
                 if g is not None:
@@ -170,6 +124,8 @@ def fused_topk_gate(logits_TE: torch.Tensor, top_k: int, *, score: str = "softma
     route_scale; `SigmoidRouter` (num_groups=1) to ``score="sigmoid"``, ``normalize=renorm``,
     ``bias_E=expert_bias``.
     """
-    _check(logits_TE, top_k, score, bias_E)
+    check_gate_args(logits_TE, top_k, score, bias_E)
+    if logits_TE.dtype != torch.float32:
+        raise ValueError(f"the fused gate takes float32 logits, got {logits_TE.dtype}")
     bias = None if bias_E is None else bias_E.detach().float().contiguous()
     return _TopKGate.apply(logits_TE, bias, top_k, score, normalize, route_scale)

@@ -12,6 +12,9 @@ Group-limited routing: experts form ``num_groups`` equal groups; a group's score
 of its two best ``s + b``; only experts in the ``topk_groups`` best groups can be chosen.
 
 For balancing losses ``probs = s / Σ s`` (DeepSeek-V3's normalised affinities).
+
+Without groups the gate is `moekit.ops.gate.topk_gate` (one Triton kernel on CUDA with
+``fused_gate="auto"``, see `moekit.routing.topk`).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.losses.bias import bias_update
+from moekit.ops.gate import check_fused_option, gate_weights_probs, topk_gate
 from moekit.ops.topk import topk_stable
 from moekit.routing.base import TokenChoiceRouter, router_float
 from moekit.routing.topk import init_router_weight
@@ -33,7 +37,7 @@ class SigmoidRouter(TokenChoiceRouter):
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *, num_groups: int = 1,
                  topk_groups: int = 1, route_scale: float = 1.0, renorm: bool = True,
                  bias_update_rate: float = 1e-3, capacity_factor=None, eval_capacity_factor="same",
-                 drop_policy: str = "position"):
+                 drop_policy: str = "position", fused_gate="auto"):
         super().__init__(d_model, num_experts, top_k, capacity_factor=capacity_factor,
                          eval_capacity_factor=eval_capacity_factor, drop_policy=drop_policy)
         if num_groups < 1 or num_experts % num_groups:
@@ -47,6 +51,8 @@ class SigmoidRouter(TokenChoiceRouter):
         self.num_groups, self.topk_groups = num_groups, topk_groups
         self.route_scale, self.renorm = float(route_scale), bool(renorm)
         self.bias_update_rate = float(bias_update_rate)
+        check_fused_option(fused_gate)
+        self.fused_gate = fused_gate
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         # Pairs per expert seen in training since the last bias update (summed over
@@ -61,22 +67,18 @@ class SigmoidRouter(TokenChoiceRouter):
         return torch.sigmoid(logits_TE) + self.expert_bias
 
     def select(self, logits_TE: torch.Tensor):
-        s_TE = torch.sigmoid(logits_TE)
-        choice_TE = s_TE.detach() + self.expert_bias
-        if self.num_groups > 1:
-            T = s_TE.shape[0]
-            grouped = choice_TE.view(T, self.num_groups, -1)
-            top2 = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)   # (T, G)
-            _, top_groups = topk_stable(top2, self.topk_groups)
-            allowed = torch.zeros_like(top2, dtype=torch.bool).scatter(1, top_groups, True)
-            allowed_TE = allowed.repeat_interleave(self.num_experts // self.num_groups, dim=1)
-            choice_TE = choice_TE.masked_fill(~allowed_TE, float("-inf"))
-        _, topk_ids_TK = topk_stable(choice_TE, self.top_k)
-        weights_TK = s_TE.gather(1, topk_ids_TK)
-        if self.renorm:
-            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-        weights_TK = weights_TK * self.route_scale
-        probs_TE = s_TE / s_TE.sum(-1, keepdim=True)
+        if self.num_groups == 1:
+            return topk_gate(logits_TE, self.top_k, score="sigmoid", normalize=self.renorm,
+                             route_scale=self.route_scale, bias_E=self.expert_bias, fused=self.fused_gate)
+        # Group-limited choice: only experts of the topk_groups best groups compete.
+        choice_TE = torch.sigmoid(logits_TE).detach() + self.expert_bias
+        grouped = choice_TE.view(choice_TE.shape[0], self.num_groups, -1)
+        top2 = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)   # (T, G)
+        _, top_groups = topk_stable(top2, self.topk_groups)
+        allowed = torch.zeros_like(top2, dtype=torch.bool).scatter(1, top_groups, True)
+        allowed_TE = allowed.repeat_interleave(self.num_experts // self.num_groups, dim=1)
+        _, topk_ids_TK = topk_stable(choice_TE.masked_fill(~allowed_TE, float("-inf")), self.top_k)
+        weights_TK, probs_TE = gate_weights_probs(logits_TE, topk_ids_TK, "sigmoid", self.renorm, self.route_scale)
         return topk_ids_TK, weights_TK, probs_TE
 
     def forward(self, x_TD, *, mask=None):

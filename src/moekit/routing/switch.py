@@ -16,13 +16,15 @@ __all__ = ["SwitchRouter"]
 
 class SwitchRouter(TopKRouter):
     def __init__(self, d_model: int, num_experts: int, top_k: int = 1, *, jitter: float = 0.0,
-                 capacity_factor=None, eval_capacity_factor="same", drop_policy: str = "position"):
+                 capacity_factor=None, eval_capacity_factor="same", drop_policy: str = "position",
+                 fused_gate="auto"):
         if top_k != 1:
             raise ValueError(f"Switch routing is top-1, got top_k={top_k}")
         if not 0.0 <= jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {jitter}")
         super().__init__(d_model, num_experts, 1, norm="raw", capacity_factor=capacity_factor,
-                         eval_capacity_factor=eval_capacity_factor, drop_policy=drop_policy)
+                         eval_capacity_factor=eval_capacity_factor, drop_policy=drop_policy,
+                         fused_gate=fused_gate)
         self.jitter = float(jitter)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,10 @@ experts (ties to the lowest index). Combine weights by ``norm``:
 
 ``softmax="after"`` applies the softmax to the K selected logits only (Mixtral's order); it
 equals ``"renorm"`` of the softmax-before weights, so ``norm="raw"`` is refused with it.
+
+The softmax-before gate is `moekit.ops.gate.topk_gate`: with ``fused_gate="auto"`` (default)
+it runs as one Triton kernel on CUDA when triton is installed, elsewhere in PyTorch;
+``True`` insists on the kernel, ``False`` never uses it.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.ops.gate import check_fused_option, topk_gate
 from moekit.ops.topk import topk_stable
 from moekit.routing.base import TokenChoiceRouter, router_float
 
@@ -46,7 +51,8 @@ class TopKRouter(TokenChoiceRouter):
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *, norm: str = "renorm",
                  route_scale: float = 1.0, softmax: str = "before", bias: bool = False,
-                 capacity_factor=None, eval_capacity_factor="same", drop_policy: str = "position"):
+                 capacity_factor=None, eval_capacity_factor="same", drop_policy: str = "position",
+                 fused_gate="auto"):
         super().__init__(d_model, num_experts, top_k, capacity_factor=capacity_factor,
                          eval_capacity_factor=eval_capacity_factor, drop_policy=drop_policy)
         if norm not in NORMS:
@@ -58,7 +64,9 @@ class TopKRouter(TokenChoiceRouter):
                              "logits always sums to 1")
         if norm != "scaled" and route_scale != 1.0:
             raise ValueError(f"route_scale={route_scale} only applies with norm='scaled', got norm={norm!r}")
+        check_fused_option(fused_gate)
         self.norm, self.route_scale, self.softmax_position = norm, float(route_scale), softmax
+        self.fused_gate = fused_gate
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
         self.reset_parameters()
@@ -74,14 +82,13 @@ class TopKRouter(TokenChoiceRouter):
         return F.linear(router_float(x_TD), router_float(self.weight), b)
 
     def select(self, logits_TE: torch.Tensor):
+        if self.softmax_position == "before":
+            return topk_gate(logits_TE, self.top_k, score="softmax", normalize=self.norm != "raw",
+                             route_scale=self.route_scale, fused=self.fused_gate)
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        if self.softmax_position == "after":
-            top_logits_TK, topk_ids_TK = topk_stable(logits_TE, self.top_k)
-            w = torch.softmax(top_logits_TK, dim=-1)
-            weights_TK = w * self.route_scale if self.norm == "scaled" else w
-        else:
-            top_p_TK, topk_ids_TK = topk_stable(probs_TE, self.top_k)
-            weights_TK = normalise(top_p_TK, self.norm, self.route_scale)
+        top_logits_TK, topk_ids_TK = topk_stable(logits_TE, self.top_k)
+        w = torch.softmax(top_logits_TK, dim=-1)
+        weights_TK = w * self.route_scale if self.norm == "scaled" else w
         return topk_ids_TK, weights_TK, probs_TE
 
     def extra_repr(self) -> str:
