@@ -442,6 +442,8 @@ CASES_2 = [
     dict(name="grad accumulation, manual sync, eager backend", micro=2, grad_sync="manual",
          moe=dict(router="topk", backend="eager", num_shared_experts=1)),
     dict(name="local balance scope", scope="local", moe=dict(router="topk", aux_loss_coef=0.1)),
+    dict(name="sync-free static layout, capacity with drops (per group)", per_group=True, drops=True,
+         moe=dict(router="topk", capacity_factor=0.6, sync_free=True, aux_loss_coef=0.1)),
 ]
 CASES_4 = [
     dict(name="topk dropless + shared", E=8, moe=dict(router="topk", num_shared_experts=1, z_loss_coef=1e-2)),
