@@ -437,7 +437,7 @@ CASES_2 = [
          moe=dict(router="topk", capacity_factor=0.6, expert="mlp", aux_loss_coef=0.1), per_group=True, drops=True),
     dict(name="sigmoid with bias, sequence loss, bias update", bias=True,
          moe=dict(router="sigmoid", aux_loss_coef=0.1)),
-    dict(name="expert choice (per group)", moe=dict(router="expert_choice", capacity_factor=1.0,
+    dict(name="expert choice (per group)", moe=dict(router="expert_choice", capacity_factor=1.0, top_k=None,
                                                     z_loss_coef=1e-2), per_group=True),
     dict(name="grad accumulation, manual sync, eager backend", micro=2, grad_sync="manual",
          moe=dict(router="topk", backend="eager", num_shared_experts=1)),

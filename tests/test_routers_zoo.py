@@ -762,3 +762,11 @@ def test_bfloat16_input_keeps_dtype_and_float32_router(name):
     r = moe.last_routing
     assert r.weights.dtype == torch.float32
     assert r.logits is None or r.logits.dtype == torch.float32
+
+
+def test_expert_choice_refuses_a_top_k_it_would_ignore():
+    with pytest.raises(ValueError, match="top_k only sets the causal=True eval fallback"):
+        build_router("expert_choice", d_model=D, num_experts=E, top_k=2)
+    assert build_router("expert_choice", d_model=D, num_experts=E).top_k is None
+    assert build_router("expert_choice", d_model=D, num_experts=E, causal=True).top_k == 2
+    assert build_router("expert_choice", d_model=D, num_experts=E, top_k=3, causal=True).top_k == 3

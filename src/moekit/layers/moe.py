@@ -257,7 +257,7 @@ class MoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"backend={self.backend!r}, aux_loss_coef={self.aux_loss_coef}, z_loss_coef={self.z_loss_coef}, "
-                f"balance_loss={self.balance_loss!r}")
+                f"balance_loss={self.balance_loss!r}" + (", sync_free=True" if self.sync_free else ""))
 
 
 def moe_layers(model: nn.Module):

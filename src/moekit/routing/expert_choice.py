@@ -42,7 +42,8 @@ class ExpertChoiceRouter(Router):
     Args:
         capacity_factor: c, the mean experts per token (default 2; ``C = ceil(c·T/E)``).
         eval_capacity_factor: c in eval (``"same"``: as in training).
-        top_k: experts per token of the eval fallback when ``causal=True`` (unused otherwise).
+        top_k: experts per token of the eval fallback when ``causal=True`` (default 2); without
+            ``causal`` the count is the experts' choice, and an explicit top_k is refused.
         causal: token-choice top-k in eval so autoregressive decoding is possible.
         group_size: experts choose within groups of this many consecutive tokens (e.g. the
             sequence length, so one image or sequence never competes with another); ``None``:
@@ -52,9 +53,14 @@ class ExpertChoiceRouter(Router):
     default_balance_loss = "none"
     causal_safe = False
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *, capacity_factor: Optional[float] = 2.0,
-                 eval_capacity_factor="same", drop_policy: str = "position", causal: bool = False,
-                 group_size: Optional[int] = None):
+    def __init__(self, d_model: int, num_experts: int, top_k: Optional[int] = None, *,
+                 capacity_factor: Optional[float] = 2.0, eval_capacity_factor="same", drop_policy: str = "position",
+                 causal: bool = False, group_size: Optional[int] = None):
+        if not causal and top_k is not None:
+            raise ValueError(f"router 'expert_choice' lets experts choose tokens, so a token gets a variable "
+                             f"number of experts; top_k only sets the causal=True eval fallback (got top_k={top_k})")
+        if causal and top_k is None:
+            top_k = 2
         super().__init__(d_model, num_experts, top_k)
         if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
             raise ValueError(f"group_size must be None or a positive int, got {group_size!r}")
