@@ -2,3 +2,13 @@
 from moekit.models.transformer import TransformerConfig, TransformerLM, dense_twin, flops_per_token, param_counts
 
 __all__ = ["TransformerConfig", "TransformerLM", "dense_twin", "flops_per_token", "param_counts"]
+
+from moekit.models.vision import ViTConfig, ViTMoE, active_param_counts, vit_dense_twin  # noqa: E402
+
+__all__ += ["ViTConfig", "ViTMoE", "active_param_counts", "vit_dense_twin"]
+
+from moekit.models.multitask import (MultiTaskConfig, MultiTaskModel, TabularEmbedding, binary_auc,  # noqa: E402
+                                     config_for_budget, train_multitask)
+
+__all__ += ["MultiTaskConfig", "MultiTaskModel", "TabularEmbedding", "binary_auc", "config_for_budget",
+            "train_multitask"]
