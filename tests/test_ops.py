@@ -111,12 +111,16 @@ def test_topk_stable_equals_stable_sort(dtype):
     s[104] = s[104] * 1e-40                        # subnormal in float32
     s[105] = s[105] * 1e30
     s[3, [4, 9, 20]] = 10.0                        # a tie at the top, lowest index first
+    s[106, [2, 30]] = float("nan")                 # NaN ranks above +inf, either sign
+    s[107, 5] = -float("nan")
+    s[107, 6] = float("inf")
     s = s.to(dtype)
     for k in (1, 2, 5, 36, 37):
         v, i = topk_stable(s, k)
         vr, ir = topk_stable_reference(s, k)
         assert torch.equal(i, ir), k
-        assert torch.equal(v, vr) and v.dtype == dtype
+        torch.testing.assert_close(v, vr, rtol=0, atol=0, equal_nan=True)
+        assert v.dtype == dtype
     assert topk_stable(s, 2)[1][3].tolist() == [4, 9]
 
 

@@ -176,3 +176,12 @@ def test_fused_gate_option(name, monkeypatch):
     auto(x)                                            # PyTorch gate on the CPU
     with pytest.raises(ValueError, match="fused_gate=True needs float32 logits on a device"):
         forced(x)
+
+
+def test_fused_gate_true_is_refused_where_the_kernel_does_not_apply():
+    from moekit.routing import build_router
+
+    with pytest.raises(ValueError, match="softmax='after'"):
+        build_router("topk", d_model=8, num_experts=4, softmax="after", fused_gate=True)
+    with pytest.raises(ValueError, match="num_groups=2"):
+        build_router("sigmoid", d_model=8, num_experts=4, num_groups=2, fused_gate=True)

@@ -33,9 +33,9 @@ D, E, F = 16, 8, 16
     lambda x: x.sum().item(), lambda x: int(x.sum()), lambda x: bool(x.sum() > 0), lambda x: x[x > 0],
     lambda x: torch.nonzero(x), lambda x: torch.bincount((x > 0).long()), lambda x: x.tolist(),
     lambda x: x.unique(), lambda x: torch.arange(3).repeat_interleave(torch.tensor([1, 0, 2])),
-    lambda x: x.masked_select(x > 0), lambda x: x.numpy(),
+    lambda x: x.masked_select(x > 0), lambda x: x.numpy(), lambda x: torch.allclose(x, x),
 ], ids=["item", "int", "bool", "bool-index", "nonzero", "bincount", "tolist", "unique", "repeat_interleave",
-        "masked_select", "numpy"])
+        "masked_select", "numpy", "allclose"])
 def test_no_host_sync_catches_each_kind_of_sync(op):
     x = torch.randn(6)
     with pytest.raises(HostSyncError, match="synchronise"):
@@ -51,6 +51,7 @@ def test_no_host_sync_lets_static_work_through_forward_and_backward():
         y.backward()
         idx = torch.topk(x.detach(), 2).indices
         x.detach()[torch.arange(5).unsqueeze(1), idx]      # integer indexing is static
+        torch.arange(3).repeat_interleave(torch.tensor([1, 0, 2]), output_size=3)   # size given
     assert x.grad is not None
 
 
@@ -208,6 +209,27 @@ def test_sync_free_layer_equals_the_default_layer(router, policy, cap, masked):
     assert torch.equal(c.expert_ids, ref.last_routing.expert_ids)
 
 
+def test_sync_free_mlp_experts_with_biases_equal_the_default_layer():
+    """Bias experts (upcycled BERT/ViT FFNs): dropped slots past the last expert's rows must
+    not reach any bias, in the output or the gradient."""
+    from moekit.experts import MLPExperts
+
+    torch.manual_seed(7)
+    banks = [MLPExperts(E, D, F, bias=True) for _ in range(2)]
+    banks[1].load_state_dict(banks[0].state_dict())
+    for b in banks[0].up_bias, banks[0].down_bias:
+        torch.nn.init.normal_(b.data)
+    banks[1].load_state_dict(banks[0].state_dict())
+    ref = moekit.MoE(d_model=D, num_experts=E, experts=banks[0], capacity_factor=0.5, backend="eager")
+    fast = moekit.MoE(d_model=D, num_experts=E, experts=banks[1], capacity_factor=0.5, backend="grouped_mm",
+                      sync_free=True)
+    fast.router.load_state_dict(ref.router.state_dict())
+    mask = torch.rand(3, 6) > 0.2
+    assert_same_outputs_and_grads(CallWith(ref, mask=mask), CallWith(fast, mask=mask), torch.randn(3, 6, D),
+                                  rtol_y=1e-5)
+    assert int(ref.last_stats.dropped) > 0
+
+
 def test_sync_free_training_step_matches_with_capacity():
     """Training mode (no noise): a capacity-limited topk layer, sync-free vs default, on a
     batch where capacity really drops pairs."""
@@ -238,8 +260,19 @@ def test_routing_dropout_in_the_static_layout():
 
 
 def test_sync_free_argument_errors():
+    from moekit.experts import HeterogeneousExperts, ModuleExperts
+
     with pytest.raises(TypeError, match="sync_free must be a bool"):
         _layer(sync_free=1)
+    with pytest.raises(ValueError, match="ModuleExperts reads its counts on the host"):
+        moekit.MoE(d_model=D, num_experts=2, sync_free=True,
+                   experts=ModuleExperts([torch.nn.Linear(D, D), torch.nn.Linear(D, D)], d_model=D))
+    with pytest.raises(ValueError, match="HeterogeneousExperts reads its counts on the host"):
+        moekit.MoE(d_model=D, num_experts=2, sync_free=True,
+                   experts=HeterogeneousExperts(D, [8, 16]))
+    odd = moekit.MoE(d_model=10, num_experts=E, d_hidden=6, sync_free=True)    # auto → eager for D=10
+    with pytest.raises(ValueError, match="through the eager loop"):
+        odd(torch.randn(4, 10))
     with pytest.raises(ValueError, match="backend='eager'"):
         moekit.MoE(d_model=D, num_experts=E, backend="eager", sync_free=True)
     with pytest.raises(ValueError, match="routes without a host sync"):
@@ -251,12 +284,25 @@ def test_sync_free_argument_errors():
 def test_stats_are_computed_when_read():
     moe = _layer(capacity_factor=0.5)
     x = torch.randn(2, 5, D)
-    moe(x, mask=torch.rand(2, 5) > 0.2)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 0] = False
+    moe(x, mask=mask)
     assert moe._stats is None and moe._stats_inputs is not None
+    mask.zero_()                             # the caller reuses its buffer: stats keep the mask used
     s = moe.last_stats
-    assert moe._stats is s and moe.last_stats is s
+    assert s.num_tokens == 9 and moe._stats is s and moe.last_stats is s
     moe.last_stats = None
     assert moe.last_stats is None
     moe(x)
-    copy.deepcopy(moe)                       # the pending inputs (with autograd graph) are dropped
-    assert moe.last_stats.num_tokens == 10
+    twin = copy.deepcopy(moe)                # pending statistics are computed, not lost
+    assert twin.last_stats is not None and twin.last_stats.num_tokens == 10
+    assert torch.equal(twin.last_stats.tokens_per_expert, moe.last_stats.tokens_per_expert)
+
+
+def test_a_sync_free_router_instance_makes_the_layer_sync_free():
+    router = moekit.routing.build_router("topk", d_model=D, num_experts=E, capacity_factor=1.0)
+    router.sync_free = True
+    moe = moekit.MoE(d_model=D, num_experts=E, router=router, backend="grouped_mm")
+    assert moe.sync_free and "sync_free=True" in repr(moe)
+    with pytest.raises(ValueError, match="backend='eager'"):
+        moekit.MoE(d_model=D, num_experts=E, router=router, backend="eager")

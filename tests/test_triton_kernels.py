@@ -348,6 +348,22 @@ def test_routers_with_the_fused_gate_match_the_pytorch_gate(monkeypatch, name, k
     torch.testing.assert_close(fast.weight.grad, ref.weight.grad)
 
 
+@in_process
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")     # NumPy's inf − inf
+def test_fused_topk_gate_keeps_ids_in_range_on_nan_and_inf_rows():
+    """A NaN or +inf logit makes the row's scores NaN: the kernel still picks real experts,
+    the ones the reference picks (NaN ranks first, ties to the lowest index)."""
+    logits = torch.randn(4, 5)
+    logits[0, 2] = float("nan")
+    logits[1, 3] = float("inf")
+    logits[2] = float("nan")
+    for score in ("softmax", "sigmoid"):
+        ids, _, _ = fused_topk_gate(logits, 2, score=score)
+        ids_r, _, _ = topk_gate_reference(logits, 2, score=score)
+        assert ids.min() >= 0 and ids.max() < 5
+        assert torch.equal(ids, ids_r), (score, ids, ids_r)
+
+
 def test_gate_rejects_bad_arguments():
     with pytest.raises(ValueError, match="top_k"):
         topk_gate_reference(torch.randn(3, 4), 5)

@@ -48,7 +48,13 @@ def uniform_init_(w_EOI: torch.Tensor) -> torch.Tensor:
 
 
 class ExpertBank(nn.Module):
-    """Base class: subclasses implement `forward(x_ND, counts_E, backend=...)` and `expert_forward(i, x)`."""
+    """Base class: subclasses implement `forward(x_ND, counts_E, backend=...)` and `expert_forward(i, x)`.
+
+    ``supports_static_layout``: whether `forward` accepts rows past ``sum(counts_E)`` (the
+    dropped slots of sync-free routing) without reading the counts on the host.
+    """
+
+    supports_static_layout = False
 
     def __init__(self, num_experts: int, d_model: int):
         super().__init__()
@@ -73,6 +79,10 @@ class ExpertBank(nn.Module):
     def expert_forward(self, i: int, x_nD: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_sync_free_backend(self, x: torch.Tensor, backend: str) -> None:
+        """Raise ValueError if this bank would read counts on the host for inputs like `x`
+        under `backend` (banks with ``supports_static_layout`` and a backend choice override)."""
+
     @staticmethod
     def grouped(backend: str, x_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
         """One grouped matmul through the chosen backend; weights cast to the input dtype."""
@@ -90,8 +100,12 @@ class StackedFFNExperts(ExpertBank):
 
     A subclass stores its weights under its own names (the Hugging Face layout), returns them
     from `projections`, and overrides `hidden`, the step between the two matmuls (H = F for an
-    MLP, 2F for a GLU).
+    MLP, 2F for a GLU). Rows past the last offset (the static layout's dropped slots) are
+    left to the caller to mask; nothing here reads counts on the host, so these banks take
+    ``MoE(sync_free=True)``.
     """
+
+    supports_static_layout = True
 
     def __init__(self, num_experts: int, d_model: int, d_hidden: int, *, activation: str):
         super().__init__(num_experts, d_model)
@@ -112,25 +126,43 @@ class StackedFFNExperts(ExpertBank):
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         w_in_EHD, b_in_EH, w_out_EDF, b_out_ED = self.projections()
         offs_E = self.offsets(counts_E)
-        e_N = None
+        rows = None
         if b_in_EH is not None or b_out_ED is not None:
-            # Expert of each row: rows arrive grouped by expert, row n belongs to the first e
-            # with n < offs[e] (no host sync; rows past offs[-1] belong to no expert and are
-            # clamped to the last one — callers mask them).
-            rows = torch.arange(x_ND.shape[0], device=x_ND.device, dtype=offs_E.dtype)
-            e_N = torch.searchsorted(offs_E.to(x_ND.device), rows, right=True).clamp_max(self.num_experts - 1)
-        h_NH = self._add_bias(self.grouped(backend, x_ND, w_in_EHD.transpose(1, 2), offs_E), b_in_EH, e_N)
+            # Expert of each row without a host sync: row n belongs to the first e with
+            # n < offs[e]. Rows past offs[-1] (dropped slots of the static layout) belong to
+            # none and get no bias, so no gradient reaches a bias from them.
+            n = torch.arange(x_ND.shape[0], device=x_ND.device, dtype=offs_E.dtype)
+            offs = offs_E.to(x_ND.device)
+            rows = (torch.searchsorted(offs, n, right=True).clamp_max(self.num_experts - 1),
+                    (n < offs[-1]).unsqueeze(-1))
+        h_NH = self._add_bias(self.grouped(backend, x_ND, w_in_EHD.transpose(1, 2), offs_E), b_in_EH, rows)
         y_ND = self.grouped(backend, self.hidden(h_NH), w_out_EDF.transpose(1, 2), offs_E)
-        return self._add_bias(y_ND, b_out_ED, e_N)
+        return self._add_bias(y_ND, b_out_ED, rows)
+
+    def check_sync_free_backend(self, x: torch.Tensor, backend: str) -> None:
+        """ValueError if `backend` would run either matmul through the eager loop (which reads
+        the counts on the host) for inputs like `x` — the check behind ``MoE(sync_free=True)``."""
+        w_in_EHD, _, w_out_EDF, _ = self.projections()
+        for w_EIO in (w_in_EHD.transpose(1, 2), w_out_EDF.transpose(1, 2)):
+            probe = x.new_empty(0, w_EIO.shape[1])
+            if resolve_backend(backend, probe, w_EIO.to(x.dtype)).name == "eager":
+                raise ValueError(f"sync_free=True needs a backend that reads no counts on the host, but "
+                                 f"backend={backend!r} runs {x.dtype} operands of shape (·, {w_EIO.shape[1]}) x "
+                                 f"{tuple(w_EIO.shape)} on {x.device} through the eager loop (grouped_mm needs "
+                                 f"float32/bf16/fp16 and dims aligned to 16 bytes; triton runs any)")
 
     def expert_forward(self, i: int, x_nD: torch.Tensor) -> torch.Tensor:
         w_in, b_in, w_out, b_out = (None if t is None else t[i].to(x_nD.dtype) for t in self.projections())
         return nn.functional.linear(self.hidden(nn.functional.linear(x_nD, w_in, b_in)), w_out, b_out)
 
     @staticmethod
-    def _add_bias(y_N: torch.Tensor, b_E: Optional[torch.Tensor], e_N: Optional[torch.Tensor]) -> torch.Tensor:
-        """Each row plus the bias of its expert ``e_N[n]`` (unchanged without a bias)."""
-        return y_N if b_E is None else y_N + b_E[e_N].to(y_N.dtype)
+    def _add_bias(y_N: torch.Tensor, b_E: Optional[torch.Tensor], rows) -> torch.Tensor:
+        """Each row plus the bias of its expert, ``rows = (e_N, in_group_N1)`` (unchanged
+        without a bias; rows outside every group get none)."""
+        if b_E is None:
+            return y_N
+        e_N, in_group_N1 = rows
+        return y_N + torch.where(in_group_N1, b_E[e_N].to(y_N.dtype), torch.zeros((), dtype=y_N.dtype, device=y_N.device))
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from moekit.ops.counting import count_ids
+from moekit.ops.dispatch import sort_by_expert
 from moekit.kernels.grouped_gemm import gmm, gmm_wgrad
 
 __all__ = ["fused_moe_forward", "fused_moe_reference", "fused_swiglu_experts", "sort_pairs", "COMBINES"]
@@ -49,9 +49,7 @@ def sort_pairs(token_ids_N: torch.Tensor, expert_ids_N: torch.Tensor, weights_N:
     with ``keep_N`` False sort after every expert's rows, past ``offs_E[-1]``, where no
     kernel reads them.
     """
-    sort_key = expert_ids_N if keep_N is None else torch.where(keep_N, expert_ids_N, num_experts)
-    order_N = torch.argsort(sort_key, stable=True)
-    counts_E = count_ids(expert_ids_N, num_experts, keep_N)
+    order_N, counts_E = sort_by_expert(expert_ids_N, num_experts, keep_N)
     offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
     return token_ids_N[order_N].to(torch.int32), weights_N[order_N], offs_E, order_N.to(torch.int32)
 

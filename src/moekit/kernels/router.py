@@ -54,6 +54,9 @@ def _topk_gate_kernel(
     choice = s
     if HAS_BIAS:
         choice = choice + tl.load(bias_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    # NaN competes as +inf (the reference ranks NaN first too), so every pick is a real
+    # column; padding columns lose every comparison.
+    choice = tl.where(choice != choice, float("inf"), choice)
     choice = tl.where(c_ok[None, :], choice, float("-inf"))
     kk = tl.arange(0, BLOCK_K)
     top_w = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
@@ -61,7 +64,7 @@ def _topk_gate_kernel(
     for k in tl.static_range(K):
         best = tl.max(choice, axis=1)
         # Lowest index among the maxima: the deterministic tie-break.
-        idx = tl.min(tl.where(choice == best[:, None], cols[None, :], BLOCK_E), axis=1)
+        idx = tl.minimum(tl.min(tl.where(choice == best[:, None], cols[None, :], BLOCK_E), axis=1), E - 1)
         hit = cols[None, :] == idx[:, None]
         val = tl.sum(tl.where(hit, s, 0.0), axis=1)
         top_w = tl.where(kk[None, :] == k, val[:, None], top_w)

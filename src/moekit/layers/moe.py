@@ -98,9 +98,6 @@ class MoE(nn.Module):
         check_backend_name(backend)
         if not isinstance(sync_free, bool):
             raise TypeError(f"sync_free must be a bool, got {type(sync_free).__name__}")
-        if sync_free and backend == "eager":
-            raise ValueError("sync_free=True needs a backend that reads no counts on the host "
-                             "('grouped_mm', 'triton' or 'auto'), got backend='eager'")
         self.d_model, self.num_experts = d_model, num_experts
         self.aux_loss_coef, self.z_loss_coef = float(aux_loss_coef), float(z_loss_coef)
         self.backend = backend
@@ -130,12 +127,17 @@ class MoE(nn.Module):
             raise TypeError(f"router must be a name or a moekit Router, got {type(router).__name__}")
         if isinstance(router, Router) and top_k is not None and top_k != router.top_k:
             raise ValueError(f"top_k={top_k} differs from the router instance's top_k={router.top_k}")
+        # A router instance already switched to sync-free routing makes the layer sync-free.
+        sync_free = sync_free or bool(getattr(self.router, "sync_free", False))
         if sync_free:
             if not getattr(self.router, "supports_sync_free", False):
                 from moekit.routing.registry import available, get_router_class
                 ok = [n for n in available() if getattr(get_router_class(n), "supports_sync_free", False)]
                 raise ValueError(f"sync_free=True needs a router that routes without a host sync, one of {ok}; "
                                  f"got {type(self.router).__name__}")
+            if backend == "eager":
+                raise ValueError("sync_free=True needs a backend that reads no counts on the host "
+                                 "('grouped_mm', 'triton' or 'auto'), got backend='eager'")
             self.router.sync_free = True
         self.sync_free = sync_free
         self.top_k = self.router.top_k
@@ -145,6 +147,9 @@ class MoE(nn.Module):
                                        num_experts=num_experts, d_model=d_model, default_expert="swiglu",
                                        default_hidden=default_hidden)
         self.d_hidden = getattr(self.experts, "d_hidden", None)
+        if self.sync_free and not getattr(self.experts, "supports_static_layout", False):
+            raise ValueError(f"sync_free=True needs an expert bank that takes the static layout (MLP/GLU banks); "
+                             f"{type(self.experts).__name__} reads its counts on the host")
         allowed = getattr(self.experts, "supported_backends", None)
         if allowed is not None and backend not in allowed:
             raise ValueError(f"{type(self.experts).__name__} supports backend in {tuple(allowed)}, got {backend!r}")
@@ -215,6 +220,8 @@ class MoE(nn.Module):
         if ids_T is not None:
             extra["token_ids"] = ids_T
         routing = self.router(x_TD, mask=mask_T, **extra)
+        if self.sync_free:
+            self.experts.check_sync_free_backend(x_TD, self.backend)
         y_TD = None
         if type(self.dispatcher) is LocalDispatcher:       # kernels fuse the local dispatch only
             y_TD = fused_experts(x_TD, routing, self.experts, backend=self.backend)
@@ -228,7 +235,9 @@ class MoE(nn.Module):
 
         seq_len = shape[-2] if x.dim() >= 3 else T
         self.aux_loss = self.compute_aux_loss(routing, mask_T, seq_len)
-        self._stats, self._stats_inputs = None, (routing, mask_T, T)
+        # Statistics wait until read; the mask is copied (a device copy, no sync) so a caller
+        # reusing its buffer cannot change them.
+        self._stats, self._stats_inputs = None, (routing, None if mask_T is None else mask_T.clone(), T)
         self.last_routing = routing
         return y_TD.reshape(shape)
 
@@ -251,7 +260,7 @@ class MoE(nn.Module):
         if isinstance(state.get("aux_loss"), torch.Tensor):
             state["aux_loss"] = state["aux_loss"].detach()
         state["last_routing"] = None
-        state["_stats_inputs"] = None
+        state["_stats"], state["_stats_inputs"] = self.last_stats, None      # computed now if pending
         return state
 
     def extra_repr(self) -> str:

@@ -29,7 +29,7 @@ import torch
 
 from moekit.ops.counting import count_ids
 
-__all__ = ["DispatchMeta", "LocalDispatcher", "permute", "unpermute"]
+__all__ = ["DispatchMeta", "LocalDispatcher", "permute", "unpermute", "sort_by_expert"]
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,20 @@ class DispatchMeta:
     rows_ok: Optional[torch.Tensor] = None    # (N, 1) bool, static layout: rows that hold a kept pair
 
 
+def sort_by_expert(expert_ids_N: torch.Tensor, num_experts: int, keep_N: Optional[torch.Tensor] = None):
+    """``(order_N, counts_E)``: a stable sort of the pairs by expert and the kept pairs per
+    expert. Pairs with ``keep_N`` False sort after every expert (as if in an expert E), so
+    rows past ``counts_E.sum()`` hold them. No host sync."""
+    sort_key = expert_ids_N if keep_N is None else torch.where(keep_N, expert_ids_N, num_experts)
+    return torch.argsort(sort_key, stable=True), count_ids(expert_ids_N, num_experts, keep_N)
+
+
 def permute(x_TD: torch.Tensor, token_ids_N: torch.Tensor, expert_ids_N: torch.Tensor, num_experts: int):
     """Rows of x grouped by expert (stable: token order kept within an expert).
 
     Returns ``(x_ND, counts_E, order_N)`` with ``x_ND = x_TD[token_ids_N[order_N]]``.
     """
-    order_N = torch.argsort(expert_ids_N, stable=True)
-    counts_E = count_ids(expert_ids_N, num_experts)
+    order_N, counts_E = sort_by_expert(expert_ids_N, num_experts)
     return x_TD.index_select(0, token_ids_N[order_N]), counts_E, order_N
 
 
@@ -104,10 +111,7 @@ class LocalDispatcher:
     def dispatch(self, x_TD: torch.Tensor, routing):
         E, T = routing.num_experts, x_TD.shape[0]
         keep_N = getattr(routing, "keep", None)
-        # Dropped slots (static layout) sort after every expert, as if in an expert E.
-        sort_key = routing.expert_ids if keep_N is None else torch.where(keep_N, routing.expert_ids, E)
-        order_N = torch.argsort(sort_key, stable=True)
-        counts_E = count_ids(routing.expert_ids, E, keep_N)
+        order_N, counts_E = sort_by_expert(routing.expert_ids, E, keep_N)
         K = getattr(routing, "slots_per_token", None)
         if K is not None and routing.token_ids.numel() == T * K:
             inverse_N = torch.empty_like(order_N)

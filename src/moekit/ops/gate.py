@@ -12,7 +12,8 @@ For each row of float32 ``logits_TE``::
 
 `topk_gate_reference` is that, in PyTorch. `topk_gate` runs the one-kernel Triton gate
 (`moekit.kernels.router`) where it applies — ``fused="auto"``: float32 logits on a CUDA
-device that the kernels support, with triton installed — and the reference otherwise; both
+device that the kernels support, with triton installed, K ≤ 16 and E ≤ 1024 — and the
+reference otherwise; both
 give the same ids and, within float32 rounding, the same weights and gradients (tests).
 """
 from __future__ import annotations
@@ -26,6 +27,9 @@ from moekit.ops.topk import topk_stable
 __all__ = ["topk_gate", "topk_gate_reference", "gate_weights_probs", "check_fused_option", "SCORES"]
 
 SCORES = ("softmax", "sigmoid")
+# "auto" takes the kernel up to these sizes: it holds a row of E scores in registers and
+# makes K passes over it (sized for the benchmark shapes, K ≤ 8, E ≤ 256).
+AUTO_MAX_K, AUTO_MAX_E = 16, 1024
 
 
 def check_fused_option(fused) -> None:
@@ -91,7 +95,8 @@ def topk_gate(logits_TE: torch.Tensor, top_k: int, *, score: str = "softmax", no
     if fused is True and not _kernel_runs_here(logits_TE):
         raise ValueError(f"fused_gate=True needs float32 logits on a device the Triton kernels run on "
                          f"(CUDA, or the CPU under TRITON_INTERPRET=1), got {logits_TE.dtype} on {logits_TE.device}")
-    if fused is True or (fused == "auto" and logits_TE.device.type == "cuda" and _kernel_runs_here(logits_TE)):
+    if fused is True or (fused == "auto" and logits_TE.device.type == "cuda" and top_k <= AUTO_MAX_K
+                         and logits_TE.shape[-1] <= AUTO_MAX_E and _kernel_runs_here(logits_TE)):
         from moekit.kernels.router import fused_topk_gate
 
         return fused_topk_gate(logits_TE, top_k, score=score, normalize=normalize, route_scale=route_scale,

@@ -9,6 +9,9 @@ the data (``nonzero``, boolean-mask indexing, ``masked_select``, ``bincount``, `
 `no_host_sync` is a `TorchDispatchMode` that raises `HostSyncError` at the first such op,
 on CPU tensors too, so the property is tested without a GPU. It sees ops as they reach the
 dispatcher (forward and, when the backward runs inside the block on the CPU, backward).
+Limits: a device-to-host copy (``.cpu()``, ``.to("cpu")``) is only a sync on a GPU and is not
+flagged on CPU tensors; ``Tensor.tolist`` / ``.numpy`` are patched on the class while the
+mode is active, so other threads see the patch too (a test tool, not for production code).
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ SYNCING_OPS = {
     aten._local_scalar_dense.default: "reads a tensor value on the host (.item(), int(), bool(), float())",
     aten.is_nonzero.default: "reads a tensor value on the host (bool(tensor))",
     aten.equal.default: "torch.equal returns a host bool",
+    aten.allclose.default: "torch.allclose returns a host bool",
+    aten._unique.default: "output size depends on the data",
     aten.nonzero.default: "output size depends on the data",
     aten.masked_select.default: "output size depends on the data",
     aten.bincount.default: "output size depends on the data",
@@ -33,6 +38,7 @@ SYNCING_OPS = {
     aten.repeat_interleave.Tensor: "output size depends on the data (repeat counts)",
     aten.repeat_interleave.self_Tensor: "output size depends on the data (repeat counts)",
 }
+_REPEAT_OPS = {aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor}
 _BOOL_INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
                    aten._index_put_impl_.default}
 
@@ -69,6 +75,8 @@ class no_host_sync(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         why = SYNCING_OPS.get(func)
+        if func in _REPEAT_OPS and kwargs.get("output_size") is not None:
+            why = None                  # the output size is given: nothing to read back
         if why is None and func in _BOOL_INDEX_OPS:
             indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
             if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ()):

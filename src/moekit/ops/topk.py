@@ -6,7 +6,7 @@ Legend: T tokens, E experts, K selected.
 reproducible and identical on every backend and rank, so ties go to the lowest expert index
 (METHODS.md contract 2). Each score becomes a unique int64 key, ``order_bits(score) · 2³² +
 (E − 1 − index)``: the high half orders the float32 values (the sign-magnitude bit pattern
-mapped to a monotone integer, −0 folded onto +0), the low half makes an earlier index win a
+mapped to a monotone integer, −0 folded onto +0, NaN above +inf), the low half makes an earlier index win a
 tie. ``torch.topk`` of unique keys has one answer, and the whole selection stays on the
 device — no data-dependent branch, so a routed layer can be captured in a CUDA graph.
 float64 scores (gradcheck) use a stable descending sort, which gives the same rule.
@@ -23,7 +23,9 @@ _LOW_BITS = 1 << 32
 def _tie_break_keys(scores_TE: torch.Tensor) -> torch.Tensor:
     """(…, E) int64 keys ordered as the scores, ties ordered by lower index first."""
     s = scores_TE.float() + 0.0                     # fp16/bf16 widen exactly; −0.0 becomes +0.0
-    bits = s.view(torch.int32)
+    # Every NaN (either sign) ranks above +inf, as in torch.sort and torch.topk.
+    bits = torch.where(torch.isnan(s), torch.tensor(0x7FC00000, dtype=torch.int32, device=s.device),
+                       s.view(torch.int32))
     # Negative floats order in reverse of their bit patterns: flip the magnitude bits.
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
     E = scores_TE.shape[-1]

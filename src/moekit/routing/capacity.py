@@ -22,8 +22,8 @@ A dropped pair contributes exactly 0; a token dropped from all its experts gets 
 token-major slots, the capacity itself a device scalar when a padding mask makes it
 data-dependent — so a layer with capacity can be captured in a CUDA graph. `apply_capacity`
 returns the kept pairs only (their number depends on the data: a host sync on a GPU): the
-static decisions compacted, or for ``"reroute"`` its own loop that stops once nothing is left
-to place. tests/test_capacity.py checks `apply_capacity` against plain-Python references and
+same decisions compacted, where re-routing may also stop early once nothing is left to place.
+tests/test_capacity.py checks `apply_capacity` against plain-Python references and
 tests/test_sync_free.py checks that both functions keep exactly the same pairs.
 """
 from __future__ import annotations
@@ -98,17 +98,13 @@ def apply_capacity(topk_ids_TK: torch.Tensor, weights_TK: torch.Tensor, *, num_e
         raise ValueError(f"drop policy must be one of {DROP_POLICIES}, got {policy!r}")
     if capacity < 0:
         raise ValueError(f"capacity must be >= 0, got {capacity}")
-    if policy == "reroute":
-        if fallback is None:
-            raise ValueError("drop policy 'reroute' needs fallback=(preference_TE, weights_TE)")
-        return _reroute(topk_ids_TK, weights_TK, num_experts, capacity, mask_T, *fallback)
-
-    # The static layout's decisions, compacted to the kept pairs (token-major order).
-    expert_TK, _, keep_TK, dropped = apply_capacity_static(topk_ids_TK, weights_TK, num_experts=num_experts,
-                                                           capacity=capacity, policy=policy, mask_T=mask_T)
+    # The static layout's decisions (re-routing may stop once nothing is left to place:
+    # a host read per round), compacted to the kept pairs in token-major order.
+    expert_TK, w_TK, keep_TK, dropped = _decide(topk_ids_TK, weights_TK, num_experts, capacity, policy, mask_T,
+                                                fallback, stop_early=True)
     keep = keep_TK.reshape(-1)
     token_N = torch.arange(topk_ids_TK.shape[0], device=topk_ids_TK.device).repeat_interleave(topk_ids_TK.shape[1])
-    return token_N[keep], expert_TK.reshape(-1)[keep], weights_TK.reshape(-1)[keep], dropped
+    return token_N[keep], expert_TK.reshape(-1)[keep], w_TK.reshape(-1)[keep], dropped
 
 
 def _reroute_setup(topk_ids_TK, weights_TK, mask_T, preference_TE, fallback_weights_TE):
@@ -126,36 +122,6 @@ def _reroute_setup(topk_ids_TK, weights_TK, mask_T, preference_TE, fallback_weig
     return weight_TE, order_TE, need_T
 
 
-def _reroute(topk_ids_TK, weights_TK, num_experts, capacity, mask_T, preference_TE, fallback_weights_TE):
-    T = topk_ids_TK.shape[0]
-    E = num_experts
-    device = topk_ids_TK.device
-    weight_TE, order_TE, need_T = _reroute_setup(topk_ids_TK, weights_TK, mask_T, preference_TE, fallback_weights_TE)
-    room_E = torch.full((E,), capacity, dtype=torch.long, device=device)
-    arange_T = torch.arange(T, device=device)
-    kept_t, kept_e, kept_r = [], [], []
-    for r in range(E):
-        cand_T = need_T > 0
-        if not bool(cand_T.any()) or not bool((room_E > 0).any()):
-            break
-        tok = arange_T[cand_T]
-        exp = order_TE[tok, r]
-        accept = rank_within_expert(exp, E) < room_E[exp]
-        tok, exp = tok[accept], exp[accept]
-        room_E -= count_ids(exp, E)
-        need_T[tok] -= 1
-        kept_t.append(tok)
-        kept_e.append(exp)
-        kept_r.append(torch.full_like(tok, r))
-    if kept_t:
-        tok, exp, rnk = torch.cat(kept_t), torch.cat(kept_e), torch.cat(kept_r)
-    else:
-        tok = exp = rnk = torch.zeros(0, dtype=torch.long, device=device)
-    o = torch.argsort(tok * E + rnk)
-    tok, exp = tok[o], exp[o]
-    return tok, exp, weight_TE[tok, exp], need_T.sum()
-
-
 def apply_capacity_static(topk_ids_TK: torch.Tensor, weights_TK: torch.Tensor, *, num_experts: int,
                           capacity, policy: str = "position", mask_T: Optional[torch.Tensor] = None,
                           fallback=None):
@@ -171,10 +137,14 @@ def apply_capacity_static(topk_ids_TK: torch.Tensor, weights_TK: torch.Tensor, *
     """
     if policy not in DROP_POLICIES:
         raise ValueError(f"drop policy must be one of {DROP_POLICIES}, got {policy!r}")
+    return _decide(topk_ids_TK, weights_TK, num_experts, capacity, policy, mask_T, fallback, stop_early=False)
+
+
+def _decide(topk_ids_TK, weights_TK, num_experts, capacity, policy, mask_T, fallback, *, stop_early: bool):
     if policy == "reroute":
         if fallback is None:
             raise ValueError("drop policy 'reroute' needs fallback=(preference_TE, weights_TE)")
-        return _reroute_static(topk_ids_TK, weights_TK, num_experts, capacity, mask_T, *fallback)
+        return _reroute(topk_ids_TK, weights_TK, num_experts, capacity, mask_T, *fallback, stop_early=stop_early)
     T, K = topk_ids_TK.shape
     device = topk_ids_TK.device
     # Slot-major flattening: index p = k·T + t, so every first choice precedes every second one.
@@ -196,9 +166,12 @@ def apply_capacity_static(topk_ids_TK: torch.Tensor, weights_TK: torch.Tensor, *
     return topk_ids_TK, torch.where(keep_TK, weights_TK, torch.zeros_like(weights_TK)), keep_TK, dropped
 
 
-def _reroute_static(topk_ids_TK, weights_TK, num_experts, capacity, mask_T, preference_TE, fallback_weights_TE):
-    """`_reroute` with all E rounds run over all T tokens (non-candidates sorted last, so they
-    take no room): the same acceptances, no data-dependent shapes or early exit."""
+def _reroute(topk_ids_TK, weights_TK, num_experts, capacity, mask_T, preference_TE, fallback_weights_TE, *,
+             stop_early: bool):
+    """Re-routing in rounds: round r offers every token that still needs a slot its r-th
+    preferred expert; candidates sorted first (in token order) so non-candidates take no room.
+    Without `stop_early` all E rounds run (no data-dependent control flow); with it the loop
+    stops once no token needs a slot or no expert has room (a host read per round)."""
     T, K = topk_ids_TK.shape
     E = num_experts
     device = topk_ids_TK.device
@@ -209,6 +182,8 @@ def _reroute_static(topk_ids_TK, weights_TK, num_experts, capacity, mask_T, pref
     keep_TK = torch.zeros(T, K, dtype=torch.bool, device=device)
     for r in range(E):
         cand_T = need_T > 0
+        if stop_early and not (bool(cand_T.any()) and bool((room_E > 0).any())):
+            break
         exp_T = order_TE[:, r]
         by_cand = torch.argsort((~cand_T).to(torch.int8), stable=True)      # candidates first, in token order
         rank_T = torch.empty_like(arange_T).scatter(0, by_cand, rank_within_expert(exp_T[by_cand], E))

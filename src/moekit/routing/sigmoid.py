@@ -52,6 +52,9 @@ class SigmoidRouter(TokenChoiceRouter):
         self.route_scale, self.renorm = float(route_scale), bool(renorm)
         self.bias_update_rate = float(bias_update_rate)
         check_fused_option(fused_gate)
+        if fused_gate is True and num_groups > 1:
+            raise ValueError(f"fused_gate=True: the fused kernel has no group-limited routing; num_groups="
+                             f"{num_groups} runs in PyTorch (use fused_gate='auto' or False)")
         self.fused_gate = fused_gate
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         self.register_buffer("expert_bias", torch.zeros(num_experts))

@@ -65,6 +65,9 @@ class TopKRouter(TokenChoiceRouter):
         if norm != "scaled" and route_scale != 1.0:
             raise ValueError(f"route_scale={route_scale} only applies with norm='scaled', got norm={norm!r}")
         check_fused_option(fused_gate)
+        if fused_gate is True and softmax == "after":
+            raise ValueError("fused_gate=True: the fused kernel implements the softmax-before gate; "
+                             "softmax='after' runs in PyTorch (use fused_gate='auto' or False)")
         self.norm, self.route_scale, self.softmax_position = norm, float(route_scale), softmax
         self.fused_gate = fused_gate
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
