@@ -1,6 +1,7 @@
 """Model surgery recipes: Hugging Face MoE conversion (`moekit.hf`), sparse upcycling,
-Branch-Train-MiX, expert pruning and merging."""
+Branch-Train-MiX, expert pruning and merging, growing and freezing experts."""
 from moekit.recipes.btx import average_models, btx, moe_from_ffns
+from moekit.recipes.grow import add_experts, freeze_experts
 from moekit.recipes.dense_ffn import DenseWeights, FFNSite, find_dense_ffns
 from moekit.recipes.io import load_surgery, save_surgery
 from moekit.recipes.prune import (GroupedRouter, expert_usage, merge_experts, prune_experts, prune_model,
@@ -9,4 +10,4 @@ from moekit.recipes.upcycle import upcycle, upcycle_weights
 
 __all__ = ["upcycle", "upcycle_weights", "btx", "average_models", "moe_from_ffns", "find_dense_ffns",
            "DenseWeights", "FFNSite", "expert_usage", "prune_experts", "prune_model", "merge_experts",
-           "similar_expert_groups", "GroupedRouter", "save_surgery", "load_surgery"]
+           "similar_expert_groups", "GroupedRouter", "save_surgery", "load_surgery", "add_experts", "freeze_experts"]

@@ -1,0 +1,151 @@
+"""Continual learning on Split Fashion-MNIST: a growing, freezing MoE against fine-tuning and joint training.
+
+    python examples/continual_split_fmnist.py [--train-per-task 12000] [--epochs 2] [--quick]
+
+Data: Fashion-MNIST (`moekit.train.images.load_fashion_mnist`) split into 5 tasks of 2 classes,
+{T-shirt, Trouser}, {Pullover, Dress}, {Coat, Sandal}, {Shirt, Sneaker}, {Bag, Ankle boot},
+seen one after the other. Per task all 12,000 of its training images (``--train-per-task`` keeps the first N)
+and all 2,000 of its test images; pixels flattened (D = 784) and standardised.
+
+Models (`moekit.models.continual`), all ``x → body → one linear head over the 10 classes``;
+sequential training uses only the current task's 2 class rows (task-incremental, the task id
+known at test time):
+- **fine-tune**: a dense MLP ``784 → 640 → 784`` trained task after task (forgetting baseline).
+- **joint**: the same MLP on all tasks at once, 10-way cross-entropy (upper bound).
+- **MoE grow+freeze**: Lifelong-MoE-style expansion (Chen et al. 2023), task-routed: each task
+  adds 2 MLP experts ``784 → 64 → 784`` and a task embedding, older experts and router rows are
+  frozen, K = 2 experts per example; after 5 tasks E = 10, the fine-tune MLP's size.
+- **MoE grow, no freeze**: the same growth, nothing frozen (what freezing buys).
+- **Task-MoE**: E = 10 from the start, routed by task (Kudugunta et al. 2021), trained
+  sequentially with nothing frozen (what growth + freezing buy over plain task routing).
+
+Adam (lr 1e-3, no weight decay, fresh per task), batch 128, ``--epochs`` per task; joint sees
+the same number of examples in total. Reported: the accuracy matrix of each sequential method,
+then average accuracy and forgetting (Chaudhry et al. 2018), backward transfer, class-incremental
+accuracy (no task id: argmax over every task's own class logits), parameters and wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")      # see examples/vmoe_fashion_mnist.py
+
+import torch
+
+from moekit.models.continual import (average_accuracy, average_forgetting, backward_transfer, dense_task_net,
+                                     start_task, task_accuracy, task_moe_net, train_sequentially, train_task)
+from moekit.train.images import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+TASK_CLASSES = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--train-per-task", type=int, default=12000, help="training images per task (all 12,000 by default)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per task")
+    p.add_argument("--expert-hidden", type=int, default=64, help="F of each expert")
+    p.add_argument("--experts-per-task", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="500 images per task, 1 epoch")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.train_per_task, args.epochs = 500, 1
+    return args
+
+
+def split_tasks(data, per_task: int):
+    """[(x_train, y_train, x_test, y_test)] per task, x standardised (N, 784) float."""
+    mean, std = data.train_images.mean() / 255, data.train_images.std() / 255
+
+    def prep(images):
+        return (torch.from_numpy(images).float().flatten(1) / 255 - mean) / std
+
+    xtr, ytr = prep(data.train_images), torch.from_numpy(data.train_labels)
+    xte, yte = prep(data.test_images), torch.from_numpy(data.test_labels)
+    tasks = []
+    for cs in TASK_CLASSES:
+        tr = torch.isin(ytr, torch.tensor(cs)).nonzero().squeeze(1)[:per_task]
+        te = torch.isin(yte, torch.tensor(cs)).nonzero().squeeze(1)
+        tasks.append((xtr[tr], ytr[tr], xte[te], yte[te]))
+    return tasks, xte, yte
+
+
+def print_matrix(name, R):
+    print(f"\n{name}: R[i, j] = task-j test accuracy (%) after training task i")
+    print("        " + "".join(f"  task{j}" for j in range(R.shape[1])))
+    for i, row in enumerate(R.tolist()):
+        print(f"  after {i}" + "".join("      -" if v != v else f"  {100 * v:5.1f}" for v in row))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tasks, x_test, y_test = split_tasks(load_fashion_mnist(), args.train_per_task)
+    print("tasks: " + ", ".join("{" + ", ".join(FASHION_MNIST_CLASSES[c] for c in cs) + "}" for cs in TASK_CLASSES))
+    print(f"{args.train_per_task} training images per task, {len(tasks[0][3])} test images per task, "
+          f"{args.epochs} epochs per task")
+    T, F_e, n = len(TASK_CLASSES), args.expert_hidden, args.experts_per_task
+    common = dict(num_classes=10, task_classes=TASK_CLASSES)
+    train_kw = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+
+    def moe_net(**kw):
+        torch.manual_seed(args.seed)
+        return task_moe_net(d_in=784, d_expert=F_e, top_k=n, **common, **kw)
+
+    def grow(freeze):
+        return lambda net, t: start_task(net, t, experts_per_task=n, freeze=freeze)
+
+    methods = {   # name: (net builder, before_task)
+        "fine-tune (dense)": (lambda: dense_task_net(d_in=784, d_hidden=T * n * F_e, **common), None),
+        "MoE grow+freeze": (lambda: moe_net(num_experts=n), grow(True)),
+        "MoE grow, no freeze": (lambda: moe_net(num_experts=n), grow(False)),
+        "Task-MoE (E fixed)": (lambda: moe_net(num_experts=T * n, growing=False), None),
+    }
+    results = {}
+    for name, (build, before) in methods.items():
+        torch.manual_seed(args.seed)
+        net = build()
+        t0 = time.perf_counter()
+        R, _ = train_sequentially(net, tasks, before_task=before, **train_kw)
+        wall = time.perf_counter() - t0
+        cil = float((net.predict_class_incremental(x_test, T) == y_test).float().mean())
+        print_matrix(name, R)
+        extra = ""
+        if hasattr(net.body, "router"):
+            extra = "  experts per task: " + ", ".join(
+                str(net.body.router.task_experts(t)[0].tolist()) for t in range(T))
+            print(extra)
+        results[name] = dict(A=average_accuracy(R), F=average_forgetting(R), BWT=backward_transfer(R), CIL=cil,
+                             params=sum(p.numel() for p in net.parameters()), wall=wall)
+
+    # Joint training: every task's data at once, the same number of examples seen in total.
+    torch.manual_seed(args.seed)
+    joint = dense_task_net(d_in=784, d_hidden=T * n * F_e, **common)
+    x_all, y_all = torch.cat([t[0] for t in tasks]), torch.cat([t[1] for t in tasks])
+    t0 = time.perf_counter()
+    train_task(joint, x_all, y_all, None, seed=args.seed, **train_kw)
+    wall = time.perf_counter() - t0
+    accs = [task_accuracy(joint, xt, yt, j) for j, (_, _, xt, yt) in enumerate(tasks)]
+    print("\njoint (dense, all tasks at once): task accuracies (%) " + " ".join(f"{100 * a:.1f}" for a in accs))
+    results["joint (dense, upper bound)"] = dict(
+        A=sum(accs) / T, F=float("nan"), BWT=float("nan"),
+        CIL=float((joint.predict_class_incremental(x_test, T) == y_test).float().mean()),
+        params=sum(p.numel() for p in joint.parameters()), wall=wall)
+
+    print(f"\n{'method':28s} {'avg acc':>8s} {'forgetting':>10s} {'BWT':>7s} {'class-IL':>9s} "
+          f"{'params':>9s} {'wall s':>7s}")
+    for name, r in results.items():
+        fmt = lambda v: "     n/a" if v != v else f"{100 * v:7.2f}%"     # noqa: E731
+        print(f"{name:28s} {fmt(r['A']):>8s} {fmt(r['F']):>10s} {fmt(r['BWT']):>7s} {fmt(r['CIL']):>9s} "
+              f"{r['params']:9,d} {r['wall']:7.1f}")
+    print("\n(task-incremental average accuracy and forgetting; class-IL: all 10,000 test images, no task id; "
+          "MoE nets use K = 2 of their experts per example)")
+
+
+if __name__ == "__main__":
+    main()
