@@ -12,3 +12,15 @@ from moekit.models.multitask import (MultiTaskConfig, MultiTaskModel, TabularEmb
 
 __all__ += ["MultiTaskConfig", "MultiTaskModel", "TabularEmbedding", "binary_auc", "config_for_budget",
             "train_multitask"]
+
+from moekit.models.continual import (GrowingTaskRouter, TaskIncrementalNet, accuracy_matrix, average_accuracy,  # noqa: E402
+                                     average_forgetting, backward_transfer, dense_task_net, start_task, task_moe_net,
+                                     train_sequentially)
+
+__all__ += ["GrowingTaskRouter", "TaskIncrementalNet", "accuracy_matrix", "average_accuracy", "average_forgetting",
+            "backward_transfer", "dense_task_net", "start_task", "task_moe_net", "train_sequentially"]
+
+from moekit.models.rl import (ActorCritic, ActorCriticConfig, PPOConfig, actor_critic_dense_twin,  # noqa: E402
+                              gae_advantages, train_ppo)
+
+__all__ += ["ActorCritic", "ActorCriticConfig", "PPOConfig", "actor_critic_dense_twin", "gae_advantages", "train_ppo"]
