@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from moekit.layers.checks import check_float_input
-from moekit.experts import SharedExperts
+from moekit.experts import ExpertBank, SharedExperts
 from moekit.experts.build import resolve_experts
 from moekit.experts.glu import GLU_ACTIVATIONS
 from moekit.layers.stats import MoEStats, compute_stats

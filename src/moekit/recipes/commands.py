@@ -9,8 +9,6 @@
 """
 from __future__ import annotations
 
-import argparse
-
 __all__ = ["register"]
 
 

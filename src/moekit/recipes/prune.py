@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from moekit.layers.moe import MoE, moe_layers
+from moekit.layers.moe import MoE
 from moekit.routing.base import Router, Routing
 
 __all__ = ["expert_usage", "prune_experts", "prune_model", "merge_experts", "similar_expert_groups",

@@ -1,0 +1,145 @@
+"""The shared actor-critic network and its torsos (dense, top-k MoE, Soft MoE); the dense twin.
+
+Legend: T rollout steps, B parallel environments, N samples, O observation features, A actions,
+L tasks, D torso width, F expert hidden dim, E experts, K experts per sample, M tokens per sample.
+See `moekit.models.rl` for the method and the references.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from moekit.experts import MLPExperts
+from moekit.layers.moe import MoE
+from moekit.layers.soft_moe import SoftMoE
+
+__all__ = ["TORSOS", "ActorCriticConfig", "ActorCritic", "actor_critic_dense_twin"]
+
+TORSOS = ("dense", "moe", "soft_moe")
+
+
+@dataclass(frozen=True)
+class ActorCriticConfig:
+    """Torso of the shared actor-critic network (see the module docstring for the kinds)."""
+
+    torso: str = "moe"
+    d_model: int = 64
+    num_layers: int = 2
+    d_hidden: int = 32
+    num_experts: int = 8
+    top_k: int = 2
+    num_tokens: int = 4
+    slots_per_expert: int = 1
+    activation: str = "relu"
+    aux_loss_coef: float = 0.01
+
+    def __post_init__(self):
+        if self.torso not in TORSOS:
+            raise ValueError(f"torso must be one of {TORSOS}, got {self.torso!r}")
+        for name in ("d_model", "num_layers", "d_hidden", "num_experts", "top_k", "num_tokens", "slots_per_expert"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.torso == "moe" and self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.torso == "soft_moe" and self.d_model % self.num_tokens:
+            raise ValueError(f"soft_moe splits d_model={self.d_model} into num_tokens={self.num_tokens} "
+                             f"equal chunks; d_model must be a multiple of num_tokens")
+
+    def build(self, *, obs_dim: int, num_actions: int | Sequence[int], num_tasks: int = 1) -> "ActorCritic":
+        return ActorCritic(self, obs_dim=obs_dim, num_actions=num_actions, num_tasks=num_tasks)
+
+
+def actor_critic_dense_twin(config: ActorCriticConfig) -> ActorCriticConfig:
+    """The dense torso with the same active FFN parameters and FLOPs per sample as `config`'s."""
+    if config.torso == "dense":
+        return config
+    if config.torso == "moe":
+        return replace(config, torso="dense", d_hidden=config.top_k * config.d_hidden)
+    slot_hidden = config.num_experts * config.slots_per_expert * config.d_hidden
+    if slot_hidden % config.num_tokens:
+        raise ValueError(f"E·P·F = {slot_hidden} is not a multiple of num_tokens={config.num_tokens}; "
+                         f"no dense width has the Soft MoE's FLOPs")
+    return replace(config, torso="dense", d_hidden=slot_hidden // config.num_tokens)
+
+
+class _TorsoBlock(nn.Module):
+    """``x + FFN(LN(x))`` with a dense, top-k MoE or Soft MoE FFN."""
+
+    def __init__(self, config: ActorCriticConfig):
+        super().__init__()
+        c = config
+        self.kind, self.num_tokens = c.torso, c.num_tokens
+        self.norm = nn.LayerNorm(c.d_model)
+        if c.torso == "dense":
+            self.ffn = MLPExperts(1, c.d_model, c.d_hidden, activation=c.activation)
+        elif c.torso == "moe":
+            self.ffn = MoE(d_model=c.d_model, num_experts=c.num_experts, top_k=c.top_k, d_hidden=c.d_hidden,
+                           router="topk", expert="mlp", activation=c.activation, aux_loss_coef=c.aux_loss_coef)
+        else:
+            self.ffn = SoftMoE(c.d_model // c.num_tokens, c.num_experts, c.slots_per_expert, d_hidden=c.d_hidden,
+                               expert="mlp", activation=c.activation)
+
+    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        B, D = x_BD.shape
+        h_BD = self.norm(x_BD)
+        if self.kind == "dense":
+            y_BD = self.ffn(h_BD, torch.full((1,), B, dtype=torch.long))
+        elif self.kind == "moe":
+            y_BD = self.ffn(h_BD)
+        else:
+            y_BD = self.ffn(h_BD.reshape(B, self.num_tokens, D // self.num_tokens)).reshape(B, D)
+        return x_BD + y_BD
+
+
+class ActorCritic(nn.Module):
+    """``(obs_BO, task_B) → (logits_BA, value_B)`` with a shared dense / MoE / Soft MoE torso.
+
+    Multi-task (``num_tasks = L > 1``): a task embedding is added to the input projection, each
+    task has its own value output, and ``num_actions`` may list each task's action count; the
+    logits of actions a task lacks are set to the dtype's minimum (probability 0).
+    """
+
+    def __init__(self, config: ActorCriticConfig, *, obs_dim: int, num_actions: int | Sequence[int],
+                 num_tasks: int = 1):
+        super().__init__()
+        counts = [num_actions] * num_tasks if isinstance(num_actions, int) else list(num_actions)
+        if len(counts) != num_tasks or min(counts, default=0) < 1 or obs_dim < 1:
+            raise ValueError(f"need obs_dim >= 1 and num_actions: one positive int (or one per task, "
+                             f"{num_tasks} tasks); got obs_dim={obs_dim}, num_actions={num_actions!r}")
+        self.config, self.obs_dim, self.num_tasks = config, obs_dim, num_tasks
+        D = config.d_model
+        self.embed = nn.Linear(obs_dim, D)
+        self.task_embed = nn.Embedding(num_tasks, D) if num_tasks > 1 else None
+        self.blocks = nn.ModuleList(_TorsoBlock(config) for _ in range(config.num_layers))
+        self.norm = nn.LayerNorm(D)
+        self.policy_head = nn.Linear(D, max(counts))
+        self.value_head = nn.Linear(D, num_tasks)
+        mask_LA = torch.arange(max(counts))[None, :] < torch.tensor(counts)[:, None]
+        self.register_buffer("action_mask_LA", mask_LA, persistent=False)
+        # Near-uniform initial policy and unit-scale values (Huang et al. 2022, detail 2).
+        nn.init.orthogonal_(self.policy_head.weight, gain=0.01)
+        nn.init.zeros_(self.policy_head.bias)
+        nn.init.orthogonal_(self.value_head.weight, gain=1.0)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, obs_BO: torch.Tensor, task_B: Optional[torch.Tensor] = None):
+        if obs_BO.dim() != 2 or obs_BO.shape[1] != self.obs_dim:
+            raise ValueError(f"obs must have shape (B, {self.obs_dim}), got {tuple(obs_BO.shape)}")
+        if task_B is None:
+            if self.num_tasks > 1:
+                raise ValueError(f"this network serves {self.num_tasks} tasks; pass task ids of shape (B,)")
+            task_B = torch.zeros(obs_BO.shape[0], dtype=torch.long, device=obs_BO.device)
+        x_BD = self.embed(obs_BO)
+        if self.task_embed is not None:
+            x_BD = x_BD + self.task_embed(task_B)
+        for block in self.blocks:
+            x_BD = block(x_BD)
+        h_BD = self.norm(x_BD)
+        logits_BA = self.policy_head(h_BD)
+        logits_BA = logits_BA.masked_fill(~self.action_mask_LA[task_B], torch.finfo(logits_BA.dtype).min)
+        value_B = self.value_head(h_BD).gather(1, task_B[:, None]).squeeze(1)
+        return logits_BA, value_B
