@@ -331,7 +331,8 @@ def build_impls(device, sweep: bool):
     impls.append(("moekit[fused]", impl_moekit_fused))
     impls.append(("moekit[fused-slots]", impl_moekit_fused_slots))
     impls.append(("moekit[fused+gate]", impl_moekit_fused_gate))
-    impls.append(("moekit[auto+graph]", impl_moekit_graph))      # decode rows only (forward)
+    if device.type == "cuda":
+        impls.append(("moekit[auto+graph]", impl_moekit_graph))  # decode rows only (forward)
     if sweep:
         for name, preset in SWEEP_PRESETS.items():
             impls.append((f"moekit[fused] {name}", impl_moekit_fused_preset(preset)))
