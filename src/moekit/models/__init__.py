@@ -24,3 +24,8 @@ from moekit.models.rl import (ActorCritic, ActorCriticConfig, PPOConfig, actor_c
                               gae_advantages, train_ppo)
 
 __all__ += ["ActorCritic", "ActorCriticConfig", "PPOConfig", "actor_critic_dense_twin", "gae_advantages", "train_ppo"]
+
+from moekit.models.superres import (SRNet, bicubic_upsample, condconv_from_dense, downsample, evaluate_psnr, psnr,  # noqa: E402
+                                    sr_macs, train_sr)
+
+__all__ += ["SRNet", "bicubic_upsample", "condconv_from_dense", "downsample", "evaluate_psnr", "psnr", "sr_macs", "train_sr"]
