@@ -29,3 +29,9 @@ from moekit.models.superres import (SRNet, bicubic_upsample, condconv_from_dense
                                     sr_macs, train_sr)
 
 __all__ += ["SRNet", "bicubic_upsample", "condconv_from_dense", "downsample", "evaluate_psnr", "psnr", "sr_macs", "train_sr"]
+
+from moekit.models.fewshot import (Episode, EpisodeSampler, ProtoEmbedding, active_ffn_params, dense_proto_net,  # noqa: E402
+                                   evaluate_episodes, meta_train, moe_proto_net, proto_logits, prototypes)
+
+__all__ += ["Episode", "EpisodeSampler", "ProtoEmbedding", "active_ffn_params", "dense_proto_net", "evaluate_episodes",
+            "meta_train", "moe_proto_net", "proto_logits", "prototypes"]
