@@ -144,8 +144,10 @@ class StackedFFNExperts(ExpertBank):
         the counts on the host) for inputs like `x` — the check behind ``MoE(sync_free=True)``."""
         w_in_EHD, _, w_out_EDF, _ = self.projections()
         for w_EIO in (w_in_EHD.transpose(1, 2), w_out_EDF.transpose(1, 2)):
-            probe = x.new_empty(0, w_EIO.shape[1])
-            if resolve_backend(backend, probe, w_EIO.to(x.dtype)).name == "eager":
+            # Empty operands of the real dtypes, device and dims: no copy of the weights.
+            I, O = w_EIO.shape[1], w_EIO.shape[2]
+            probe_x, probe_w = x.new_empty(0, I), x.new_empty(0, I, O, device=w_EIO.device)
+            if resolve_backend(backend, probe_x, probe_w).name == "eager":
                 raise ValueError(f"sync_free=True needs a backend that reads no counts on the host, but "
                                  f"backend={backend!r} runs {x.dtype} operands of shape (·, {w_EIO.shape[1]}) x "
                                  f"{tuple(w_EIO.shape)} on {x.device} through the eager loop (grouped_mm needs "

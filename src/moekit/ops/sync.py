@@ -9,8 +9,9 @@ the data (``nonzero``, boolean-mask indexing, ``masked_select``, ``bincount``, `
 `no_host_sync` is a `TorchDispatchMode` that raises `HostSyncError` at the first such op,
 on CPU tensors too, so the property is tested without a GPU. It sees ops as they reach the
 dispatcher (forward and, when the backward runs inside the block on the CPU, backward).
-Limits: a device-to-host copy (``.cpu()``, ``.to("cpu")``) is only a sync on a GPU and is not
-flagged on CPU tensors; ``Tensor.tolist`` / ``.numpy`` are patched on the class while the
+Limits: copies between host and device (``.cpu()``, ``torch.tensor(..., device="cuda")``) only
+exist on a GPU and are not seen on CPU tensors — write device scalars with ``torch.full`` or
+pass Python scalars to ops; ``Tensor.tolist`` / ``.numpy`` are patched on the class while the
 mode is active, so other threads see the patch too (a test tool, not for production code).
 """
 from __future__ import annotations

@@ -24,8 +24,8 @@ def _tie_break_keys(scores_TE: torch.Tensor) -> torch.Tensor:
     """(…, E) int64 keys ordered as the scores, ties ordered by lower index first."""
     s = scores_TE.float() + 0.0                     # fp16/bf16 widen exactly; −0.0 becomes +0.0
     # Every NaN (either sign) ranks above +inf, as in torch.sort and torch.topk.
-    bits = torch.where(torch.isnan(s), torch.tensor(0x7FC00000, dtype=torch.int32, device=s.device),
-                       s.view(torch.int32))
+    # (A Python scalar, not torch.tensor: no host-to-device copy inside a captured graph.)
+    bits = torch.where(torch.isnan(s), 0x7FC00000, s.view(torch.int32))
     # Negative floats order in reverse of their bit patterns: flip the magnitude bits.
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
     E = scores_TE.shape[-1]

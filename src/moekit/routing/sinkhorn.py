@@ -34,7 +34,7 @@ def sinkhorn_balance(logits_TE: torch.Tensor, num_iters: int = 8,
     log_P = logits_TE.detach().float()
     if T == 0:
         return log_P
-    n = torch.tensor(float(T), dtype=torch.float64, device=log_P.device)
+    n = torch.full((), float(T), dtype=torch.float64, device=log_P.device)   # a fill, not a host copy
     if mask_T is not None:
         log_P = log_P.masked_fill(~mask_T.unsqueeze(-1), float("-inf"))
         n = mask_T.sum().to(torch.float64)      # on the device: no host sync
