@@ -115,4 +115,10 @@ ckpt_every = 3
     assert cli.main(["generate", str(out / "moe"), "--prompt", "HAMLET", "--max-new-tokens", "20"]) == 0
     gen = capsys.readouterr().out
     assert gen.startswith("HAMLET") and len(gen.rstrip("\n")) == 26
+    # Experts offloaded to the host with 1 cached per layer: the same text, and cache statistics.
+    assert cli.main(["generate", str(out / "moe"), "--prompt", "HAMLET", "--max-new-tokens", "20",
+                     "--offload-cache", "1", "--prefetch"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == gen
+    assert "1 cached per layer" in captured.err and "hit rate" in captured.err
     assert cli.main(["generate", str(tmp_path / "nothing")]) == 2

@@ -134,3 +134,43 @@ def test_tied_embeddings_share_storage():
     m = TransformerLM(cfg())
     assert m.lm_head.weight is m.embed.weight
     assert not dataclasses.replace(cfg(), tie_embeddings=False).tie_embeddings
+
+
+# -- incremental decoding with a KV cache -----------------------------------------------------
+def test_kv_cache_chunks_equal_full_forward():
+    """Positions fed in chunks of 5, 1 and 14 through a KVCache give the full pass's logits."""
+    from moekit.models import KVCache
+
+    torch.manual_seed(0)
+    m = TransformerLM(cfg(top_k=2, n_layers=3)).eval()
+    x = torch.randint(0, V, (2, 20))
+    full, _ = m(x)
+    cache = KVCache(3)
+    parts = [m(x[:, a:b], kv_cache=cache)[0] for a, b in ((0, 5), (5, 6), (6, 20))]
+    assert cache.length == 20
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_refuses_overflow_and_wrong_depth():
+    from moekit.models import KVCache
+
+    m = TransformerLM(cfg()).eval()
+    cache = KVCache(2)
+    m(torch.randint(0, V, (1, 20)), kv_cache=cache)
+    with pytest.raises(ValueError, match="exceeds max_seq_len=24"):
+        m(torch.randint(0, V, (1, 5)), kv_cache=cache)
+    with pytest.raises(ValueError, match="kv_cache has 3 layers, the model 2"):
+        m(torch.randint(0, V, (1, 5)), kv_cache=KVCache(3))
+
+
+@pytest.mark.parametrize("prompt_len,new", [(1, 10), (6, 40)])      # 6 + 40 crosses max_seq_len=24
+def test_generate_with_cache_equals_without(prompt_len, new):
+    torch.manual_seed(1)
+    m = TransformerLM(cfg(top_k=2)).eval()
+    x = torch.randint(0, V, (3, prompt_len))
+    a = m.generate(x, new, temperature=0, use_cache=True)
+    b = m.generate(x, new, temperature=0, use_cache=False)
+    assert torch.equal(a, b)
+    g1, g2 = (torch.Generator().manual_seed(5) for _ in range(2))
+    assert torch.equal(m.generate(x, new, temperature=1.0, generator=g1),
+                       m.generate(x, new, temperature=1.0, generator=g2, use_cache=False))

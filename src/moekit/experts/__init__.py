@@ -8,6 +8,7 @@ from moekit.experts.heterogeneous import HeterogeneousExperts
 from moekit.experts.lora import MoLoRALinear, MoVLinear
 from moekit.experts.mlp import MLPExperts
 from moekit.experts.module import ModuleExperts
+from moekit.experts.offload import CacheStats, OffloadedExperts
 from moekit.experts.shared import DenseFFN, SharedExperts
 from moekit.experts.smear import SMEAR
 
@@ -15,4 +16,5 @@ __all__ = [
     "ExpertBank", "ExpertView", "MLPExperts", "GLUExperts", "SharedExperts", "DenseFFN", "ACTIVATIONS",
     "GLU_ACTIVATIONS", "activation_fn", "build_experts", "resolve_experts", "ModuleExperts",
     "HeterogeneousExperts", "MoLoRALinear", "MoVLinear", "CondConv2d", "SMEAR", "MixtureOfAttentionHeads",
+    "OffloadedExperts", "CacheStats",
 ]

@@ -13,3 +13,8 @@ from moekit.layers.soft_moe import SoftMoE  # noqa: E402
 
 __all__ += ["SoftMoE", "DenseMoE", "StackedDenseMoE", "MMoE", "CGC", "PLE", "SharedBottom",
             "make_mmoe_synthetic", "ResidualMoE", "PyramidMoE", "HierarchicalMoE", "irls_multinomial"]
+
+# Inference with experts offloaded to host memory (METHODS.md S4).
+from moekit.layers.offload import offload_experts, offload_stats, restore_experts  # noqa: E402
+
+__all__ += ["offload_experts", "offload_stats", "restore_experts"]

@@ -1,7 +1,7 @@
 """Models built from moekit layers: the decoder-only transformer LM (more model families in later modules)."""
-from moekit.models.transformer import TransformerConfig, TransformerLM, dense_twin, flops_per_token, param_counts
+from moekit.models.transformer import KVCache, TransformerConfig, TransformerLM, dense_twin, flops_per_token, param_counts
 
-__all__ = ["TransformerConfig", "TransformerLM", "dense_twin", "flops_per_token", "param_counts"]
+__all__ = ["TransformerConfig", "TransformerLM", "KVCache", "dense_twin", "flops_per_token", "param_counts"]
 
 from moekit.models.vision import ViTConfig, ViTMoE, active_param_counts, vit_dense_twin  # noqa: E402
 

@@ -29,7 +29,7 @@ from moekit.experts import DenseFFN
 from moekit.layers import MoE, default_hidden
 from moekit.routing import available as available_routers
 
-__all__ = ["TransformerConfig", "TransformerLM", "dense_twin", "param_counts", "flops_per_token"]
+__all__ = ["TransformerConfig", "TransformerLM", "KVCache", "dense_twin", "param_counts", "flops_per_token"]
 
 _PLACEMENTS = ("every", "every_other", "none")
 
@@ -174,12 +174,23 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model, bias=False)
         self.dropout = dropout
 
-    def forward(self, x_BSD: torch.Tensor, cos_Sh: torch.Tensor, sin_Sh: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos_Sh: torch.Tensor, sin_Sh: torch.Tensor,
+                kv: Optional[list] = None) -> torch.Tensor:
+        """`kv`: this layer's ``[k, v]`` of the earlier positions (empty list at the start), extended in place."""
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).split(D, dim=-1)
         q, k, v = (t.view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, S, d)
         q, k = apply_rope(q, cos_Sh, sin_Sh), apply_rope(k, cos_Sh, sin_Sh)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        mask, causal = None, True
+        if kv is not None:
+            if kv:
+                past = kv[0].shape[2]
+                k, v = torch.cat([kv[0], k], 2), torch.cat([kv[1], v], 2)
+                causal = False
+                if S > 1:       # new query i sees the past and new keys j <= i
+                    mask = torch.ones(S, past + S, dtype=torch.bool, device=q.device).tril(past)
+            kv[:] = [k, v]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
@@ -206,8 +217,8 @@ class Block(nn.Module):
             self._wants_token_ids = False
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x_BSD, cos_Sh, sin_Sh, idx_BS):
-        x_BSD = x_BSD + self.drop(self.attn(self.attn_norm(x_BSD), cos_Sh, sin_Sh))
+    def forward(self, x_BSD, cos_Sh, sin_Sh, idx_BS, kv=None):
+        x_BSD = x_BSD + self.drop(self.attn(self.attn_norm(x_BSD), cos_Sh, sin_Sh, kv))
         h = self.ffn_norm(x_BSD)
         h = self.ffn(h, token_ids=idx_BS) if self._wants_token_ids else self.ffn(h)
         return x_BSD + self.drop(h)
@@ -251,16 +262,22 @@ class TransformerLM(nn.Module):
     def moe_blocks(self) -> list[Block]:
         return [b for b in self.blocks if b.is_moe]
 
-    def forward(self, idx_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None):
+    def forward(self, idx_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None, *,
+                kv_cache: Optional["KVCache"] = None):
+        """`kv_cache`: keys and values of the positions already seen (`KVCache`); `idx_BS` then
+        holds only the new positions, and the cache is extended with them."""
         if idx_BS.dim() != 2 or idx_BS.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be a (B, S) integer tensor, got {idx_BS.dtype} {tuple(idx_BS.shape)}")
         B, S = idx_BS.shape
-        if S > self.config.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds max_seq_len={self.config.max_seq_len}")
+        start = 0 if kv_cache is None else kv_cache.length
+        if start + S > self.config.max_seq_len:
+            raise ValueError(f"sequence length {start + S} exceeds max_seq_len={self.config.max_seq_len}")
+        if kv_cache is not None and len(kv_cache.layers) != len(self.blocks):
+            raise ValueError(f"kv_cache has {len(kv_cache.layers)} layers, the model {len(self.blocks)}")
         x_BSD = self.embed(idx_BS)
-        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
-        for block in self.blocks:
-            x_BSD = block(x_BSD, cos, sin, idx_BS)
+        cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
+        for i, block in enumerate(self.blocks):
+            x_BSD = block(x_BSD, cos, sin, idx_BS, None if kv_cache is None else kv_cache.layers[i])
         logits_BSV = self.lm_head(self.norm(x_BSD))
         loss = None
         if targets_BS is not None:
@@ -269,13 +286,23 @@ class TransformerLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx_BS: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Sample `max_new_tokens` tokens autoregressively (the context is cropped to max_seq_len)."""
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Sample `max_new_tokens` tokens autoregressively.
+
+        With `use_cache` each step runs only the new token through the model (keys and values
+        of earlier positions are kept in a `KVCache`), so an MoE layer routes one token per
+        sequence per step. Once the context reaches max_seq_len it is cropped to the last
+        max_seq_len tokens and recomputed each step, as without the cache.
+        """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        cache = KVCache(len(self.blocks)) if use_cache else None
         for _ in range(max_new_tokens):
-            ctx = idx_BS[:, -self.config.max_seq_len:]
-            logits = self(ctx)[0][:, -1].float()
+            if cache is not None and idx_BS.shape[1] <= self.config.max_seq_len:
+                logits = self(idx_BS[:, cache.length:], kv_cache=cache)[0][:, -1].float()
+            else:
+                logits = self(idx_BS[:, -self.config.max_seq_len:])[0][:, -1].float()
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
@@ -286,6 +313,19 @@ class TransformerLM(nn.Module):
                 nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
             idx_BS = torch.cat([idx_BS, nxt], dim=1)
         return idx_BS
+
+
+class KVCache:
+    """Per-layer keys and values ``[k, v]`` of shape (B, H, S, d) for incremental decoding."""
+
+    def __init__(self, n_layers: int):
+        self.layers = [[] for _ in range(n_layers)]
+
+    @property
+    def length(self) -> int:
+        """Positions held (0 when empty)."""
+        first = self.layers[0] if self.layers else []
+        return first[0].shape[2] if first else 0
 
 
 def param_counts(model: TransformerLM) -> dict:

@@ -46,6 +46,10 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--offload-cache", type=int, default=None, metavar="S",
+                   help="keep experts in host memory with S per layer cached on the device; print cache statistics")
+    p.add_argument("--prefetch", action="store_true",
+                   help="with --offload-cache: prefetch the experts the next layer's router picks")
     p.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("presets", help="list the training presets")
@@ -136,9 +140,18 @@ def cmd_report(args) -> int:
 def cmd_generate(args) -> int:
     from moekit.train.sample import generate_text
 
+    if args.prefetch and args.offload_cache is None:
+        raise SystemExit("moekit generate: --prefetch needs --offload-cache S")
+    stats = {} if args.offload_cache is not None else None
     text = generate_text(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device)
+                         temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device,
+                         offload_cache=args.offload_cache, prefetch=args.prefetch, offload_stats=stats)
     sys.stdout.write(text + "\n")
+    if stats is not None:
+        t = stats["total"]
+        sys.stderr.write(f"offloaded experts, {args.offload_cache} cached per layer: {t['requests']} expert reads, "
+                         f"hit rate {t['hit_rate']:.1%}, {t['misses']} misses, {t['prefetched']} prefetched "
+                         f"(precision {t['prefetch_precision']:.1%}), {t['bytes_copied'] / 2**20:.1f} MiB copied\n")
     return 0
 
 

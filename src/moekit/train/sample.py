@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -52,11 +53,25 @@ def load_model(path: os.PathLike, device: str = "cpu"):
 
 
 def generate_text(path: os.PathLike, prompt: str, *, max_new_tokens: int = 300, temperature: float = 0.8,
-                  top_k=None, seed: int = 0, device: str = "cpu") -> str:
+                  top_k=None, seed: int = 0, device: str = "cpu", offload_cache: Optional[int] = None,
+                  prefetch: bool = False, offload_stats: Optional[dict] = None) -> str:
+    """Sample from a checkpoint. With `offload_cache` S the experts stay in host memory with S
+    per layer cached on `device` (`moekit.layers.offload_experts`, `prefetch` as there); the
+    cache statistics are put into `offload_stats` when a dict is given."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if prefetch and offload_cache is None:
+        raise ValueError("prefetch=True needs offload_cache")
     model, tok, _ = load_model(path, device)
+    if offload_cache is not None:
+        from moekit.layers.offload import offload_experts
+
+        offload_experts(model, cache_size=offload_cache, prefetch=prefetch)
     ids = tok.encode(prompt if prompt else "\n")[None].to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+    if offload_cache is not None and offload_stats is not None:
+        from moekit.layers.offload import offload_stats as read_stats
+
+        offload_stats.update(read_stats(model))
     return tok.decode(out[0].tolist())
