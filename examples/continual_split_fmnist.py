@@ -1,6 +1,7 @@
-"""Continual learning on Split Fashion-MNIST: a growing, freezing MoE against fine-tuning and joint training.
+"""Continual learning on Split Fashion-MNIST: a growing, freezing MoE (with an Expert Gate when the
+task id is unknown) against fine-tuning and joint training.
 
-    python examples/continual_split_fmnist.py [--train-per-task 12000] [--epochs 2] [--quick]
+    python examples/continual_split_fmnist.py [--train-per-task 12000] [--epochs 2] [--gate-epochs 5] [--quick]
 
 Data: Fashion-MNIST (`moekit.train.images.load_fashion_mnist`) split into 5 tasks of 2 classes,
 {T-shirt, Trouser}, {Pullover, Dress}, {Coat, Sandal}, {Shirt, Sneaker}, {Bag, Ankle boot},
@@ -18,11 +19,20 @@ known at test time):
 - **MoE grow, no freeze**: the same growth, nothing frozen (what freezing buys).
 - **Task-MoE**: E = 10 from the start, routed by task (Kudugunta et al. 2021), trained
   sequentially with nothing frozen (what growth + freezing buy over plain task routing).
+- **MoE grow+freeze + Expert Gate** (Aljundi et al. 2017, `moekit.models.expert_gate`): the same
+  trained net; at test time without the task id, one auto-encoder per task (``784 → 100 → 784``,
+  ReLU, trained ``--gate-epochs`` on that task's training images only, then frozen) picks the task
+  with the smallest reconstruction error, and the net is routed for that task. Each auto-encoder
+  sees only its own task's data, as it would when the task is current (the auto-encoders and the
+  experts do not share anything, so training them after the experts' run changes nothing).
 
 Adam (lr 1e-3, no weight decay, fresh per task), batch 128, ``--epochs`` per task; joint sees
 the same number of examples in total. Reported: the accuracy matrix of each sequential method,
-then average accuracy and forgetting (Chaudhry et al. 2018), backward transfer, class-incremental
-accuracy (no task id: argmax over every task's own class logits), parameters and wall time.
+the Expert Gate's task relatedness when each task arrives (``Rel(a, k)``, the old expert the
+paper would start task k from) and its task identification on the test sets, then average
+accuracy and forgetting (Chaudhry et al. 2018), backward transfer, class-incremental accuracy
+(no task id: argmax over every task's own class logits, or the gate's task for Expert Gate),
+parameters and wall time.
 """
 from __future__ import annotations
 
@@ -36,6 +46,7 @@ import torch
 
 from moekit.models.continual import (average_accuracy, average_forgetting, backward_transfer, dense_task_net,
                                      start_task, task_accuracy, task_moe_net, train_sequentially, train_task)
+from moekit.models.expert_gate import ExpertGate, gated_accuracy
 from moekit.train.images import FASHION_MNIST_CLASSES, load_fashion_mnist
 
 TASK_CLASSES = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
@@ -50,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gate-hidden", type=int, default=100, help="H of each Expert Gate auto-encoder")
+    p.add_argument("--gate-epochs", type=int, default=5, help="epochs of each auto-encoder on its task")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="500 images per task, 1 epoch")
     args = p.parse_args(argv)
@@ -82,6 +95,23 @@ def print_matrix(name, R):
         print(f"  after {i}" + "".join("      -" if v != v else f"  {100 * v:5.1f}" for v in row))
 
 
+def train_gate(tasks, args):
+    """One auto-encoder per task, in task order, each on that task's training images only;
+    prints ``Rel(a, k)`` of each arriving task k to the old tasks a. Returns (gate, seconds)."""
+    gate = ExpertGate(784, d_hidden=args.gate_hidden, epochs=args.gate_epochs, batch_size=args.batch_size,
+                      seed=args.seed)
+    print("\nExpert Gate: relatedness Rel(a, k) = 1 - (er_a - er_k) / er_k of arriving task k to old task a "
+          "(mean errors on task k's training images)")
+    t0 = time.perf_counter()
+    for k, (x, *_) in enumerate(tasks):
+        gate.add_task(x)
+        if k > 0:
+            rel = gate.relatedness(x)[:k]
+            print(f"  task{k}: " + "  ".join(f"a={a} {r:+.2f}" for a, r in enumerate(rel.tolist()))
+                  + f"   -> most related: task{int(rel.argmax())}")
+    return gate, time.perf_counter() - t0
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -106,7 +136,7 @@ def main(argv=None):
         "MoE grow, no freeze": (lambda: moe_net(num_experts=n), grow(False)),
         "Task-MoE (E fixed)": (lambda: moe_net(num_experts=T * n, growing=False), None),
     }
-    results = {}
+    results, nets = {}, {}
     for name, (build, before) in methods.items():
         torch.manual_seed(args.seed)
         net = build()
@@ -122,6 +152,21 @@ def main(argv=None):
             print(extra)
         results[name] = dict(A=average_accuracy(R), F=average_forgetting(R), BWT=backward_transfer(R), CIL=cil,
                              params=sum(p.numel() for p in net.parameters()), wall=wall)
+        nets[name] = net
+
+    # Expert Gate in front of grow+freeze: the task id comes from the auto-encoders, not the user.
+    gate, gate_wall = train_gate(tasks, args)
+    res = gated_accuracy(nets["MoE grow+freeze"], gate, x_test, y_test)
+    per_task = res.confusion.diagonal() / res.confusion.sum(1)
+    print(f"Expert Gate task identification on the {len(y_test):,} test images: {100 * res.task_identification:.2f}% "
+          f"(per task " + " ".join(f"{100 * a:.1f}" for a in per_task.tolist()) + ")")
+    print("  confusion (row = true task, column = the gate's task):")
+    for i, row in enumerate(res.confusion.tolist()):
+        print(f"    task{i} " + "".join(f"{v:6d}" for v in row))
+    base = results["MoE grow+freeze"]
+    results["MoE grow+freeze + Expert Gate"] = dict(
+        base, CIL=res.accuracy, params=base["params"] + sum(p.numel() for p in gate.parameters()),
+        wall=base["wall"] + gate_wall)
 
     # Joint training: every task's data at once, the same number of examples seen in total.
     torch.manual_seed(args.seed)
@@ -137,14 +182,15 @@ def main(argv=None):
         CIL=float((joint.predict_class_incremental(x_test, T) == y_test).float().mean()),
         params=sum(p.numel() for p in joint.parameters()), wall=wall)
 
-    print(f"\n{'method':28s} {'avg acc':>8s} {'forgetting':>10s} {'BWT':>7s} {'class-IL':>9s} "
+    print(f"\n{'method':31s} {'avg acc':>8s} {'forgetting':>10s} {'BWT':>7s} {'class-IL':>9s} "
           f"{'params':>9s} {'wall s':>7s}")
     for name, r in results.items():
         fmt = lambda v: "     n/a" if v != v else f"{100 * v:7.2f}%"     # noqa: E731
-        print(f"{name:28s} {fmt(r['A']):>8s} {fmt(r['F']):>10s} {fmt(r['BWT']):>7s} {fmt(r['CIL']):>9s} "
+        print(f"{name:31s} {fmt(r['A']):>8s} {fmt(r['F']):>10s} {fmt(r['BWT']):>7s} {fmt(r['CIL']):>9s} "
               f"{r['params']:9,d} {r['wall']:7.1f}")
     print("\n(task-incremental average accuracy and forgetting; class-IL: all 10,000 test images, no task id; "
-          "MoE nets use K = 2 of their experts per example)")
+          "MoE nets use K = 2 of their experts per example; + Expert Gate: the same net, the task from the gate, "
+          "so its task-incremental numbers are grow+freeze's)")
 
 
 if __name__ == "__main__":

@@ -35,3 +35,7 @@ from moekit.models.fewshot import (Episode, EpisodeSampler, ProtoEmbedding, acti
 
 __all__ += ["Episode", "EpisodeSampler", "ProtoEmbedding", "active_ffn_params", "dense_proto_net", "evaluate_episodes",
             "meta_train", "moe_proto_net", "proto_logits", "prototypes"]
+
+from moekit.models.expert_gate import ExpertGate, GatedAccuracy, gated_accuracy, gated_predict  # noqa: E402
+
+__all__ += ["ExpertGate", "GatedAccuracy", "gated_accuracy", "gated_predict"]
