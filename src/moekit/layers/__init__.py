@@ -18,3 +18,7 @@ __all__ += ["SoftMoE", "DenseMoE", "StackedDenseMoE", "MMoE", "CGC", "PLE", "Sha
 from moekit.layers.offload import offload_experts, offload_stats, restore_experts  # noqa: E402
 
 __all__ += ["offload_experts", "offload_stats", "restore_experts"]
+
+from moekit.layers.m3oe import M3oE  # noqa: E402  (METHODS.md MT3)
+
+__all__ += ["M3oE"]

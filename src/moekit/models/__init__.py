@@ -39,3 +39,7 @@ __all__ += ["Episode", "EpisodeSampler", "ProtoEmbedding", "active_ffn_params", 
 from moekit.models.expert_gate import ExpertGate, GatedAccuracy, gated_accuracy, gated_predict  # noqa: E402
 
 __all__ += ["ExpertGate", "GatedAccuracy", "gated_accuracy", "gated_predict"]
+
+from moekit.models.multidomain import MultiDomainConfig, MultiDomainModel, train_multidomain  # noqa: E402  (METHODS.md MT3)
+
+__all__ += ["MultiDomainConfig", "MultiDomainModel", "train_multidomain"]

