@@ -7,7 +7,7 @@ Decodes B validation prompts token by token (KV cache: each step routes one toke
 sequence), once with all experts on the device and then with each layer's experts in host
 memory behind an LRU cache of S slots (`moekit.layers.offload_experts`), with and without
 prefetching the next layer's experts from the current layer's input. Checks that every
-offloaded run generates exactly the same tokens, and prints per setting: hit rate, prefetch
+offloaded run generates the same tokens (and says so where one does not), and prints per setting: hit rate, prefetch
 precision, the expert bytes per generated token the layers had to wait for (misses) and all
 bytes copied (prefetches run while the previous layer computes), next to what copying every
 routed expert at every step would cost (no cache).
@@ -43,8 +43,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="a MoE variant folder of a `moekit train` run (or a checkpoint)")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=112,
+                    help="prompt + new tokens must fit max_seq_len (beyond it every step recomputes the whole window)")
     ap.add_argument("--cache-sizes", type=int, nargs="+", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="2 prompts, 24 new tokens")
@@ -57,7 +58,10 @@ def main() -> None:
     if not moe:
         raise SystemExit(f"{args.checkpoint} holds a dense model; give the MoE variant's folder")
     E, K = moe[0].num_experts, moe[0].top_k
-    sizes = args.cache_sizes or sorted({1, max(1, E // 4), E // 2, 3 * E // 4})
+    if args.prompt_len + args.new_tokens > model.config.max_seq_len:
+        raise SystemExit(f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} exceeds the model's "
+                         f"max_seq_len={model.config.max_seq_len}")
+    sizes = args.cache_sizes or sorted({max(1, s) for s in (1, E // 4, E // 2, 3 * E // 4)})
     ids = prompts(tok, cfg, args.batch, args.prompt_len, args.seed)
     per_expert = sum(p[0].numel() * p.element_size() for p in moe[0].experts.parameters())
     print(f"{len(moe)} MoE layers, E={E}, top-{K}, {per_expert / 1024:.1f} KiB per expert; "
@@ -69,8 +73,9 @@ def main() -> None:
         for prefetch in (False, True):
             m = offload_experts(copy.deepcopy(model), cache_size=S, prefetch=prefetch)
             out = m.generate(ids, args.new_tokens, temperature=0)
-            if not torch.equal(out, ref):
-                raise SystemExit(f"cache_size={S} prefetch={prefetch}: generated tokens differ")
+            differ = int((out != ref).any(1).sum())
+            if differ:     # possible only through last-bit rounding of the activation (see the module)
+                print(f"cache_size={S} prefetch={prefetch}: {differ} of {args.batch} sequences differ")
             t = offload_stats(m)["total"]
             rows.append((S, prefetch, t))
     # Without a cache every step copies each layer's distinct routed experts (= the requests).
@@ -83,7 +88,7 @@ def main() -> None:
         print(f"| {S} | {'yes' if prefetch else 'no'} | {t['hit_rate']:.1%} | "
               f"{t['prefetch_precision']:.1%} | {t['misses'] * per_expert / steps / 1024:.1f} | "
               f"{t['bytes_copied'] / steps / 1024:.1f} | {t['bytes_copied'] / no_cache:.0%} |")
-    print("\nevery offloaded run generated exactly the resident model's tokens")
+    print("\nper token: bytes over all steps (prompt included) / generated tokens")
 
 
 if __name__ == "__main__":

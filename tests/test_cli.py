@@ -121,4 +121,8 @@ ckpt_every = 3
     captured = capsys.readouterr()
     assert captured.out == gen
     assert "1 cached per layer" in captured.err and "hit rate" in captured.err
+    assert cli.main(["generate", str(out / "moe"), "--prefetch"]) == 2
+    assert "--prefetch needs --offload-cache S" in capsys.readouterr().err
+    assert cli.main(["generate", str(out / "moe"), "--offload-cache", "0"]) == 2
+    assert "--offload-cache must be >= 1, got 0" in capsys.readouterr().err
     assert cli.main(["generate", str(tmp_path / "nothing")]) == 2

@@ -174,3 +174,24 @@ def test_generate_with_cache_equals_without(prompt_len, new):
     g1, g2 = (torch.Generator().manual_seed(5) for _ in range(2))
     assert torch.equal(m.generate(x, new, temperature=1.0, generator=g1),
                        m.generate(x, new, temperature=1.0, generator=g2, use_cache=False))
+
+
+def test_kv_cache_refuses_another_batch_size():
+    from moekit.models import KVCache
+
+    m = TransformerLM(cfg()).eval()
+    cache = KVCache(2)
+    m(torch.randint(0, V, (2, 5)), kv_cache=cache)
+    with pytest.raises(ValueError, match="kv_cache holds a batch of 2 sequences, got 3"):
+        m(torch.randint(0, V, (3, 1)), kv_cache=cache)
+
+
+def test_generate_skips_the_cache_when_routing_depends_on_other_tokens():
+    """With an eval capacity limit a token's routing depends on the whole batch of tokens, so
+    routing only the new tokens would change the model: the default recomputes."""
+    torch.manual_seed(2)
+    m = TransformerLM(cfg(top_k=2, capacity_factor=1.0)).eval()
+    x = torch.randint(0, V, (2, 6))
+    default = m.generate(x, 12, temperature=0)
+    assert torch.equal(default, m.generate(x, 12, temperature=0, use_cache=False))
+    assert not torch.equal(default, m.generate(x, 12, temperature=0, use_cache=True))   # what it avoids

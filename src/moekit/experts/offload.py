@@ -12,12 +12,14 @@ before they are needed — `moekit.layers.offload.offload_experts(prefetch=True)
 the experts the next layer's router picks on the current layer's input.
 
 `OffloadedExperts` wraps a `StackedFFNExperts` bank (MLP / GLU experts; their weights have a
-leading expert dimension) and computes exactly what that bank computes with
-``backend="eager"`` (the same matmuls on the same rows: outputs are bit-identical). The
-wrapped bank stays on the host with its parameters frozen; gradients still flow to the
-layer's input. Reading the counts on the host is inherent here (which experts to load), so
-an offloaded layer is never sync-free. `cache_stats` counts hits, misses, prefetches and bytes
-copied.
+leading expert dimension) and runs the matmuls that bank runs with ``backend="eager"``, on the
+same rows; only the elementwise activation is applied one expert's rows at a time, which CPU
+vector code may round differently in the last bit (so outputs equal the eager backend's to
+float rounding, and exactly where the activation rounds per element alike). The wrapped bank
+stays on the host with its parameters frozen; gradients still flow to the layer's input. The
+state dict keeps the resident bank's keys. Reading the counts on the host is inherent here
+(which experts to load), so an offloaded layer is never sync-free and cannot be captured in a
+CUDA graph. `cache_stats` counts hits, misses, prefetches and bytes copied.
 """
 from __future__ import annotations
 
@@ -74,6 +76,35 @@ class CacheStats:
         return self
 
 
+def check_offloadable(bank, cache_size) -> None:
+    """TypeError / ValueError unless `bank` can be offloaded with `cache_size` slots (changes nothing)."""
+    if not isinstance(bank, StackedFFNExperts):
+        raise TypeError(f"OffloadedExperts wraps an MLP / GLU bank (StackedFFNExperts), got {type(bank).__name__}")
+    E = bank.num_experts
+    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or not 1 <= cache_size <= E:
+        raise ValueError(f"cache_size must be an int in [1, num_experts={E}], got {cache_size!r}")
+    for name, p in bank.named_parameters():
+        if p.dim() == 0 or p.shape[0] != E:
+            raise ValueError(f"every parameter of an offloaded bank needs a leading expert dim of {E}; "
+                             f"{name!r} has shape {tuple(p.shape)}")
+
+
+def _strip_bank_prefix(module, state_dict, prefix, local_metadata):
+    for k in [k for k in state_dict if k.startswith(prefix + "bank.")]:
+        state_dict[prefix + k[len(prefix) + 5:]] = state_dict.pop(k)
+
+
+def _add_bank_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    for n, _ in module.bank.named_parameters():
+        if prefix + n in state_dict:
+            state_dict[prefix + "bank." + n] = state_dict.pop(prefix + n)
+
+
+def _after_load(module, incompatible_keys):
+    module._to_host()
+    module.clear_cache()
+
+
 class OffloadedExperts(ExpertBank):
     """A `StackedFFNExperts` bank in host memory behind an LRU cache of ``cache_size`` experts on `device`.
 
@@ -91,46 +122,66 @@ class OffloadedExperts(ExpertBank):
     supports_static_layout = False
 
     def __init__(self, bank: StackedFFNExperts, *, device, cache_size: int, pin_memory: Optional[bool] = None):
-        if not isinstance(bank, StackedFFNExperts):
-            raise TypeError(f"OffloadedExperts wraps an MLP / GLU bank (StackedFFNExperts), got {type(bank).__name__}")
-        E = bank.num_experts
-        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or not 1 <= cache_size <= E:
-            raise ValueError(f"cache_size must be an int in [1, num_experts={E}], got {cache_size!r}")
-        super().__init__(E, bank.d_model)
+        check_offloadable(bank, cache_size)
+        super().__init__(bank.num_experts, bank.d_model)
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.cache_size = cache_size
         self.d_hidden, self.activation = bank.d_hidden, bank.activation
-        pin = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
+        self.pin = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
+        self.bank_requires_grad = {n: p.requires_grad for n, p in bank.named_parameters()}   # for unwrap
 
-        bank.to("cpu").requires_grad_(False)
-        self.bank = bank
+        self.bank = bank.requires_grad_(False)
+        self._to_host()
         names = {id(p): n for n, p in bank.named_parameters()}
         # (w_in, b_in, w_out, b_out) as parameter names (None where the bank has no bias).
         self._proj_names = [None if t is None else names[id(t)] for t in bank.projections()]
-        self._host: Dict[str, torch.Tensor] = {}
-        for name, p in bank.named_parameters():
-            if p.shape[0] != E:
-                raise ValueError(f"every parameter of an offloaded bank needs a leading expert dim of {E}; "
-                                 f"{name!r} has shape {tuple(p.shape)}")
-            if pin and not p.is_pinned():
+        self._slots = {n: torch.empty((cache_size,) + p.shape[1:], dtype=p.dtype, device=self.device)
+                       for n, p in bank.named_parameters()}
+        self.bytes_per_expert = sum(p[0].numel() * p.element_size() for p in bank.parameters())
+        self.cache_stats = CacheStats()
+        self._reset_streams()
+        self.clear_cache()
+        # The state dict keeps the resident bank's keys (no "bank." level), so checkpoints load
+        # either way; loading new weights empties the cache (its slots hold the old ones).
+        self.register_state_dict_post_hook(_strip_bank_prefix)
+        self.register_load_state_dict_pre_hook(_add_bank_prefix)
+        self.register_load_state_dict_post_hook(_after_load)
+
+    def _to_host(self) -> None:
+        """Keep the bank's weights on the host (pinned if asked), e.g. after a load with ``assign=True``."""
+        for p in self.bank.parameters():
+            if p.device.type != "cpu":
+                p.data = p.data.to("cpu")
+            if self.pin and not p.is_pinned():
                 p.data = p.data.pin_memory()
-            self._host[name] = p.data
-        self._slots = {n: torch.empty((cache_size,) + t.shape[1:], dtype=t.dtype, device=self.device)
-                       for n, t in self._host.items()}
-        self.bytes_per_expert = sum(t[0].numel() * t.element_size() for t in self._host.values())
-        self._lru: "OrderedDict[int, int]" = OrderedDict()       # expert -> slot, least recent first
-        self._free: List[int] = list(range(cache_size))
-        self._unread_prefetch: set = set()
+
+    def _reset_streams(self) -> None:
         cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
-        self._loaded: List[Optional[torch.cuda.Event]] = [None] * cache_size     # copy into slot done
-        self._released: List[Optional[torch.cuda.Event]] = [None] * cache_size   # last read of slot done
-        self.cache_stats = CacheStats()
+        if cuda:
+            # Slots are written on the copy stream: the allocator must not reuse their memory
+            # (after this bank is dropped) before those copies are done.
+            for t in self._slots.values():
+                t.record_stream(self._copy_stream)
+        self._loaded: List[Optional[torch.cuda.Event]] = [None] * self.cache_size     # copy into slot done
+        self._released: List[Optional[torch.cuda.Event]] = [None] * self.cache_size   # last read of slot done
         # Called once per forward pass right after this bank has started its own copies (so
         # they are not queued behind another layer's prefetch); set by `offload_experts`.
         self.pending_prefetch = None
+
+    def __getstate__(self):
+        # Streams and events cannot be copied or pickled; a copy starts with an empty cache.
+        self.synchronize()
+        state = self.__dict__.copy()
+        state.update(_copy_stream=None, _loaded=None, _released=None, pending_prefetch=None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._reset_streams()
+        self._lru, self._free, self._unread_prefetch = OrderedDict(), list(range(self.cache_size)), set()
 
     # -- the cache ----------------------------------------------------------------------
     def cached_experts(self) -> List[int]:
@@ -155,14 +206,14 @@ class OffloadedExperts(ExpertBank):
             with torch.cuda.stream(self._copy_stream):
                 if self._released[slot] is not None:
                     self._copy_stream.wait_event(self._released[slot])     # old contents no longer read
-                for n, host in self._host.items():
-                    self._slots[n][slot].copy_(host[e], non_blocking=True)
+                for n, p in self.bank.named_parameters():
+                    self._slots[n][slot].copy_(p.detach()[e], non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record(self._copy_stream)
                 self._loaded[slot] = ev
         else:
-            for n, host in self._host.items():
-                self._slots[n][slot].copy_(host[e])
+            for n, p in self.bank.named_parameters():
+                self._slots[n][slot].copy_(p.detach()[e])
         self._lru[e] = slot
         self.cache_stats.bytes_copied += self.bytes_per_expert
         return slot
@@ -211,9 +262,9 @@ class OffloadedExperts(ExpertBank):
     def clear_cache(self) -> None:
         """Empty the cache (statistics are kept; `cache_stats.reset()` clears them)."""
         self.synchronize()
-        self._lru.clear()
-        self._unread_prefetch.clear()
-        self._free = list(range(self.cache_size))
+        self._lru: "OrderedDict[int, int]" = OrderedDict()       # expert -> slot, least recent first
+        self._free: List[int] = list(range(self.cache_size))
+        self._unread_prefetch: set = set()
 
     def synchronize(self) -> None:
         if self._copy_stream is not None:
@@ -245,6 +296,7 @@ class OffloadedExperts(ExpertBank):
         # per-expert loop (only cached experts exist on the device to run).
         if x_ND.device != self.device:
             raise ValueError(f"offloaded experts compute on {self.device}, got input on {x_ND.device}")
+        self._check_runnable(x_ND)
         counts = [int(c) for c in counts_E.tolist()]       # which experts to load: a host read by nature
         if len(counts) != self.num_experts or sum(counts) != x_ND.shape[0]:
             raise ValueError(f"counts_E must have {self.num_experts} entries summing to the {x_ND.shape[0]} "
@@ -273,7 +325,16 @@ class OffloadedExperts(ExpertBank):
         if fn is not None:
             fn()
 
+    def _check_runnable(self, x: torch.Tensor) -> None:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("offloaded experts read the routing counts on the host to choose which experts "
+                               "to load; they cannot be captured in a CUDA graph")
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.bank.parameters()):
+            raise RuntimeError("offloaded expert weights get no gradient (they are computed from device copies); "
+                               "train with `moekit.layers.restore_experts(model)` first, or freeze them")
+
     def expert_forward(self, i: int, x_nD: torch.Tensor) -> torch.Tensor:
+        self._check_runnable(x_nD)
         slots = self._request([i])
         return self._run(slots[i], x_nD.to(self.device))
 
@@ -282,8 +343,10 @@ class OffloadedExperts(ExpertBank):
                          "to load, so an offloaded layer cannot be sync_free")
 
     def unwrap(self) -> StackedFFNExperts:
-        """The wrapped bank (on the host, parameters still frozen)."""
+        """The wrapped bank, on the host, each parameter's ``requires_grad`` as it was before offloading."""
         self.synchronize()
+        for n, p in self.bank.named_parameters():
+            p.requires_grad_(self.bank_requires_grad.get(n, True))
         return self.bank
 
     def _apply(self, fn, recurse=True):

@@ -274,6 +274,8 @@ class TransformerLM(nn.Module):
             raise ValueError(f"sequence length {start + S} exceeds max_seq_len={self.config.max_seq_len}")
         if kv_cache is not None and len(kv_cache.layers) != len(self.blocks):
             raise ValueError(f"kv_cache has {len(kv_cache.layers)} layers, the model {len(self.blocks)}")
+        if kv_cache is not None and kv_cache.length and kv_cache.layers[0][0].shape[0] != B:
+            raise ValueError(f"kv_cache holds a batch of {kv_cache.layers[0][0].shape[0]} sequences, got {B}")
         x_BSD = self.embed(idx_BS)
         cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
         for i, block in enumerate(self.blocks):
@@ -287,16 +289,21 @@ class TransformerLM(nn.Module):
     @torch.no_grad()
     def generate(self, idx_BS: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 use_cache: bool = True) -> torch.Tensor:
+                 use_cache: Optional[bool] = None) -> torch.Tensor:
         """Sample `max_new_tokens` tokens autoregressively.
 
         With `use_cache` each step runs only the new token through the model (keys and values
         of earlier positions are kept in a `KVCache`), so an MoE layer routes one token per
         sequence per step. Once the context reaches max_seq_len it is cropped to the last
-        max_seq_len tokens and recomputed each step, as without the cache.
+        max_seq_len tokens and recomputed each step, as without the cache. The default (None)
+        uses the cache unless some MoE layer routes a token depending on other tokens (a
+        capacity limit in eval mode, or a router with ``causal_safe = False``): routing only the
+        new tokens would then change what the model computes.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if use_cache is None:
+            use_cache = not any(_routes_across_tokens(b.ffn.router) for b in self.moe_blocks)
         cache = KVCache(len(self.blocks)) if use_cache else None
         for _ in range(max_new_tokens):
             if cache is not None and idx_BS.shape[1] <= self.config.max_seq_len:
@@ -313,6 +320,14 @@ class TransformerLM(nn.Module):
                 nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
             idx_BS = torch.cat([idx_BS, nxt], dim=1)
         return idx_BS
+
+
+def _routes_across_tokens(router) -> bool:
+    """Whether a token's routing (in eval mode) depends on the other tokens of the batch."""
+    if not getattr(router, "causal_safe", True):
+        return True
+    cf = getattr(router, "current_capacity_factor", None)
+    return cf is not None and cf() is not None
 
 
 class KVCache:

@@ -62,11 +62,15 @@ def generate_text(path: os.PathLike, prompt: str, *, max_new_tokens: int = 300, 
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if prefetch and offload_cache is None:
         raise ValueError("prefetch=True needs offload_cache")
-    model, tok, _ = load_model(path, device)
-    if offload_cache is not None:
+    if offload_cache is None:
+        model, tok, _ = load_model(path, device)
+    else:
+        # Load on the host and offload before moving: the experts never need room on `device`.
         from moekit.layers.offload import offload_experts
 
-        offload_experts(model, cache_size=offload_cache, prefetch=prefetch)
+        model, tok, _ = load_model(path, "cpu")
+        offload_experts(model, cache_size=offload_cache, prefetch=prefetch, device=device)
+        model.to(device)
     ids = tok.encode(prompt if prompt else "\n")[None].to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
