@@ -113,6 +113,26 @@ def test_sigmoid_bias_changes_selection_not_weights():
     assert not torch.equal(before.expert_ids, after.expert_ids)
 
 
+@pytest.mark.parametrize("groups,limit,K", [(4, 2, 4), (8, 3, 6), (2, 1, 2)])
+def test_group_limited_routing_limits_groups_and_all_groups_is_plain_topk(groups, limit, K):
+    """METHODS S3 (device / node-limited routing, DeepSeek-V2/V3): every token's experts lie in
+    at most `limit` groups, and a limit of every group routes exactly as without groups."""
+    torch.manual_seed(groups)
+    E = 16
+    limited = SigmoidRouter(12, E, K, num_groups=groups, topk_groups=limit).eval()
+    x = torch.randn(50, 12)
+    limited.expert_bias.uniform_(-0.3, 0.3)         # the balancing bias takes part in group scores
+    ids = limited(x).expert_ids.view(50, K)
+    per_token_groups = [len(set((row // (E // groups)).tolist())) for row in ids]
+    assert max(per_token_groups) <= limit
+    everything = SigmoidRouter(12, E, K, num_groups=groups, topk_groups=groups).eval()
+    plain = SigmoidRouter(12, E, K).eval()
+    everything.load_state_dict(limited.state_dict())
+    plain.load_state_dict(limited.state_dict())
+    a, b = everything(x), plain(x)
+    assert torch.equal(a.expert_ids, b.expert_ids) and torch.equal(a.weights, b.weights)
+
+
 def test_sigmoid_group_limited_selection():
     r = SigmoidRouter(8, 8, 2, num_groups=4, topk_groups=1).eval()
     x = torch.randn(30, 8)
