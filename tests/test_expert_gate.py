@@ -209,3 +209,22 @@ def test_bad_inputs_raise(gate):
     two = _gate(_subspace_tasks(M=2, n=20), epochs=1)
     with pytest.raises(ValueError, match=r"labels \[4, 5\] belong to no task the gate has seen"):
         gated_accuracy(net, two, x_BD, y_B, gate_inputs=torch.zeros(15, 20))
+
+
+def test_review_fixes_dtype_mode_and_labels():
+    from moekit.models.continual import dense_task_net
+    from moekit.models.expert_gate import gated_predict
+
+    torch.manual_seed(0)
+    g = ExpertGate(6, d_hidden=2, epochs=1)
+    g.add_task(torch.randn(10, 6))
+    g.add_task(torch.randn(10, 6, dtype=torch.float64))          # trained in the gate's dtype
+    assert {p.dtype for p in g.parameters()} == {torch.float32}
+    assert g.predict_task(torch.randn(3, 6, dtype=torch.float64)).shape == (3,)
+    net = dense_task_net(d_in=6, d_hidden=8, num_classes=4, task_classes=[(0, 1), (2, 3)]).train()
+    gated_predict(net, g, torch.randn(3, 6))
+    assert net.training                                           # the caller's mode is kept
+    with pytest.raises(ValueError, match=r"integer class labels in \[0, 4\)"):
+        gated_accuracy(net, g, torch.randn(2, 6), torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="integer class labels"):
+        gated_accuracy(net, g, torch.randn(2, 6), torch.tensor([0.0, 1.0]))

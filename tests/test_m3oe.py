@@ -397,3 +397,9 @@ def test_m3oe_trains_on_the_census_slice(census):
     assert math.isnan(r.test_auc[0][0])
     assert all(0 <= a <= 1 for d, row in enumerate(r.test_auc) for t, a in enumerate(row) if (d, t) != (0, 0))
     assert math.isclose(r.test_mean, np.nanmean(np.array(r.test_auc)))
+
+
+def test_trainer_refuses_an_empty_validation_split():
+    empty = _synthetic(0, 1)
+    with pytest.raises(ValueError, match="train and val must hold at least one row, got 200 and 0"):
+        train_multidomain(_small("m3oe"), _synthetic(200, 0), empty, epochs=1)

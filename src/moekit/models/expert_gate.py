@@ -106,7 +106,11 @@ class ExpertGate(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + m)
             ae = TaskAutoencoder(self.d_in, self.d_hidden)
-        ae = ae.to(device=x_ND.device, dtype=x_ND.dtype)
+        if self.autoencoders:       # one dtype and device for every auto-encoder: their errors are compared
+            ae = ae.to(next(self.autoencoders[0].parameters()))
+            x_ND = x_ND.to(next(ae.parameters()))
+        else:
+            ae = ae.to(device=x_ND.device, dtype=x_ND.dtype)
         opt = torch.optim.Adam(ae.parameters(), lr=self.lr)
         gen = torch.Generator().manual_seed(self.seed + m)
         with torch.enable_grad():
@@ -123,6 +127,7 @@ class ExpertGate(nn.Module):
         """(B, M) ``er[b, m]``: auto-encoder m's mean squared reconstruction error on x_b."""
         self._check_x(x_BD)
         self._check_tasks()
+        x_BD = x_BD.to(next(self.autoencoders[0].parameters()))
         return torch.stack([ae.errors(x_BD) for ae in self.autoencoders], -1)
 
     def probs(self, x_BD: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
@@ -175,10 +180,12 @@ def gated_predict(net: TaskIncrementalNet, gate: ExpertGate, x_BD: torch.Tensor,
         raise ValueError(f"the gate has {gate.num_tasks} tasks but the net only {len(net.task_classes)}")
     task_B = gate.predict_task(g_BD)
     class_B = torch.empty_like(task_B)
+    was_training = net.training
     net.eval()
     for t in task_B.unique().tolist():
         rows = (task_B == t).nonzero().squeeze(1)
         class_B[rows] = net.task_logits(x_BD[rows], t).argmax(-1)
+    net.train(was_training)
     return task_B, class_B
 
 
@@ -191,6 +198,10 @@ def gated_accuracy(net: TaskIncrementalNet, gate: ExpertGate, x_BD: torch.Tensor
     _check_positive_int("batch_size", batch_size)
     if y_B.dim() != 1 or y_B.shape[0] != x_BD.shape[0]:
         raise ValueError(f"y must have shape ({x_BD.shape[0]},), got {tuple(y_B.shape)}")
+    L = net.head.out_features
+    if y_B.is_floating_point() or (len(y_B) and (y_B.min() < 0 or y_B.max() >= L)):
+        raise ValueError(f"y must hold integer class labels in [0, {L}), got {y_B.dtype} "
+                         f"{y_B.min().item() if len(y_B) else ''}..{y_B.max().item() if len(y_B) else ''}")
     M = gate.num_tasks
     task_of_L = torch.full((net.head.out_features,), -1, dtype=torch.long, device=y_B.device)
     for t, cs in enumerate(net.task_classes[:M]):

@@ -266,8 +266,10 @@ def train_multidomain(model: MultiDomainModel, train, val, test=None, *, epochs:
     D = model.num_domains
     cat, num, y_NK, dom_N = _tensors(train)
     v_cat, v_num, v_y, v_dom = _tensors(val)
-    if y_NK.shape[1] != model.num_tasks:
-        raise ValueError(f"train labels have {y_NK.shape[1]} tasks, the model {model.num_tasks}")
+    if y_NK.shape[1] != model.num_tasks or v_y.shape[1] != model.num_tasks:
+        raise ValueError(f"train / val labels have {y_NK.shape[1]} / {v_y.shape[1]} tasks, the model {model.num_tasks}")
+    if len(v_y) == 0 or len(y_NK) == 0:
+        raise ValueError(f"train and val must hold at least one row, got {len(y_NK)} and {len(v_y)}")
     for name, d in (("train", dom_N), ("val", v_dom)):
         if len(d) and (d.min() < 0 or d.max() >= D):
             raise ValueError(f"{name} domain_ids must lie in [0, {D}), got {int(d.min())}..{int(d.max())}")
