@@ -65,6 +65,8 @@ def train_student(label, teacher, student, batches, run, alpha, temperature, qui
             print(f"  [{label}] step {step}/{steps}: loss {loss:.4f}", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
+    if run.train.grad_accum != 1:      # distill() takes one micro-batch per step, like the Trainer at 1
+        raise SystemExit(f"this example needs train.grad_accum = 1, got {run.train.grad_accum}")
     distill(teacher if alpha > 0 else None, student, copy.deepcopy(batches).next_batch, steps=steps,
             alpha=alpha, temperature=temperature, callback=report, **dataclasses.asdict(run.optim))
     return time.perf_counter() - t0

@@ -301,3 +301,17 @@ def test_distill_bad_inputs():
         distill(_teacher("topk2_dense_layers"), student, batches, steps=1, temperature=0)
     with pytest.raises(ValueError, match=r"batches ran out"):
         distill(None, student, batches, steps=2, alpha=0.0)
+
+
+def test_review_fixes_refuse_bad_ignore_index_and_optimizer_settings():
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    y = torch.randint(0, 5, (2, 3))
+    with pytest.raises(ValueError, match="ignore_index must be an int, got None"):
+        distillation_loss(s, t, y, ignore_index=None)
+    student = TransformerLM(TransformerConfig(vocab_size=5, d_model=8, n_layers=1, n_heads=2, max_seq_len=8,
+                                              moe_layers="none", ffn_hidden=8))
+    batches = [(y, y)]
+    with pytest.raises(ValueError, match="grad_clip must be a number >= 0, got -1"):
+        distill(None, student, batches, steps=1, alpha=0.0, grad_clip=-1)
+    with pytest.raises(ValueError, match=r"beta2 must be in \[0, 1\), got 1.0"):
+        distill(None, student, batches, steps=1, alpha=0.0, beta2=1.0)

@@ -291,3 +291,13 @@ def test_r7_learned_beats_hash_beats_dense():
     out = run_r7(seed=0)
     assert out["learned"].test_mse < out["hash"].test_mse < out["dense"].test_mse
     assert out["learned"].purity > 0.9
+
+
+def test_runs_leave_the_global_rng_alone_and_refuse_ignored_arguments():
+    from moekit.models import run_r7
+
+    state = torch.random.get_rng_state()
+    run_r7(steps=1, n_train=64, n_test=32)
+    assert torch.equal(state, torch.random.get_rng_state())
+    with pytest.raises(ValueError, match=r"data_kwargs \['num_clusters'\] only apply when data is None"):
+        run_r7(steps=1, data=object(), num_clusters=4)

@@ -382,9 +382,16 @@ def run_r1(model: str, setting: str = "S1", *, seed: int = 0, data=None, width: 
     """
     if model not in R1_MODELS:
         raise ValueError(f"model must be one of {R1_MODELS}, got {model!r}")
+    if data is not None and (n_train, n_test) != (16000, 16000):
+        raise ValueError("n_train / n_test only apply when data is None (the given data has its own sizes)")
     train, test = data if data is not None else make_cluster_data(setting, n_train=n_train, n_test=n_test,
                                                                   seed=seed)
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):       # the caller's global RNG is left as it was
+        torch.manual_seed(seed)
+        return _run_r1(model, setting, seed, train, test, width, epochs)
+
+
+def _run_r1(model, setting, seed, train, test, width, epochs) -> R1Result:
     kind, act = model.split("_")
     act = "linear" if act == "linear" else "cubic"
     t0 = time.perf_counter()
@@ -447,7 +454,7 @@ class SignHashIds(nn.Module):
         self.register_buffer("powers", 2 ** torch.arange(bits))
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
-        return ((x_BD @ self.proj.T.to(x_BD.dtype)) > 0).long() @ self.powers
+        return (((x_BD @ self.proj.T.to(x_BD.dtype)) > 0).long() * self.powers).sum(-1)   # no integer matmul on CUDA
 
 
 class LatentClusterMoE(nn.Module):
@@ -524,7 +531,14 @@ class R7Result:
 def run_r7(*, seed: int = 0, steps: int = 1500, lr: float = 1e-2, data=None, **data_kwargs) -> dict:
     """Train the learned-routing MoE, the hash-routing MoE and a dense linear map on one draw of
     the R7 data; ``{"learned" | "hash" | "dense": R7Result}`` scored on the test split."""
+    if data is not None and data_kwargs:
+        raise ValueError(f"data_kwargs {sorted(data_kwargs)} only apply when data is None")
     train, test = data if data is not None else make_latent_cluster_data(seed=seed, **data_kwargs)
+    with torch.random.fork_rng(devices=[]):       # the caller's global RNG is left as it was
+        return _run_r7(train, test, seed, steps, lr)
+
+
+def _run_r7(train, test, seed, steps, lr) -> dict:
     K = int(torch.cat([train.cluster, test.cluster]).max()) + 1
     out = {}
     for name in ("learned", "hash", "dense"):

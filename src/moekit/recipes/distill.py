@@ -37,7 +37,9 @@ __all__ = ["distillation_loss", "dense_student_from_moe", "distill", "teacher_kl
 FFN_INITS = ("random", "mean", "top")
 
 
-def _check_coefs(alpha, temperature) -> None:
+def _check_coefs(alpha, temperature, ignore_index=-100) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha (the teacher's weight) must be a number in [0, 1], got {alpha!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
@@ -71,7 +73,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: Optional[tor
         temperature: τ > 0, softens both distributions in the soft term.
         ignore_index: label of positions left out of both terms (padding).
     """
-    _check_coefs(alpha, temperature)
+    _check_coefs(alpha, temperature, ignore_index)
     if not isinstance(student_logits, torch.Tensor) or student_logits.dim() < 1 \
             or not student_logits.is_floating_point():
         raise ValueError(f"student_logits must be a floating (..., V) tensor, got "
@@ -192,7 +194,8 @@ def dense_student_from_moe(teacher: TransformerLM, *, ffn_init: str = "random",
     work per token, `moekit.models.dense_twin`), read from the layers themselves so an upcycled
     teacher works too. Embeddings, attention, norms, the output head and the teacher's dense
     FFN layers are copied exactly (new tensors); the shared experts fill the last ``S·F_s``
-    hidden units of their dense FFN. The routed part, units ``[0, K·F)``, by `ffn_init`:
+    hidden units of their dense FFN. The student config holds one FFN width, so a teacher that
+    mixes dense and MoE layers works only where both widths agree (else a ValueError names them). The routed part, units ``[0, K·F)``, by `ffn_init`:
 
     - ``"random"`` (Switch §5, which copies only non-expert weights): the fresh initialisation
       of a `TransformerLM` (seeded by `seed`).
@@ -349,6 +352,13 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, batches: Union[Cal
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lr must be a number > 0, got {lr!r}")
+    for name, v in (("warmup_steps", warmup_steps), ("weight_decay", weight_decay), ("grad_clip", grad_clip),
+                    ("eps", eps)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+    for name, v in (("beta1", beta1), ("beta2", beta2)):
+        if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {v!r}")
     if teacher is None and alpha > 0:
         raise ValueError(f"teacher=None is only plain training (alpha=0), got alpha={alpha}")
     device = next(student.parameters()).device
