@@ -301,3 +301,20 @@ def test_short_training_beats_a_constant_predictor(data):
     model = torch.nn.functional.binary_cross_entropy_with_logits(predict_logits(m, data.test), y,
                                                                  reduction="none").mean(0)
     assert (model < const).all(), (model, const)
+
+
+def test_best_epoch_early_stopping_treats_nan_as_worst_and_restores():
+    from moekit.models.multitask import BestEpoch
+
+    m = torch.nn.Linear(2, 1)
+    best = BestEpoch(patience=2)
+    assert not best.update(m, 1, float("nan"))             # a first NaN epoch is still kept
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    assert not best.update(m, 2, 0.7)                      # improvement: the new weights are kept
+    with torch.no_grad():
+        m.weight.fill_(5.0)
+    assert not best.update(m, 3, 0.6)
+    assert best.update(m, 4, float("nan"))                 # 2 epochs without improvement: stop
+    best.restore(m)
+    assert best.epoch == 2 and torch.all(m.weight == 1.0)

@@ -28,7 +28,6 @@ and ``domain_ids`` (N,) in [0, D), e.g. `moekit.train.census.with_age_domains`'s
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -40,7 +39,7 @@ from torch import nn
 
 from moekit.layers.m3oe import M3oE
 from moekit.layers.multigate import MMoE, SharedBottom
-from moekit.models.multitask import TabularEmbedding, binary_auc
+from moekit.models.multitask import BestEpoch, TabularEmbedding, binary_auc
 
 __all__ = ["ARCHS", "MultiDomainConfig", "MultiDomainModel", "config_for_budget", "domain_task_bce",
            "domain_task_auc", "predict_logits", "evaluate_cells", "MultiDomainResult", "train_multidomain"]
@@ -289,7 +288,7 @@ def train_multidomain(model: MultiDomainModel, train, val, test=None, *, epochs:
             p.grad = g
         s_opt.step()
 
-    best, best_state, best_epoch, history, step = -math.inf, None, 0, [], 0
+    best, history, step = BestEpoch(patience), [], 0
     for epoch in range(1, epochs + 1):
         model.train()
         total, steps = 0.0, 0
@@ -309,13 +308,10 @@ def train_multidomain(model: MultiDomainModel, train, val, test=None, *, epochs:
         history.append(record)
         if log is not None:
             log(record)
-        score = -math.inf if math.isnan(record["val_mean"]) else record["val_mean"]
-        if best_state is None or score > best:
-            best, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), epoch
-        elif epoch - best_epoch >= patience:
+        if best.update(model, epoch, record["val_mean"]):
             break
-    model.load_state_dict(best_state)
-    return MultiDomainResult(val_auc=history[best_epoch - 1]["val_auc"],
+    best.restore(model)
+    return MultiDomainResult(val_auc=history[best.epoch - 1]["val_auc"],
                              test_auc=evaluate_cells(model, test) if test is not None else None,
-                             best_epoch=best_epoch, epochs_run=len(history), seconds=time.perf_counter() - start,
+                             best_epoch=best.epoch, epochs_run=len(history), seconds=time.perf_counter() - start,
                              structure=model.structure(), history=history)

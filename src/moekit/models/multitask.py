@@ -30,7 +30,7 @@ from torch import nn
 
 from moekit.layers.multigate import MMoE, PLE, SharedBottom
 
-__all__ = ["ARCHS", "TabularEmbedding", "MultiTaskConfig", "MultiTaskModel", "config_for_budget",
+__all__ = ["ARCHS", "BestEpoch", "TabularEmbedding", "MultiTaskConfig", "MultiTaskModel", "config_for_budget",
            "binary_auc", "predict_logits", "evaluate_auc", "TrainResult", "train_multitask"]
 
 ARCHS = ("shared_bottom", "omoe", "mmoe", "ple")
@@ -199,6 +199,25 @@ class TrainResult:
     history: List[dict] = field(default_factory=list)
 
 
+class BestEpoch:
+    """Early stopping on a validation score (higher is better; NaN counts as the worst): keeps a
+    copy of the best epoch's weights; `update` says whether to stop after `patience` epochs
+    without improvement; `restore` loads the best weights back."""
+
+    def __init__(self, patience: int):
+        self.patience, self.score, self.state, self.epoch = patience, -math.inf, None, 0
+
+    def update(self, model: nn.Module, epoch: int, score: float) -> bool:
+        score = -math.inf if math.isnan(score) else score
+        if self.state is None or score > self.score:
+            self.score, self.state, self.epoch = score, copy.deepcopy(model.state_dict()), epoch
+            return False
+        return epoch - self.epoch >= self.patience
+
+    def restore(self, model: nn.Module) -> None:
+        model.load_state_dict(self.state)
+
+
 def train_multitask(model: MultiTaskModel, train, val, test=None, *, epochs: int = 10, batch_size: int = 1024,
                     lr: float = 3e-3, weight_decay: float = 1e-4, patience: int = 2, seed: int = 0,
                     log=None) -> TrainResult:
@@ -217,7 +236,7 @@ def train_multitask(model: MultiTaskModel, train, val, test=None, *, epochs: int
         raise ValueError(f"train labels have {y_NK.shape[1]} tasks, the model {model.num_tasks}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    best, best_state, best_epoch, history = -math.inf, None, 0, []
+    best, history = BestEpoch(patience), []
     for epoch in range(1, epochs + 1):
         model.train()
         total, steps = 0.0, 0
@@ -233,13 +252,10 @@ def train_multitask(model: MultiTaskModel, train, val, test=None, *, epochs: int
         history.append(record)
         if log is not None:
             log(record)
-        score = sum(val_auc) / len(val_auc)
-        if score > best:
-            best, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), epoch
-        elif epoch - best_epoch >= patience:
+        if best.update(model, epoch, sum(val_auc) / len(val_auc)):
             break
-    model.load_state_dict(best_state)
-    return TrainResult(val_auc=history[best_epoch - 1]["val_auc"],
+    best.restore(model)
+    return TrainResult(val_auc=history[best.epoch - 1]["val_auc"],
                        test_auc=evaluate_auc(model, test) if test is not None else None,
-                       best_epoch=best_epoch, epochs_run=len(history), seconds=time.perf_counter() - start,
+                       best_epoch=best.epoch, epochs_run=len(history), seconds=time.perf_counter() - start,
                        history=history)
