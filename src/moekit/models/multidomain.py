@@ -39,7 +39,7 @@ from torch import nn
 
 from moekit.layers.m3oe import M3oE
 from moekit.layers.multigate import MMoE, SharedBottom
-from moekit.models.multitask import BestEpoch, TabularEmbedding, binary_auc
+from moekit.models.multitask import BestEpoch, TabularEmbedding, binary_auc, closest_size
 
 __all__ = ["ARCHS", "MultiDomainConfig", "MultiDomainModel", "config_for_budget", "domain_task_bce",
            "domain_task_auc", "predict_logits", "evaluate_cells", "MultiDomainResult", "train_multidomain"]
@@ -152,12 +152,7 @@ def config_for_budget(config: MultiDomainConfig, budget: int, *, d_in: int, num_
         backbone = replace(config, width=w).build_backbone(d_in, num_domains, num_tasks)
         return sum(p.numel() for p in backbone.parameters())
 
-    lo, hi = 1, 4096
-    while lo < hi:                       # smallest w with count(w) >= budget
-        mid = (lo + hi) // 2
-        lo, hi = (mid + 1, hi) if count(mid) < budget else (lo, mid)
-    best = min((lo, max(1, lo - 1)), key=lambda w: abs(count(w) - budget))
-    return replace(config, width=best)
+    return replace(config, width=closest_size(count, budget))
 
 
 # ------------------------------------------------------------------------------------------

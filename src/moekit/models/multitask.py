@@ -128,12 +128,16 @@ def config_for_budget(config: MultiTaskConfig, budget: int, *, d_in: int, num_ta
     def count(h: int) -> int:
         return sum(p.numel() for p in replace(config, expert_hidden=h).build_backbone(d_in, num_tasks).parameters())
 
-    lo, hi = 1, 4096
-    while lo < hi:                       # smallest h with count(h) >= budget
+    return replace(config, expert_hidden=closest_size(count, budget))
+
+
+def closest_size(count, budget: int, *, largest: int = 4096) -> int:
+    """The size w in 1..`largest` whose ``count(w)`` (non-decreasing in w) is closest to `budget`, by bisection."""
+    lo, hi = 1, largest
+    while lo < hi:                       # smallest w with count(w) >= budget
         mid = (lo + hi) // 2
         lo, hi = (mid + 1, hi) if count(mid) < budget else (lo, mid)
-    best = min((lo, max(1, lo - 1)), key=lambda h: abs(count(h) - budget))
-    return replace(config, expert_hidden=best)
+    return min((lo, max(1, lo - 1)), key=lambda w: abs(count(w) - budget))
 
 
 def binary_auc(scores_N: torch.Tensor, labels_N: torch.Tensor) -> float:
