@@ -12,7 +12,7 @@ DATA = Path(__file__).parent / "data" / "shakespeare"
 
 
 def test_commands_registered():
-    assert cli._COMMAND_MODULES == ["moekit.train.commands", "moekit.recipes.commands", "moekit.parallel.commands"]
+    assert cli._COMMAND_MODULES == ["moekit.cli.train", "moekit.cli.recipes"]
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert {"train", "compare", "report", "generate", "presets"} <= set(sub.choices)
@@ -21,7 +21,7 @@ def test_commands_registered():
 
 
 def test_data_flag_points_at_user_files():
-    from moekit.train.commands import resolve_config
+    from moekit.cli.train import resolve_config
 
     args = cli.build_parser().parse_args(["train", "--data", str(DATA), "extra/*.txt"])
     assert args.data == [str(DATA), "extra/*.txt"]
@@ -30,7 +30,7 @@ def test_data_flag_points_at_user_files():
 
 
 def test_a_missing_command_module_contributes_nothing(monkeypatch):
-    monkeypatch.setattr(cli, "_COMMAND_MODULES", ["moekit.train.commands", "moekit.no_such_module.commands"])
+    monkeypatch.setattr(cli, "_COMMAND_MODULES", ["moekit.cli.train", "moekit.no_such_module.commands"])
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert "train" in sub.choices

@@ -8,7 +8,7 @@ from torch import nn
 
 import moekit
 from moekit.experts.heterogeneous import HeterogeneousExperts
-from moekit.experts.lora import MoLoRALinear, MoVLinear, soft_gate
+from moekit.layers.lora import MoLoRALinear, MoVLinear, soft_gate
 from moekit.experts.module import ModuleExperts
 
 
@@ -393,7 +393,7 @@ def test_stacked_dense_moe_composition_and_gradients():
 
 
 # ---------------------------------------------------------------------------------------- CondConv (X7)
-from moekit.experts.conv import CondConv2d  # noqa: E402
+from moekit.layers.condconv import CondConv2d  # noqa: E402
 
 
 @pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2, padding=0, groups=2), dict(dilation=2, padding=2, bias=False)])
@@ -423,7 +423,7 @@ def test_condconv_bad_input():
 
 
 # ---------------------------------------------------------------------------------------- SMEAR (X6)
-from moekit.experts.smear import SMEAR  # noqa: E402
+from moekit.layers.smear import SMEAR  # noqa: E402
 
 
 def test_smear_linear_equals_dense_mixture():
@@ -463,7 +463,7 @@ def test_smear_mlp_merges_parameters_per_example():
 
 
 # ---------------------------------------------------------------------------------------- Attention-head experts (X4)
-from moekit.experts.attention import MixtureOfAttentionHeads  # noqa: E402
+from moekit.layers.attention_heads import MixtureOfAttentionHeads  # noqa: E402
 
 
 def _moa_reference(m, x, causal):

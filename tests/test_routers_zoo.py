@@ -482,7 +482,7 @@ def test_sinkhorn_marginals_and_better_balance_than_argmax():
 
 # G6 BASE ------------------------------------------------------------------------------------
 def test_base_assignment_is_optimal():
-    from moekit.routing.base_layer import balanced_assignment, balanced_capacities
+    from moekit.routing.balanced_assignment import balanced_assignment, balanced_capacities
     torch.manual_seed(8)
     for T, n_exp in ((6, 3), (8, 2), (7, 3)):
         caps = balanced_capacities(T, n_exp)
@@ -498,7 +498,7 @@ def test_base_assignment_is_optimal():
 
 def test_base_assignment_matches_scipy_when_available():
     scipy_opt = pytest.importorskip("scipy.optimize")
-    from moekit.routing.base_layer import balanced_assignment, balanced_capacities
+    from moekit.routing.balanced_assignment import balanced_assignment, balanced_capacities
     s = torch.randn(48, 6)
     caps = balanced_capacities(48, 6)
     a = balanced_assignment(s, caps)

@@ -5,7 +5,9 @@
     >>> y = moe(torch.randn(4, 16, 64))
     >>> loss = y.square().mean() + moekit.aux_loss(moe)
 """
-from moekit import experts, layers, losses, models, ops, routing
+import importlib
+
+from moekit import experts, layers, losses, ops, routing
 from moekit.experts import ExpertBank, GLUExperts, MLPExperts, SharedExperts
 from moekit.layers import MoE, MoEStats, SoftMoE, aux_loss, moe_layers
 from moekit.losses import update_router_biases
@@ -18,3 +20,12 @@ __all__ = [
     "aux_loss", "moe_layers", "update_router_biases", "available_routers", "build_router",
     "register_router", "experts", "layers", "losses", "models", "ops", "routing", "__version__",
 ]
+
+# Loaded on first use, so `import moekit` stays light (no trainer, recipes, analysis, plotting).
+_LAZY_SUBPACKAGES = ("models", "parallel", "optim", "recipes", "hf", "train", "analysis", "validate")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBPACKAGES:
+        return importlib.import_module(f"moekit.{name}")
+    raise AttributeError(f"module 'moekit' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Layers: the sparse MoE layer (and, in later modules, Soft MoE, dense and multi-gate mixtures)."""
+"""Layers: the sparse MoE layer and every MoE-like layer, including those that route for themselves
+(Soft MoE, dense and hierarchical mixtures, multi-gate mixtures, M3oE, MoA, SMEAR, CondConv, MoLoRA / MoV)."""
 from moekit.layers.moe import MoE, aux_loss, default_hidden, moe_layers
 from moekit.layers.stats import MoEStats
 
@@ -22,3 +23,12 @@ __all__ += ["offload_experts", "offload_stats", "restore_experts"]
 from moekit.layers.m3oe import M3oE  # noqa: E402  (METHODS.md MT3)
 
 __all__ += ["M3oE"]
+
+# Layers that route for themselves (METHODS.md X-series): mixed convolutions, merged experts,
+# attention-head experts, adapter mixtures.
+from moekit.layers.attention_heads import MixtureOfAttentionHeads  # noqa: E402
+from moekit.layers.condconv import CondConv2d  # noqa: E402
+from moekit.layers.lora import MoLoRALinear, MoVLinear  # noqa: E402
+from moekit.layers.smear import SMEAR  # noqa: E402
+
+__all__ += ["MixtureOfAttentionHeads", "CondConv2d", "MoLoRALinear", "MoVLinear", "SMEAR"]

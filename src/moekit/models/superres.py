@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.experts.conv import CondConv2d
+from moekit.layers.condconv import CondConv2d
 
 __all__ = ["SRNet", "bicubic_upsample", "condconv_from_dense", "downsample", "evaluate_psnr", "psnr", "sr_macs",
            "train_sr"]

@@ -1,6 +1,6 @@
 """Routers: every rule maps tokens to the one `Routing` format."""
 from moekit.routing.base import Router, Routing, TokenChoiceRouter
-from moekit.routing.base_layer import BaseLayerRouter, balanced_assignment
+from moekit.routing.balanced_assignment import BaseLayerRouter, balanced_assignment
 from moekit.routing.capacity import DROP_POLICIES, apply_capacity, capacity_for
 from moekit.routing.cosine import CosineRouter
 from moekit.routing.dense import DenseRouter

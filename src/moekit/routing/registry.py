@@ -30,7 +30,7 @@ _BUILTIN = {
     "relu": "moekit.routing.relu:ReLURouter",
     "dselect_k": "moekit.routing.dselect_k:DSelectKRouter",
     "sinkhorn": "moekit.routing.sinkhorn:SinkhornRouter",
-    "base": "moekit.routing.base_layer:BaseLayerRouter",
+    "base": "moekit.routing.balanced_assignment:BaseLayerRouter",
     "thor": "moekit.routing.thor:ThorRouter",
     "null_experts": "moekit.routing.null_experts:NullExpertsRouter",
     "task": "moekit.routing.task:TaskRouter",

@@ -1,6 +1,6 @@
-"""The ``moekit`` command. Thin: each subcommand lives in a module that exposes
-``register(subparsers)`` and calls library functions; a module that is not installed (or not
-written yet) contributes nothing.
+"""The ``moekit`` command. Thin: each subcommand lives in a module of this package that exposes
+``register(subparsers)`` and calls library functions (`moekit.train`, `moekit.recipes`,
+`moekit.analysis`); a module whose optional dependency is missing contributes nothing, with a note.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 __all__ = ["main", "build_parser"]
 
-_COMMAND_MODULES = ["moekit.train.commands", "moekit.recipes.commands", "moekit.parallel.commands"]
+_COMMAND_MODULES = ["moekit.cli.train", "moekit.cli.recipes"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,10 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ImportError as e:
-            # A module that does not exist contributes nothing, silently; one that exists but
-            # needs something missing also contributes nothing, with a note saying why.
-            if not (getattr(e, "name", None) and name.startswith(e.name)):
-                print(f"moekit: commands of {name} unavailable: {e}", file=sys.stderr)
+            # A command module whose optional dependency is missing contributes nothing, with a note.
+            print(f"moekit: commands of {name} unavailable: {e}", file=sys.stderr)
             continue
         module.register(sub)
     return parser
