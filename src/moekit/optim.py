@@ -51,10 +51,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(params: Union[nn.Module, Iterable], *, name: str = "adamw", lr: float,
                     weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                    momentum: float = 0.0) -> torch.optim.Optimizer:
+                    momentum: float = 0.0, fused: Optional[bool] = None) -> torch.optim.Optimizer:
     """AdamW / Adam / SGD over a module (with `param_groups`) or an iterable of parameters or groups.
 
-    ``weight_decay`` is decoupled for AdamW and L2 for Adam and SGD, as torch defines them.
+    ``weight_decay`` is decoupled for AdamW and L2 for Adam and SGD, as torch defines them;
+    ``fused`` is torch's fused Adam(W) implementation (CUDA), None = torch's default.
     """
     check_choice("name", name, OPTIMIZERS)
     lr = check_number("lr", lr, min=0, min_open=True)
@@ -71,10 +72,15 @@ def build_optimizer(params: Union[nn.Module, Iterable], *, name: str = "adamw", 
         groups = list(params)
     if not groups or all(isinstance(g, dict) and not list(g["params"]) for g in groups):
         raise ValueError("build_optimizer got no trainable parameters (all frozen or none given)")
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"fused must be a bool or None, got {fused!r}")
+    extra = {} if fused is None else {"fused": fused}
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **extra)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **extra)
+    if fused:
+        raise ValueError("fused=True is an Adam / AdamW option; name='sgd' has none")
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
@@ -121,6 +127,8 @@ class UpdateStep:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.lr = check_number("lr", lr, min=0, min_open=True, allow_none=True)
+        if self.lr is not None and total_steps is None:
+            raise ValueError("total_steps is required when lr is given (the schedule ends there), got None")
         self.total_steps = check_int("total_steps", total_steps, min=1, allow_none=self.lr is None)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, min=0)
         self.min_lr_ratio = check_number("min_lr_ratio", min_lr_ratio, min=0, max=1)

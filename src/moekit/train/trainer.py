@@ -1,4 +1,5 @@
-"""The language-model trainer: AdamW, warmup + cosine, clipping, accumulation, checkpoints, resume.
+"""The language-model trainer: accumulation, checkpoints, resume; each update is `moekit.optim.UpdateStep`
+(AdamW, warmup + cosine, clipping, non-finite check, bias update).
 
 One `Trainer` trains one model variant of a `RunConfig` into its own folder:
 
@@ -17,7 +18,6 @@ One `Trainer` trains one model variant of a `RunConfig` into its own folder:
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import time
@@ -29,6 +29,7 @@ import torch
 
 import moekit
 from moekit.models.transformer import TransformerLM, flops_per_token, param_counts
+from moekit.optim import NonFiniteError, UpdateStep, build_optimizer, lr_at
 from moekit.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from moekit.train.config import RunConfig, variant_model_config
 from moekit.train.data import BatchSampler, build_corpus, eval_batches
@@ -43,16 +44,6 @@ class NonFiniteLossError(RuntimeError):
     """The loss (or gradient norm) became NaN or inf; the last good checkpoint is kept."""
 
 
-def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup from lr/warmup to lr over
-    `warmup_steps`, then cosine decay to ``min_lr_ratio · lr`` at the last step."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps - 1)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,16 +56,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float):
-    """Decay matrices (and stacked expert weights); never norms, biases or the embedding."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class _RoutingAccumulator:
@@ -152,9 +133,13 @@ class Trainer:
             raise ValueError("train.fsdp=true shards parameters over the ranks of a torchrun job; "
                              "this is a single process (WORLD_SIZE=1)")
         oc = run.optim
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, oc.weight_decay), lr=oc.lr,
-                                           betas=(oc.beta1, oc.beta2), eps=oc.eps, **fused)
+        self.optimizer = build_optimizer(self.model, name="adamw", lr=oc.lr, weight_decay=oc.weight_decay,
+                                         betas=(oc.beta1, oc.beta2), eps=oc.eps,
+                                         fused=True if self.device.type == "cuda" else None)
+        self.update = UpdateStep(self.model, self.optimizer, lr=oc.lr, total_steps=tc.steps,
+                                 warmup_steps=oc.warmup_steps, min_lr_ratio=oc.min_lr_ratio,
+                                 grad_clip=oc.grad_clip,
+                                 clip_fn=None if self.dist is None else self.dist.clip_grad_norm_)
         rank = 0 if self.dist is None else self.dist.rank
         # Data order: its own generator (seed and rank), independent of the model's RNG draws.
         self.sampler = BatchSampler(self.train_corpus, seq_len=run.data.seq_len, batch_size=run.data.batch_size,
@@ -258,36 +243,24 @@ class Trainer:
         return float(ce_sum) / A, float(aux_sum) / A
 
     def _train_step(self, routing: _RoutingAccumulator) -> dict:
-        tc, oc = self.run.train, self.run.optim
-        lr = lr_at(self.step, lr=oc.lr, warmup_steps=oc.warmup_steps, total_steps=tc.steps,
-                   min_lr_ratio=oc.min_lr_ratio)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        tc = self.run.train
+        self.update.step = self.step
+        lr = self.update.set_lr()
         ce_val, aux_val = self.accumulate_gradients([self.sampler.next_batch for _ in range(tc.grad_accum)],
                                                     routing)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if oc.grad_clip > 0 and self.dist is not None:
-            gnorm = self.dist.clip_grad_norm_(self.model, oc.grad_clip)
-        elif oc.grad_clip > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, oc.grad_clip))
-        else:
-            gnorm = float(torch.nn.utils.get_total_norm([p.grad for p in params])) \
-                if hasattr(torch.nn.utils, "get_total_norm") else float("nan")
-        if not (math.isfinite(ce_val) and math.isfinite(aux_val)) or (oc.grad_clip > 0 and not math.isfinite(gnorm)):
-            what = "loss" if not math.isfinite(ce_val + aux_val) else "gradient norm"
-            raise NonFiniteLossError(
-                f"{what} became non-finite at step {self.step + 1} (cross-entropy {ce_val}, aux {aux_val}, "
-                f"grad norm {gnorm}); stopped before the optimizer step. Last good checkpoint: "
-                f"{self.last_good or 'none written yet'}. Try a lower optim.lr, optim.grad_clip > 0, "
-                f"or train.amp='none'.")
         # A Ctrl-C inside the update would leave parameters half-updated: flag the window so
         # the interrupt handler keeps the previous checkpoint instead of saving that state.
         self._in_update = True
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        moekit.update_router_biases(self.model)
-        self._in_update = False
-        return {"loss": ce_val + aux_val, "ce": ce_val, "aux": aux_val, "lr": lr, "grad_norm": gnorm}
+        try:
+            info = self.update(loss_value=ce_val + aux_val)       # clip, check, step, bias update
+        except NonFiniteError as e:
+            raise NonFiniteLossError(
+                f"{e} (cross-entropy {ce_val}, aux {aux_val}). Last good checkpoint: "
+                f"{self.last_good or 'none written yet'}. Try a lower optim.lr, optim.grad_clip > 0, "
+                f"or train.amp='none'.") from None
+        finally:
+            self._in_update = False
+        return {"loss": ce_val + aux_val, "ce": ce_val, "aux": aux_val, "lr": lr, "grad_norm": info["grad_norm"]}
 
     def fit(self, *, stop_at_step: Optional[int] = None) -> dict:
         """Train to ``train.steps`` (or `stop_at_step`); returns the result dict (also in result.json).
