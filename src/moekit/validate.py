@@ -54,7 +54,8 @@ def check_int(name: str, value: Any, *, min: Optional[int] = None, max: Optional
     """An int (not a bool, not a float) within ``[min, max]``; numpy / 0-d integer tensors accepted."""
     if value is None and allow_none:
         return None
-    expected = " ".join(filter(None, ("an int", range_text(min, max)))) + (" or None" if allow_none else "")
+    expected = "a positive int" if (min == 1 and max is None) else " ".join(filter(None, ("an int", range_text(min, max))))
+    expected += " or None" if allow_none else ""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
             and value.dtype != torch.bool:
         value = int(value)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from moekit.validate import check_int
 from moekit.experts.base import ExpertBank
 from moekit.experts.glu import GLU_ACTIVATIONS, GLUExperts
 from moekit.experts.mlp import MLPExperts
@@ -38,6 +39,7 @@ def resolve_experts(experts: Optional[ExpertBank], *, expert: Optional[str], d_h
                              f"{experts.d_model}; the layer has {num_experts}, {d_model}")
         return experts
     expert = expert or default_expert
+    check_int("d_hidden", d_hidden, min=1, allow_none=True)
     d_hidden = d_hidden if d_hidden is not None else default_hidden(d_model, expert)
     return build_experts(expert, num_experts=num_experts, d_model=d_model, d_hidden=d_hidden,
                          activation=activation)

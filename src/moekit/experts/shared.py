@@ -14,6 +14,7 @@ from torch import nn
 
 from moekit.experts.base import activation_fn
 from moekit.experts.glu import GLU_ACTIVATIONS
+from moekit.validate import check_bool, check_int
 
 __all__ = ["SharedExperts", "DenseFFN"]
 
@@ -46,8 +47,9 @@ class SharedExperts(nn.Module):
     def __init__(self, d_model: int, d_hidden: int, num_shared: int = 1, *, expert: str = "swiglu",
                  activation: str | None = None, gate: bool = False):
         super().__init__()
-        if num_shared < 1:
-            raise ValueError(f"num_shared must be >= 1, got {num_shared}")
+        check_int("num_shared", num_shared, min=1)
+        check_int("d_hidden", d_hidden, min=1)
+        check_bool("gate", gate)
         self.num_shared = num_shared
         self.ffn = DenseFFN(d_model, num_shared * d_hidden, expert=expert, activation=activation)
         self.gate = nn.Linear(d_model, 1, bias=False) if gate else None
@@ -55,5 +57,7 @@ class SharedExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         y = self.ffn(x_TD)
         if self.gate is not None:
-            y = torch.sigmoid(F.linear(x_TD.float(), self.gate.weight.float())).to(y.dtype) * y
+            # The gate in float32 at least (float64 stays float64), like the routers.
+            acc = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
+            y = torch.sigmoid(F.linear(x_TD.to(acc), self.gate.weight.to(acc))).to(y.dtype) * y
         return y

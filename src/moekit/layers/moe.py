@@ -28,8 +28,19 @@ from moekit.ops.dispatch import LocalDispatcher
 from moekit.ops.fused import fused_experts
 from moekit.routing import Router, TokenChoiceRouter, build_router
 from moekit.routing.base import check_router_args
+from moekit.validate import check_bool, check_instance, check_int, check_number
 
 __all__ = ["MoE", "aux_loss", "default_hidden", "moe_layers"]
+
+# Settings the layer itself gives its router; router_kwargs may not contradict them.
+_LAYER_ROUTER_ARGS = {"d_model", "num_experts", "top_k", "capacity_factor", "eval_capacity_factor", "drop_policy"}
+
+
+def _autocast_on(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except TypeError:                                   # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 def default_hidden(d_model: int, expert: str) -> int:
@@ -90,14 +101,18 @@ class MoE(nn.Module):
         check_router_args(d_model, num_experts, top_k)
         if balance_loss != "auto" and balance_loss not in BALANCE_LOSSES:
             raise ValueError(f"balance_loss must be 'auto' or one of {BALANCE_LOSSES}, got {balance_loss!r}")
-        for name, v in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
-            if not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
-        if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
+        aux_loss_coef = check_number("aux_loss_coef", aux_loss_coef, min=0)
+        z_loss_coef = check_number("z_loss_coef", z_loss_coef, min=0)
+        check_int("num_shared_experts", num_shared_experts, min=0)
+        check_int("shared_d_hidden", shared_d_hidden, min=1, allow_none=True)
+        check_bool("shared_expert_gate", shared_expert_gate)
         check_backend_name(backend)
-        if not isinstance(sync_free, bool):
-            raise TypeError(f"sync_free must be a bool, got {type(sync_free).__name__}")
+        check_bool("sync_free", sync_free)
+        check_instance("router_kwargs", router_kwargs, dict, allow_none=True)
+        clash = sorted(set(router_kwargs or {}) & _LAYER_ROUTER_ARGS)
+        if clash:
+            raise ValueError(f"router_kwargs must not set {clash}: pass them to MoE(...) itself, which gives them "
+                             f"to the router (router_kwargs holds only the router's own options)")
         self.d_model, self.num_experts = d_model, num_experts
         self.aux_loss_coef, self.z_loss_coef = float(aux_loss_coef), float(z_loss_coef)
         self.backend = backend
@@ -183,6 +198,11 @@ class MoE(nn.Module):
     # ------------------------------------------------------------------------------------
     def _check(self, x: torch.Tensor, mask, token_ids, router_inputs):
         check_float_input(x, self.d_model)
+        p = next(self.parameters(), None)
+        if p is not None and p.device != x.device:
+            hint = " (materialise it first, e.g. layer.to_empty(device=...) and load weights)" \
+                if p.device.type == "meta" else ""
+            raise ValueError(f"x is on {x.device} but the layer's parameters are on {p.device}{hint}")
         checks = [("mask", mask, torch.bool), ("token_ids", token_ids, None)]
         checks += [(k, v, None) for k, v in router_inputs.items()]
         for name, t, dt in checks:
@@ -208,6 +228,10 @@ class MoE(nn.Module):
         self._check(x, mask, token_ids, router_inputs)
         shape = x.shape
         x_TD = x.reshape(-1, self.d_model)                                   # (T, D)
+        p = next(self.parameters(), None)
+        if p is not None and p.is_floating_point() and x_TD.dtype != p.dtype and not _autocast_on(x.device):
+            # Compute in the layer's dtype (float64 stays float64 end to end); y returns in x's dtype.
+            x_TD = x_TD.to(p.dtype)
         T = x_TD.shape[0]
         mask_T = None if mask is None else mask.reshape(-1)
         ids_T = None if token_ids is None else token_ids.reshape(-1)
@@ -228,10 +252,10 @@ class MoE(nn.Module):
         if y_TD is None:
             x_ND, counts_E, meta = self.dispatcher.dispatch(x_TD, routing)
             y_ND = self.experts(x_ND, counts_E, backend=self.backend)
-            y_TD = self.dispatcher.combine(y_ND, meta, out_dtype=x.dtype)
-        y_TD = y_TD.to(x.dtype)
+            y_TD = self.dispatcher.combine(y_ND, meta, out_dtype=x_TD.dtype)
+        y_TD = y_TD.to(x_TD.dtype)                  # the compute dtype; x's dtype at the very end
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD).to(x.dtype)
+            y_TD = y_TD + self.shared_experts(x_TD).to(x_TD.dtype)
 
         seq_len = shape[-2] if x.dim() >= 3 else T
         self.aux_loss = self.compute_aux_loss(routing, mask_T, seq_len)
@@ -239,7 +263,7 @@ class MoE(nn.Module):
         # reusing its buffer cannot change them.
         self._stats, self._stats_inputs = None, (routing, None if mask_T is None else mask_T.clone(), T)
         self.last_routing = routing
-        return y_TD.reshape(shape)
+        return y_TD.to(x.dtype).reshape(shape)
 
     def compute_aux_loss(self, routing, mask_T, seq_len: int) -> torch.Tensor:
         """``aux_loss_coef · balance + z_loss_coef · z + router-specific terms`` (scalar, with grad)."""

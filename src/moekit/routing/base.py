@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from moekit.ops.counting import count_ids
+from moekit.validate import check_int
 from moekit.routing.capacity import (DROP_POLICIES, apply_capacity, apply_capacity_static, capacity_for,
                                      capacity_tensor)
 
@@ -92,14 +93,11 @@ class Routing:
 
 
 def check_router_args(d_model: int, num_experts: int, top_k: Optional[int] = None) -> None:
-    """Raise ValueError for an empty or inconsistent router configuration."""
-    if not isinstance(d_model, int) or d_model <= 0:
-        raise ValueError(f"d_model must be a positive int, got {d_model!r}")
-    if not isinstance(num_experts, int) or num_experts <= 0:
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    """Raise ValueError / TypeError for an empty or inconsistent router configuration."""
+    check_int("d_model", d_model, min=1)
+    check_int("num_experts", num_experts, min=1)
     if top_k is not None:
-        if not isinstance(top_k, int) or top_k <= 0:
-            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+        check_int("top_k", top_k, min=1)
         if top_k > num_experts:
             raise ValueError(f"top_k must be <= num_experts={num_experts}, got top_k={top_k}")
 
@@ -114,7 +112,9 @@ def check_no_top_k(router_name: str, top_k: Optional[int], natural: Optional[int
 def _check_capacity_factor(name: str, value: Optional[float]) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be None (dropless) or a finite number > 0, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be None (dropless) or a finite number > 0, got {value!r}")
 
 

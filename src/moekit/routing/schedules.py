@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.ops.topk import topk_stable
+from moekit.validate import check_int
 from moekit.routing.base import Router, Routing, check_no_top_k
 from moekit.routing.pairs import check_token_input, no_drops, pairs_from_selection
 from moekit.routing.topk import init_router_weight
@@ -148,12 +149,15 @@ class StableMoERouter(Router):
 
     default_balance_loss = "switch"
 
-    def __init__(self, d_model: int, num_experts: int, top_k: Optional[int] = None, *, vocab_size: int = 1,
+    def __init__(self, d_model: int, num_experts: int, top_k: Optional[int] = None, *, vocab_size: Optional[int] = None,
                  d_distill: int = 16, distill_coef: float = 1.0):
         check_no_top_k("stable_moe", top_k, 1)
         super().__init__(d_model, num_experts, None)
-        if not isinstance(vocab_size, int) or vocab_size <= 0:
-            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        if vocab_size is None:
+            raise ValueError("router 'stable_moe' needs vocab_size (the number of token ids it distils routing "
+                             "for): pass it through router_kwargs, e.g. MoE(router='stable_moe', "
+                             "router_kwargs={'vocab_size': V})")
+        check_int("vocab_size", vocab_size, min=1)
         if not isinstance(d_distill, int) or d_distill <= 0:
             raise ValueError(f"d_distill must be a positive int, got {d_distill!r}")
         if distill_coef < 0:

@@ -11,12 +11,15 @@ layer for that task (a small dense model per task). Needs ``task_ids`` (T,) in `
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moekit.ops.topk import topk_stable
 from moekit.routing.base import TokenChoiceRouter
+from moekit.validate import check_int
 from moekit.routing.pairs import check_token_input
 from moekit.routing.topk import init_router_weight, normalise
 
@@ -24,13 +27,15 @@ __all__ = ["TaskRouter"]
 
 
 class TaskRouter(TokenChoiceRouter):
-    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *, num_tasks: int = 1,
+    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *, num_tasks: Optional[int] = None,
                  d_task: int = 16, norm: str = "renorm", capacity_factor=None, eval_capacity_factor="same",
                  drop_policy: str = "position"):
         super().__init__(d_model, num_experts, top_k, capacity_factor=capacity_factor,
                          eval_capacity_factor=eval_capacity_factor, drop_policy=drop_policy)
-        if not isinstance(num_tasks, int) or num_tasks <= 0:
-            raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+        if num_tasks is None:
+            raise ValueError("router 'task' needs num_tasks (how many task ids it routes): pass it through "
+                             "router_kwargs, e.g. MoE(router='task', router_kwargs={'num_tasks': N})")
+        check_int("num_tasks", num_tasks, min=1)
         if not isinstance(d_task, int) or d_task <= 0:
             raise ValueError(f"d_task must be a positive int, got {d_task!r}")
         if norm not in ("renorm", "raw"):
