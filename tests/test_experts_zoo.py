@@ -334,12 +334,12 @@ def test_mov_identity_at_init_and_formula():
 
 def test_lora_bad_input():
     with pytest.raises(TypeError, match="nn.Linear"):
-        MoLoRALinear(nn.Conv1d(3, 3, 1), 2, 2)
+        MoLoRALinear(nn.Conv1d(3, 3, 1), num_experts=2, rank=2)
     with pytest.raises(ValueError, match="top_k"):
-        MoLoRALinear(nn.Linear(4, 4), 2, 2, top_k=3)
+        MoLoRALinear(nn.Linear(4, 4), num_experts=2, rank=2, top_k=3)
     with pytest.raises(ValueError, match="rank"):
-        MoLoRALinear(nn.Linear(4, 4), 2, 0)
-    layer = MoVLinear(nn.Linear(4, 3), 2)
+        MoLoRALinear(nn.Linear(4, 4), num_experts=2, rank=0)
+    layer = MoVLinear(nn.Linear(4, 3), num_experts=2)
     with pytest.raises(ValueError, match="in_features=4"):
         layer(torch.randn(2, 5))
 
@@ -351,7 +351,7 @@ from moekit.layers.dense_mixture import DenseMoE, StackedDenseMoE  # noqa: E402
 @pytest.mark.parametrize("expert,backend", [("mlp", "eager"), ("swiglu", "grouped_mm"), ("mlp", "auto")])
 def test_dense_moe_is_the_oracle_for_topk_equal_E(expert, backend):
     torch.manual_seed(8)
-    dense = DenseMoE(16, 4, d_hidden=8, expert=expert, backend=backend).eval()
+    dense = DenseMoE(d_model=16, num_experts=4, d_hidden=8, expert=expert, backend=backend).eval()
     moe = moekit.MoE(d_model=16, num_experts=4, top_k=4, experts=dense.experts).eval()
     moe.router.weight.data.copy_(dense.gate_weight.data)
     x = torch.randn(3, 7, 16)
@@ -367,27 +367,27 @@ def test_dense_moe_is_the_oracle_for_topk_equal_E(expert, backend):
 
 def test_dense_moe_temperature_and_single_expert():
     torch.manual_seed(9)
-    d = DenseMoE(8, 3, d_hidden=8, expert="mlp", temperature=0.5)
+    d = DenseMoE(d_model=8, num_experts=3, d_hidden=8, expert="mlp", temperature=0.5)
     x = torch.randn(5, 8)
     torch.testing.assert_close(d.gate(x), torch.softmax(2.0 * (x @ d.gate_weight.t()), -1))
-    one = DenseMoE(8, 1, d_hidden=8, expert="mlp")
+    one = DenseMoE(d_model=8, num_experts=1, d_hidden=8, expert="mlp")
     torch.testing.assert_close(one(x), one.experts[0](x))          # E = 1: the layer is its expert
     with pytest.raises(ValueError, match="temperature"):
-        DenseMoE(8, 2, temperature=0)
+        DenseMoE(d_model=8, num_experts=2, temperature=0)
     with pytest.raises(ValueError, match="d_model=8"):
         d(torch.randn(2, 7))
 
 
 def test_stacked_dense_moe_composition_and_gradients():
     torch.manual_seed(10)
-    st = StackedDenseMoE(8, [3, 2], d_hidden=8, expert="mlp")
+    st = StackedDenseMoE(d_model=8, num_experts=[3, 2], d_hidden=8, expert="mlp")
     x = torch.randn(6, 8)
     y = st(x)
     torch.testing.assert_close(y, st.layers[1](st.layers[0](x)))
     y.square().sum().backward()
     for layer in st.layers:
         assert layer.gate_weight.grad is not None and layer.gate_weight.grad.abs().sum() > 0
-    res = StackedDenseMoE(8, [2, 2], d_hidden=8, expert="mlp", residual=True)
+    res = StackedDenseMoE(d_model=8, num_experts=[2, 2], d_hidden=8, expert="mlp", residual=True)
     z = x + res.layers[0](x)
     torch.testing.assert_close(res(x), z + res.layers[1](z))
 
@@ -428,7 +428,7 @@ from moekit.layers.smear import SMEAR  # noqa: E402
 
 def test_smear_linear_equals_dense_mixture():
     torch.manual_seed(12)
-    sm = SMEAR(8, 4, expert="linear")
+    sm = SMEAR(d_model=8, num_experts=4, expert="linear")
     x = torch.randn(3, 5, 8)
     y = sm(x)
     p = torch.softmax(x.mean(1) @ sm.router.weight.t(), -1)             # (B, E), per example
@@ -438,7 +438,7 @@ def test_smear_linear_equals_dense_mixture():
 
 def test_smear_mlp_merges_parameters_per_example():
     torch.manual_seed(13)
-    sm = SMEAR(8, 3, d_hidden=6)
+    sm = SMEAR(d_model=8, num_experts=3, d_hidden=6)
     x = torch.randn(2, 4, 8)
     mask = torch.tensor([[True, True, False, False], [True] * 4])
     y = sm(x, mask=mask)
@@ -457,7 +457,7 @@ def test_smear_mlp_merges_parameters_per_example():
     y.sum().backward()
     assert sm.router.weight.grad.abs().sum() > 0 and sm.up_proj.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="d_hidden"):
-        SMEAR(8, 2, expert="linear", d_hidden=4)
+        SMEAR(d_model=8, num_experts=2, expert="linear", d_hidden=4)
     with pytest.raises(ValueError, match="mask"):
         sm(x, mask=torch.ones(2, 3, dtype=torch.bool))
 
@@ -488,7 +488,7 @@ def _moa_reference(m, x, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_moa_equals_reference(causal):
     torch.manual_seed(14)
-    m = MixtureOfAttentionHeads(12, 5, 2, head_dim=4, causal=causal)
+    m = MixtureOfAttentionHeads(d_model=12, num_experts=5, top_k=2, head_dim=4, causal=causal)
     nn.init.normal_(m.router.weight)
     x = torch.randn(2, 6, 12)
     y, ref = m(x), _moa_reference(m, x, causal)
@@ -501,7 +501,7 @@ def test_moa_equals_reference(causal):
 
 def test_moa_all_heads_uniform_gates_is_averaged_multi_query_attention():
     torch.manual_seed(15)
-    m = MixtureOfAttentionHeads(8, 3, 3, head_dim=4)
+    m = MixtureOfAttentionHeads(d_model=8, num_experts=3, top_k=3, head_dim=4)
     nn.init.zeros_(m.router.weight)                        # uniform gates 1/E on all E heads
     x = torch.randn(2, 5, 8)
     k, v = m.k_proj(x), m.v_proj(x)
@@ -515,7 +515,7 @@ def test_moa_all_heads_uniform_gates_is_averaged_multi_query_attention():
 
 def test_moa_causal_and_aux_loss():
     torch.manual_seed(16)
-    m = MixtureOfAttentionHeads(8, 4, 2, causal=True, z_loss_coef=1e-3)
+    m = MixtureOfAttentionHeads(d_model=8, num_experts=4, top_k=2, causal=True, z_loss_coef=1e-3)
     x = torch.randn(1, 7, 8)
     y = m(x)
     x2 = x.clone()
@@ -527,10 +527,10 @@ def test_moa_causal_and_aux_loss():
     assert m.router.weight.grad.abs().sum() > 0
     assert m.last_stats["tokens_per_expert"].sum() == 7 * 2
     kp = torch.tensor([[True] * 5 + [False] * 2])
-    y_pad = m(x, key_padding_mask=kp)
+    y_pad = m(x, mask=kp)
     torch.testing.assert_close(y_pad[:, :5], m(x[:, :5]))          # padding never attended to
     with pytest.raises(ValueError, match="top_k"):
-        MixtureOfAttentionHeads(8, 2, 3)
+        MixtureOfAttentionHeads(d_model=8, num_experts=2, top_k=3)
     with pytest.raises(ValueError, match="\\(B, S, 8\\)"):
         m(torch.randn(7, 8))
 
@@ -541,7 +541,7 @@ from moekit.layers.residual_moe import PyramidMoE, ResidualMoE  # noqa: E402
 
 def test_residual_moe_zero_experts_equals_dense_mlp():
     torch.manual_seed(17)
-    r = ResidualMoE(8, 4, d_hidden=8, expert="mlp")
+    r = ResidualMoE(d_model=8, num_experts=4, d_hidden=8, expert="mlp")
     x = torch.randn(2, 5, 8)
     y = r(x)
     torch.testing.assert_close(y, r.mlp(x) + r.moe(x))
@@ -555,7 +555,7 @@ def test_residual_moe_zero_experts_equals_dense_mlp():
 
 def test_residual_moe_coefficient_mix():
     torch.manual_seed(18)
-    r = ResidualMoE(8, 3, d_hidden=8, coefficient=True)
+    r = ResidualMoE(d_model=8, num_experts=3, d_hidden=8, coefficient=True)
     x = torch.randn(4, 8)
     c = torch.softmax(r.coefficient(x), -1)
     torch.testing.assert_close(r(x), c[:, :1] * r.moe(x) + c[:, 1:] * r.mlp(x), atol=1e-6, rtol=1e-5)
@@ -565,7 +565,7 @@ def test_residual_moe_coefficient_mix():
 
 def test_pyramid_moe_counts_and_losses():
     torch.manual_seed(19)
-    p = PyramidMoE(8, [2, 4, 8], d_hidden=8, expert="mlp")
+    p = PyramidMoE(d_model=8, num_experts=[2, 4, 8], d_hidden=8, expert="mlp")
     assert [layer.moe.num_experts for layer in p.layers] == [2, 4, 8]
     x = torch.randn(3, 8)
     y = p(x)
@@ -575,8 +575,8 @@ def test_pyramid_moe_counts_and_losses():
     torch.testing.assert_close(y, h)
     p(x)
     torch.testing.assert_close(moekit.aux_loss(p), sum(layer.moe.aux_loss for layer in p.layers))
-    plain = PyramidMoE(8, [2, 3], residual_mlp=False, d_hidden=8, expert="mlp")
+    plain = PyramidMoE(d_model=8, num_experts=[2, 3], residual_mlp=False, d_hidden=8, expert="mlp")
     assert all(isinstance(layer, moekit.MoE) and layer.top_k == 1 for layer in plain.layers)
     with pytest.raises(ValueError, match="non-decreasing"):
-        PyramidMoE(8, [4, 2])
-    assert len(PyramidMoE(8, [4, 2], allow_any_order=True, d_hidden=8).layers) == 2
+        PyramidMoE(d_model=8, num_experts=[4, 2])
+    assert len(PyramidMoE(d_model=8, num_experts=[4, 2], allow_any_order=True, d_hidden=8).layers) == 2

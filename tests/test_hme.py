@@ -24,7 +24,7 @@ def linear_baseline_mse(x, y, xt, yt):
 
 
 def test_responsibilities_sum_to_one_and_prediction_is_gate_weighted_mean():
-    m = HierarchicalMoE(3, 2, (3, 2)).double()
+    m = HierarchicalMoE(d_model=3, d_out=2, branching=(3, 2)).double()
     x, y = torch.randn(50, 3, dtype=torch.float64), torch.randn(50, 2, dtype=torch.float64)
     h = m.responsibilities(x, y)
     torch.testing.assert_close(h.sum((1, 2)), torch.ones(50, dtype=torch.float64))
@@ -52,7 +52,7 @@ def test_em_log_likelihood_is_monotone():
     g = torch.Generator().manual_seed(1)
     x, y = piecewise_linear(400, g)
     torch.manual_seed(1)
-    m = HierarchicalMoE(1, 1, (2, 2)).double()
+    m = HierarchicalMoE(d_model=1, d_out=1, branching=(2, 2)).double()
     history = m.fit_em(x, y, iters=30, irls_steps=20, tol=0.0)
     assert len(history) == 31
     assert all(b >= a - 1e-8 for a, b in zip(history, history[1:])), history
@@ -65,7 +65,7 @@ def test_em_recovers_the_piecewise_linear_regimes():
     x, y = piecewise_linear(2000, g)
     xt, yt = piecewise_linear(2000, g)
     torch.manual_seed(2)
-    m = HierarchicalMoE(1, 1, (2, 2)).double()
+    m = HierarchicalMoE(d_model=1, d_out=1, branching=(2, 2)).double()
     m.fit_em(x, y, iters=100, n_init=5, init_iters=25, generator=torch.Generator().manual_seed(2))
     mse = (m(xt) - yt).square().mean().item()
     assert mse < 3 * NOISE ** 2, mse                          # noise floor 0.0025
@@ -89,7 +89,7 @@ def test_gradient_training_lowers_nll_and_beats_linear():
     xt, yt = piecewise_linear(1000, g)
     x, y, xt, yt = x.float(), y.float(), xt.float(), yt.float()
     torch.manual_seed(5)
-    m = HierarchicalMoE(1, 1, (2, 2))
+    m = HierarchicalMoE(d_model=1, d_out=1, branching=(2, 2))
     opt = torch.optim.Adam(m.parameters(), lr=0.05)
     start = m.nll(x, y).item()
     for _ in range(300):
@@ -119,7 +119,7 @@ def test_em_recovers_quadrant_regimes_in_2d():
     x, y, _ = quadrants(1200, g)
     xt, yt, qt = quadrants(1200, g)
     torch.manual_seed(4)
-    m = HierarchicalMoE(2, 1, (2, 2)).double()
+    m = HierarchicalMoE(d_model=2, d_out=1, branching=(2, 2)).double()
     m.fit_em(x, y, iters=60, n_init=4, init_iters=20, generator=torch.Generator().manual_seed(4))
     leaves = m.leaf_assignment(xt)
     purity = sum(leaves[qt == r].bincount(minlength=4).max().item() for r in range(4)) / 1200

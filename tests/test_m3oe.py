@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.layers import M3oE
+from moekit.layers import M3oE, MoELayer
 from moekit.layers.m3oe import STRUCTURE_NAMES, MLPGroup
 from moekit.models.multidomain import (ARCHS, MultiDomainConfig, MultiDomainModel, config_for_budget,
                                        domain_task_auc, domain_task_bce, evaluate_cells, train_multidomain)
@@ -25,7 +25,7 @@ CENSUS = Path(__file__).parent / "data" / "census"
 def _m3oe(d_in=11, D=3, K=2, E=3, seed=0, **kw):
     torch.manual_seed(seed)
     kw = {"star_dim": 7, "bottom_dim": 6, "expert_dims": (5, 4), **kw}
-    return M3oE(d_in, D, K, num_shared_experts=E, **kw).double()
+    return M3oE(d_model=d_in, num_domains=D, num_tasks=K, num_shared_experts=E, **kw).double()
 
 
 def _inputs(m, B=13, seed=1, ids=None):
@@ -237,22 +237,22 @@ def test_detached_gate_input_changes_gradients_not_outputs():
 
 def test_shapes_and_dtypes():
     torch.manual_seed(8)
-    m = M3oE(9, 2, 3, num_shared_experts=2, star_dim=8, bottom_dim=8, expert_dims=(6,))
+    m = M3oE(d_model=9, num_domains=2, num_tasks=3, num_shared_experts=2, star_dim=8, bottom_dim=8, expert_dims=(6,))
     assert m.head_weight.shape == (2, 3, 6)                      # tower hidden defaults to O
     for B in (1, 4):
         y = m(torch.randn(B, 9), torch.zeros(B, dtype=torch.int32))
         assert y.shape == (B, 3) and y.dtype == torch.float32
     assert m(torch.randn(0, 9), torch.zeros(0, dtype=torch.long)).shape == (0, 3)
     assert m.double()(torch.randn(4, 9, dtype=torch.float64), torch.tensor([0, 1, 1, 0])).dtype == torch.float64
-    assert m.aux_loss.item() == 0 and m._is_moe_layer
+    assert m.aux_loss.item() == 0 and isinstance(m, MoELayer)
 
 
 def test_bad_inputs_raise_with_expected_and_actual():
     m = _m3oe(d_in=11, D=3)
     x, ids = _inputs(m, B=4)
-    with pytest.raises(ValueError, match=r"shape \(B, d_in=11\), got \(4, 10\)"):
+    with pytest.raises(ValueError, match=r"shape \(B, d_model=11\), got \(4, 10\)"):
         m(x[:, :10], ids)
-    with pytest.raises(ValueError, match=r"shape \(B, d_in=11\), got \(2, 2, 11\)"):
+    with pytest.raises(ValueError, match=r"shape \(B, d_model=11\), got \(2, 2, 11\)"):
         m(x.reshape(2, 2, 11), ids)
     with pytest.raises(ValueError, match=r"\[0, num_domains=3\), got values from 0 to 3"):
         m(x, torch.tensor([0, 1, 2, 3]))
@@ -280,7 +280,7 @@ def test_bad_inputs_raise_with_expected_and_actual():
                     (dict(structure_init=math.inf), "structure_init must be finite")]:
         args = {"d_in": 5, "num_domains": 2, "num_tasks": 2, **kw}
         with pytest.raises(ValueError, match=msg):
-            M3oE(args.pop("d_in"), args.pop("num_domains"), args.pop("num_tasks"), **args)
+            M3oE(d_model=args.pop("d_in"), num_domains=args.pop("num_domains"), num_tasks=args.pop("num_tasks"), **args)
 
 
 # ---------------------------------------------------------------- the trainer, on synthetic data

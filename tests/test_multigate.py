@@ -8,7 +8,7 @@ from moekit.layers.multigate import (CGC, MMoE, PLE, SharedBottom, make_mmoe_syn
 
 def test_mmoe_shapes_and_gates_sum_to_one():
     torch.manual_seed(0)
-    m = MMoE(10, 4, 3, 6, tower_hidden=5, d_out=2)
+    m = MMoE(d_model=10, num_experts=4, num_tasks=3, d_hidden=6, tower_hidden=5, d_out=2)
     ys = m(torch.randn(2, 7, 10))
     assert len(ys) == 3 and all(y.shape == (2, 7, 2) for y in ys)
     assert len(m.last_gates) == 3
@@ -22,7 +22,7 @@ def test_mmoe_shapes_and_gates_sum_to_one():
 
 def test_mmoe_matches_manual_formula():
     torch.manual_seed(1)
-    m = MMoE(5, 3, 2, 4)
+    m = MMoE(d_model=5, num_experts=3, num_tasks=2, d_hidden=4)
     x = torch.randn(6, 5)
     ys = m(x)
     for k in range(2):
@@ -33,8 +33,8 @@ def test_mmoe_matches_manual_formula():
 
 def test_mmoe_one_expert_equals_shared_bottom():
     torch.manual_seed(2)
-    m = MMoE(6, 1, 2, 5, tower_hidden=3)
-    sb = SharedBottom(6, 2, 5, tower_hidden=3)
+    m = MMoE(d_model=6, num_experts=1, num_tasks=2, d_hidden=5, tower_hidden=3)
+    sb = SharedBottom(d_model=6, num_tasks=2, d_hidden=5, tower_hidden=3)
     sb.bottom.load_state_dict(m.experts.state_dict())
     sb.towers.load_state_dict(m.towers.state_dict())
     x = torch.randn(9, 6)
@@ -45,8 +45,8 @@ def test_mmoe_one_expert_equals_shared_bottom():
 
 def test_identical_gates_equal_omoe():
     torch.manual_seed(3)
-    omoe = MMoE(6, 3, 2, 4, shared_gate=True)
-    mmoe = MMoE(6, 3, 2, 4)
+    omoe = MMoE(d_model=6, num_experts=3, num_tasks=2, d_hidden=4, shared_gate=True)
+    mmoe = MMoE(d_model=6, num_experts=3, num_tasks=2, d_hidden=4)
     mmoe.experts.load_state_dict(omoe.experts.state_dict())
     mmoe.towers.load_state_dict(omoe.towers.state_dict())
     for g in mmoe.gates:
@@ -61,11 +61,11 @@ def test_identical_gates_equal_omoe():
 def test_gradients_reach_every_gate_and_expert(model):
     torch.manual_seed(4)
     if model == "mmoe":
-        m = MMoE(6, 3, 3, 4)
+        m = MMoE(d_model=6, num_experts=3, num_tasks=3, d_hidden=4)
     elif model == "ple":
-        m = PLE(6, 3, 2, 1, [16, 12], num_levels=2, tower_hidden=8)
+        m = PLE(d_model=6, num_tasks=3, num_shared_experts=2, num_specific_experts=1, d_hidden=[16, 12], num_levels=2, tower_hidden=8)
     else:
-        m = CGC(6, 3, 2, 2, 4)
+        m = CGC(d_model=6, num_tasks=3, num_shared_experts=2, num_specific_experts=2, d_hidden=4)
     ys = m(torch.randn(32, 6))
     sum(y.square().sum() for y in ys).backward()
     for name, p in m.named_parameters():
@@ -74,7 +74,7 @@ def test_gradients_reach_every_gate_and_expert(model):
 
 def test_cgc_task_gate_never_weights_other_tasks_experts():
     torch.manual_seed(5)
-    m = CGC(6, 3, 2, 2, 4)
+    m = CGC(d_model=6, num_tasks=3, num_shared_experts=2, num_specific_experts=2, d_hidden=4)
     x = torch.randn(8, 6)
     ys = m(x)
     for g in m.last_gates:
@@ -91,8 +91,8 @@ def test_cgc_task_gate_never_weights_other_tasks_experts():
 
 def test_cgc_without_specific_experts_equals_mmoe():
     torch.manual_seed(6)
-    cgc = CGC(6, 2, 3, 0, 4)
-    mmoe = MMoE(6, 3, 2, 4)
+    cgc = CGC(d_model=6, num_tasks=2, num_shared_experts=3, num_specific_experts=0, d_hidden=4)
+    mmoe = MMoE(d_model=6, num_experts=3, num_tasks=2, d_hidden=4)
     mmoe.experts.load_state_dict(cgc.levels[0].shared.state_dict())
     for k in range(2):
         mmoe.gates[k].load_state_dict(cgc.levels[0].task_gates[k].state_dict())
@@ -104,7 +104,7 @@ def test_cgc_without_specific_experts_equals_mmoe():
 
 def test_ple_multi_level_matches_manual():
     torch.manual_seed(7)
-    m = PLE(5, 2, 2, 1, [4, 3, 6], num_levels=3)
+    m = PLE(d_model=5, num_tasks=2, num_shared_experts=2, num_specific_experts=1, d_hidden=[4, 3, 6], num_levels=3)
     x = torch.randn(4, 5)
     ys = m(x)
     assert [lv.shared_gate is None for lv in m.levels] == [False, False, True]
@@ -125,17 +125,17 @@ def test_ple_multi_level_matches_manual():
 
 
 def test_bad_inputs_raise():
-    m = MMoE(6, 3, 2, 4)
-    with pytest.raises(ValueError, match="d_in=6"):
+    m = MMoE(d_model=6, num_experts=3, num_tasks=2, d_hidden=4)
+    with pytest.raises(ValueError, match="d_model=6"):
         m(torch.randn(3, 5))
     with pytest.raises(ValueError, match="float"):
         m(torch.ones(3, 6, dtype=torch.long))
     with pytest.raises(ValueError, match="num_experts"):
-        MMoE(6, 0, 2, 4)
+        MMoE(d_model=6, num_experts=0, num_tasks=2, d_hidden=4)
     with pytest.raises(ValueError, match="num_levels=2"):
-        PLE(6, 2, 1, 1, [4, 4, 4], num_levels=2)
+        PLE(d_model=6, num_tasks=2, num_shared_experts=1, num_specific_experts=1, d_hidden=[4, 4, 4], num_levels=2)
     with pytest.raises(ValueError, match="num_specific_experts"):
-        CGC(6, 2, 1, -1, 4)
+        CGC(d_model=6, num_tasks=2, num_shared_experts=1, num_specific_experts=-1, d_hidden=4)
     with pytest.raises(ValueError, match="correlation"):
         make_mmoe_synthetic(10, correlation=1.5)
 
@@ -169,7 +169,7 @@ def test_mmoe_learns_synthetic_tasks():
     try:
         torch.manual_seed(0)
         data = make_mmoe_synthetic(256, correlation=0.5, d=8, seed=0)
-        m = MMoE(8, 4, 2, 8, tower_hidden=8)
+        m = MMoE(d_model=8, num_experts=4, num_tasks=2, d_hidden=8, tower_hidden=8)
         opt = torch.optim.Adam(m.parameters(), lr=2e-2)
         var = data.y.var(0)
         for _ in range(60):

@@ -270,7 +270,7 @@ def test_embedding_equals_one_table_per_column(data):
     with pytest.raises(ValueError, match="arch must be one of"):
         MultiTaskConfig(arch="moe")
     with pytest.raises(ValueError, match="d_in=10"):
-        MultiTaskModel(emb, MMoE(10, 2, 2, 4))
+        MultiTaskModel(emb, MMoE(d_model=10, num_experts=2, num_tasks=2, d_hidden=4))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

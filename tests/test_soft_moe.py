@@ -39,7 +39,7 @@ def reference_soft_moe(layer: SoftMoE, x_BMD: torch.Tensor, mask_BM=None) -> tor
 @pytest.mark.parametrize("P", [1, 3])
 def test_dispatch_and_combine_sum_to_one(normalize, P):
     torch.manual_seed(0)
-    layer = SoftMoE(12, 4, P, d_hidden=8, normalize=normalize)
+    layer = SoftMoE(d_model=12, num_experts=4, slots_per_expert=P, d_hidden=8, normalize=normalize)
     x = torch.randn(3, 7, 12)
     disp, comb = layer.dispatch_combine(x)
     assert disp.shape == comb.shape == (3, 7, 4 * P)
@@ -52,14 +52,14 @@ def test_dispatch_and_combine_sum_to_one(normalize, P):
                                               ("swiglu", 2, "grouped_mm"), ("mlp", 1, "grouped_mm")])
 def test_equals_reference_loop(expert, P, backend):
     torch.manual_seed(1)
-    layer = SoftMoE(16, 3, P, d_hidden=8, expert=expert, backend=backend)
+    layer = SoftMoE(d_model=16, num_experts=3, slots_per_expert=P, d_hidden=8, expert=expert, backend=backend)
     x = torch.randn(2, 9, 16)
     torch.testing.assert_close(layer(x), reference_soft_moe(layer, x), atol=1e-5, rtol=1e-4)
 
 
 def test_permutation_equivariance_and_batch_independence():
     torch.manual_seed(2)
-    layer = SoftMoE(8, 4, 2, d_hidden=16)
+    layer = SoftMoE(d_model=8, num_experts=4, slots_per_expert=2, d_hidden=16)
     x = torch.randn(2, 11, 8)
     y = layer(x)
     perm = torch.randperm(11)
@@ -70,7 +70,7 @@ def test_permutation_equivariance_and_batch_independence():
 
 def test_non_causal_and_flagged():
     torch.manual_seed(3)
-    layer = SoftMoE(8, 2, 1, d_hidden=8)
+    layer = SoftMoE(d_model=8, num_experts=2, slots_per_expert=1, d_hidden=8)
     assert SoftMoE.causal_safe is False
     x = torch.randn(1, 6, 8)
     x2 = x.clone()
@@ -81,10 +81,10 @@ def test_non_causal_and_flagged():
 
 def test_normalized_logits_scale_invariant():
     torch.manual_seed(4)
-    layer = SoftMoE(8, 2, 2, d_hidden=8, normalize=True)
+    layer = SoftMoE(d_model=8, num_experts=2, slots_per_expert=2, d_hidden=8, normalize=True)
     x = torch.randn(2, 5, 8)
     torch.testing.assert_close(layer.logits(x), layer.logits(7.5 * x))
-    raw = SoftMoE(8, 2, 2, d_hidden=8, normalize=False)
+    raw = SoftMoE(d_model=8, num_experts=2, slots_per_expert=2, d_hidden=8, normalize=False)
     assert not torch.allclose(raw.logits(x), raw.logits(7.5 * x))
     # with normalisation the logits are bounded by the learnable scale
     assert layer.logits(100 * x).abs().max() <= layer.scale.abs() + 1e-5
@@ -92,7 +92,7 @@ def test_normalized_logits_scale_invariant():
 
 def test_all_parameters_get_gradients_and_stats():
     torch.manual_seed(5)
-    layer = SoftMoE(8, 3, 2, d_hidden=8)
+    layer = SoftMoE(d_model=8, num_experts=3, slots_per_expert=2, d_hidden=8)
     x = torch.randn(2, 6, 8, requires_grad=True)
     y = layer(x)
     (y.square().sum() + moekit.aux_loss(layer)).backward()
@@ -119,7 +119,7 @@ def test_expert_rows_independent_of_tokens():
         return orig(x_ND, counts_E, backend=backend)
 
     bank.forward = spy
-    layer = SoftMoE(8, 2, 3, experts=bank)
+    layer = SoftMoE(d_model=8, num_experts=2, slots_per_expert=3, experts=bank)
     layer(torch.randn(2, 5, 8))
     layer(torch.randn(2, 50, 8))
     assert calls == [(12, [6, 6]), (12, [6, 6])]
@@ -127,7 +127,7 @@ def test_expert_rows_independent_of_tokens():
 
 def test_mask_excludes_padding():
     torch.manual_seed(7)
-    layer = SoftMoE(8, 2, 2, d_hidden=8)
+    layer = SoftMoE(d_model=8, num_experts=2, slots_per_expert=2, d_hidden=8)
     x = torch.randn(2, 6, 8)
     mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
     y = layer(x, mask=mask)
@@ -144,7 +144,7 @@ def test_mask_excludes_padding():
 
 def test_dtype_preserved_bf16():
     torch.manual_seed(8)
-    layer = SoftMoE(8, 2, 1, d_hidden=8, expert="swiglu")
+    layer = SoftMoE(d_model=8, num_experts=2, slots_per_expert=1, d_hidden=8, expert="swiglu")
     x = torch.randn(2, 5, 8)
     y16 = layer(x.bfloat16())
     assert y16.dtype == torch.bfloat16
@@ -152,7 +152,7 @@ def test_dtype_preserved_bf16():
 
 
 def test_bad_inputs_raise():
-    layer = SoftMoE(8, 2, 1, d_hidden=8)
+    layer = SoftMoE(d_model=8, num_experts=2, slots_per_expert=1, d_hidden=8)
     with pytest.raises(ValueError, match="d_model|8"):
         layer(torch.randn(2, 5, 7))
     with pytest.raises(ValueError, match="float"):
@@ -164,11 +164,11 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="at least one"):
         layer(torch.randn(2, 5, 8), mask=torch.zeros(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="slots_per_expert"):
-        SoftMoE(8, 2, 0)
+        SoftMoE(d_model=8, num_experts=2, slots_per_expert=0)
     with pytest.raises(ValueError, match="num_experts"):
-        SoftMoE(8, 3, experts=GLUExperts(2, 8, 8))
+        SoftMoE(d_model=8, num_experts=3, experts=GLUExperts(2, 8, 8))
     with pytest.raises(ValueError, match="backend"):
-        SoftMoE(8, 2, backend="nope")
+        SoftMoE(d_model=8, num_experts=2, backend="nope")
 
 
 def test_any_module_experts_and_backend_check():
@@ -176,9 +176,9 @@ def test_any_module_experts_and_backend_check():
     from moekit.experts.module import ModuleExperts
     torch.manual_seed(9)
     mods = [nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 8)), nn.Linear(8, 8)]
-    layer = SoftMoE(8, 2, 2, experts=ModuleExperts(mods, d_model=8))
+    layer = SoftMoE(d_model=8, num_experts=2, slots_per_expert=2, experts=ModuleExperts(mods, d_model=8))
     x = torch.randn(2, 5, 8)
     assert layer.experts[1] is mods[1]
     torch.testing.assert_close(layer(x), reference_soft_moe(layer, x), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="supports backend"):
-        SoftMoE(8, 2, 2, experts=ModuleExperts(mods, d_model=8), backend="grouped_mm")
+        SoftMoE(d_model=8, num_experts=2, slots_per_expert=2, experts=ModuleExperts(mods, d_model=8), backend="grouped_mm")

@@ -25,6 +25,7 @@ token, which is where attention's cost over the sequence lies. The balancing los
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -34,11 +35,20 @@ from torch import nn
 from moekit.experts.base import uniform_init_
 from moekit.losses import load_balancing_loss, z_loss
 from moekit.ops.topk import topk_stable
+from moekit.layers.protocol import LayerStats, MoELayer
 
 __all__ = ["MixtureOfAttentionHeads"]
 
 
-class MixtureOfAttentionHeads(nn.Module):
+@dataclass
+class AttentionHeadStats(LayerStats):
+    """tokens_per_expert: (E,) (unmasked) tokens routed to each head expert; topk_ids: (B, S, K)."""
+
+    tokens_per_expert: torch.Tensor
+    topk_ids: torch.Tensor
+
+
+class MixtureOfAttentionHeads(MoELayer):
     """``(B, S, D) → (B, S, D)`` attention whose heads are routed experts.
 
     Args:
@@ -51,9 +61,7 @@ class MixtureOfAttentionHeads(nn.Module):
         z_loss_coef: weight of the router z-loss.
     """
 
-    _is_moe_layer = True
-
-    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *, head_dim: Optional[int] = None,
+    def __init__(self, *, d_model: int, num_experts: int, top_k: int = 2, head_dim: Optional[int] = None,
                  causal: bool = False, aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0):
         super().__init__()
         for name, v in (("d_model", d_model), ("num_experts", num_experts), ("top_k", top_k)):
@@ -77,8 +85,6 @@ class MixtureOfAttentionHeads(nn.Module):
         self.router = nn.Linear(d_model, num_experts, bias=False)
         std = math.sqrt(0.1 / d_model)           # Switch router init
         nn.init.trunc_normal_(self.router.weight, std=std, a=-2 * std, b=2 * std)
-        self.aux_loss: torch.Tensor = torch.zeros(())
-        self.last_stats: Optional[dict] = None
 
     def route(self, x_BSD: torch.Tensor):
         """``(logits_BSE float32, topk_ids_BSK, gates_BSK)`` with gates renormalised to sum to 1."""
@@ -87,16 +93,16 @@ class MixtureOfAttentionHeads(nn.Module):
         vals, ids = topk_stable(probs, self.top_k)
         return logits, ids, vals / vals.sum(-1, keepdim=True)
 
-    def forward(self, x: torch.Tensor, *, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``key_padding_mask`` (B, S) bool, False = padding (never attended to, not in the losses)."""
+    def forward(self, x: torch.Tensor, *, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``mask`` (B, S) bool, False = padding (never attended to, not in the losses)."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise ValueError(f"x must be a float tensor, got {x.dtype if isinstance(x, torch.Tensor) else type(x)}")
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, S, {self.d_model}), got {tuple(x.shape)}")
         B, S, D = x.shape
-        if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (B, S)):
-            raise ValueError(f"key_padding_mask must be a bool tensor of shape ({B}, {S}), "
-                             f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != (B, S)):
+            raise ValueError(f"mask must be a bool tensor of shape ({B}, {S}), "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
         E, K, h = self.num_experts, self.top_k, self.head_dim
         logits_BSE, ids_BSK, gates_BSK = self.route(x)
 
@@ -107,8 +113,8 @@ class MixtureOfAttentionHeads(nn.Module):
         allowed_ST = None
         if self.causal:
             allowed_ST = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
-        if key_padding_mask is not None:
-            kp = key_padding_mask[:, None, :]                                          # (B, 1, T)
+        if mask is not None:
+            kp = mask[:, None, :]                                          # (B, 1, T)
             allowed_ST = kp if allowed_ST is None else allowed_ST & kp
         if allowed_ST is not None:
             allowed = allowed_ST if allowed_ST.dim() == 3 else allowed_ST[None]
@@ -120,7 +126,7 @@ class MixtureOfAttentionHeads(nn.Module):
         o_BSEh = o_BSEh.scatter_add(2, ids_BSK[..., None].expand(B, S, K, h), gates_BSK.to(x.dtype)[..., None] * o_BSKh)
         y = torch.einsum("bseh,edh->bsd", o_BSEh, self.o_proj.to(x.dtype))
 
-        mask_T = None if key_padding_mask is None else key_padding_mask.reshape(-1)
+        mask_T = None if mask is None else mask.reshape(-1)
         probs_TE = torch.softmax(logits_BSE.reshape(-1, E), -1)
         ids_TK = ids_BSK.reshape(-1, K) if mask_T is None else ids_BSK.reshape(-1, K)[mask_T]
         counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
@@ -130,7 +136,7 @@ class MixtureOfAttentionHeads(nn.Module):
         if self.z_loss_coef > 0:
             total = total + self.z_loss_coef * z_loss(logits_BSE.reshape(-1, E), mask=mask_T)
         self.aux_loss = total
-        self.last_stats = {"tokens_per_expert": counts_E.detach(), "topk_ids": ids_BSK.detach()}
+        self.last_stats = AttentionHeadStats(tokens_per_expert=counts_E.detach(), topk_ids=ids_BSK.detach())
         return y
 
     def extra_repr(self) -> str:

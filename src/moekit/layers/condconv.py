@@ -19,6 +19,8 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moekit.layers.protocol import MoELayer, mixture_stats
 from torch.nn.modules.utils import _pair
 
 __all__ = ["CondConv2d"]
@@ -26,7 +28,7 @@ __all__ = ["CondConv2d"]
 IntPair = Union[int, Tuple[int, int]]
 
 
-class CondConv2d(nn.Module):
+class CondConv2d(MoELayer):
     """``(B, C, H, W) → (B, O, H', W')`` with a per-example mixture of E kernels.
 
     Args:
@@ -37,7 +39,7 @@ class CondConv2d(nn.Module):
             most models).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, num_experts: int = 8, *,
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, *, num_experts: int = 8,
                  stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1,
                  bias: bool = True, routing_dropout: float = 0.0):
         super().__init__()
@@ -95,6 +97,8 @@ class CondConv2d(nn.Module):
         if self.bias is not None:
             y = y + (r_BE @ self.bias.to(x.dtype))[:, :, None, None]
         self.last_routing_weights = r_BE.detach()
+        self.last_stats = mixture_stats(r_BE, normalize=True)
+        self.aux_loss = torch.zeros((), device=x.device)
         return y
 
     def extra_repr(self) -> str:

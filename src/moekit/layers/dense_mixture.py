@@ -18,7 +18,6 @@ the router of a sparse layer can be copied in to compare the two.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -30,22 +29,12 @@ from moekit.experts import ExpertBank
 from moekit.experts.build import resolve_experts
 from moekit.layers.moe import default_hidden
 from moekit.ops.backends import check_backend_name
+from moekit.layers.protocol import MixtureStats, MoELayer
 
-__all__ = ["DenseMoE", "StackedDenseMoE", "DenseMoEStats"]
-
-
-@dataclass
-class DenseMoEStats:
-    """Detached statistics: ``mean_gate`` (E,) and ``gate_entropy`` (mean over tokens, nats)."""
-
-    mean_gate: torch.Tensor
-    gate_entropy: torch.Tensor
-
-    def __getitem__(self, key: str):
-        return getattr(self, key)
+__all__ = ["DenseMoE", "StackedDenseMoE"]
 
 
-class DenseMoE(nn.Module):
+class DenseMoE(MoELayer):
     """Dense softmax-gated mixture ``(..., D) → (..., D)``.
 
     Args:
@@ -59,9 +48,7 @@ class DenseMoE(nn.Module):
         backend: expert backend.
     """
 
-    _is_moe_layer = True
-
-    def __init__(self, d_model: int, num_experts: int, *, d_hidden: Optional[int] = None,
+    def __init__(self, *, d_model: int, num_experts: int, d_hidden: Optional[int] = None,
                  expert: Optional[str] = None, experts: Optional[ExpertBank] = None,
                  activation: Optional[str] = None, temperature: float = 1.0, backend: str = "auto"):
         super().__init__()
@@ -81,8 +68,6 @@ class DenseMoE(nn.Module):
             raise ValueError(f"{type(self.experts).__name__} supports backend in {tuple(allowed)}, got {backend!r}")
         self.gate_weight = nn.Parameter(torch.empty(num_experts, d_model))
         self.reset_parameters()
-        self.aux_loss: torch.Tensor = torch.zeros(())
-        self.last_stats: Optional[DenseMoEStats] = None
 
     def reset_parameters(self) -> None:
         std = math.sqrt(0.1 / self.d_model)     # Switch's router init, as TopKRouter
@@ -105,7 +90,7 @@ class DenseMoE(nn.Module):
         self.aux_loss = torch.zeros((), device=x.device)
         with torch.no_grad():
             ent = -(g_TE * g_TE.clamp_min(1e-30).log()).sum(-1).mean() if T else g_TE.new_zeros(())
-            self.last_stats = DenseMoEStats(mean_gate=g_TE.mean(0) if T else g_TE.new_zeros(E), gate_entropy=ent)
+            self.last_stats = MixtureStats(mean_gate=g_TE.mean(0) if T else g_TE.new_zeros(E), gate_entropy=ent)
         return y_TD.to(x.dtype).reshape(x.shape)
 
     def extra_repr(self) -> str:
@@ -123,7 +108,7 @@ class StackedDenseMoE(nn.Module):
         **layer_kwargs: passed to every `DenseMoE` (d_hidden, expert, temperature, backend …).
     """
 
-    def __init__(self, d_model: int, num_experts: Sequence[int], *, residual: bool = False, **layer_kwargs):
+    def __init__(self, *, d_model: int, num_experts: Sequence[int], residual: bool = False, **layer_kwargs):
         super().__init__()
         num_experts = list(num_experts)
         if not num_experts:
@@ -131,7 +116,7 @@ class StackedDenseMoE(nn.Module):
         if "experts" in layer_kwargs:
             raise ValueError("StackedDenseMoE builds one bank per layer; experts= is not accepted")
         self.residual = bool(residual)
-        self.layers = nn.ModuleList(DenseMoE(d_model, e, **layer_kwargs) for e in num_experts)
+        self.layers = nn.ModuleList(DenseMoE(d_model=d_model, num_experts=e, **layer_kwargs) for e in num_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:

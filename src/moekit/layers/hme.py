@@ -27,6 +27,9 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from moekit.validate import check_int, check_number
+from moekit.layers.protocol import MoELayer, mixture_stats
+
 __all__ = ["HierarchicalMoE", "irls_multinomial"]
 
 
@@ -76,25 +79,25 @@ def irls_multinomial(W_KQ: torch.Tensor, X_NQ: torch.Tensor, C_NK: torch.Tensor,
     return W
 
 
-class HierarchicalMoE(nn.Module):
+class HierarchicalMoE(MoELayer):
     """Depth-2 HME with Gaussian linear leaves.
 
     Args:
-        d_in: P, input features.
+        d_model: P, input features.
         d_out: O, regression targets.
         branching: ``(I, J)``: I top branches, J leaves under each.
         min_var: floor on every leaf variance (keeps the likelihood bounded).
     """
 
-    def __init__(self, d_in: int, d_out: int = 1, branching=(2, 2), *, min_var: float = 1e-6):
+    def __init__(self, *, d_model: int, d_out: int = 1, branching=(2, 2), min_var: float = 1e-6):
         super().__init__()
-        if not (isinstance(d_in, int) and d_in > 0 and isinstance(d_out, int) and d_out > 0):
-            raise ValueError(f"d_in and d_out must be positive ints, got {d_in!r}, {d_out!r}")
-        if len(branching) != 2 or not all(isinstance(b, int) and b >= 1 for b in branching):
-            raise ValueError(f"branching must be two positive ints (I, J), got {branching!r}")
-        if not min_var > 0:
-            raise ValueError(f"min_var must be > 0, got {min_var!r}")
-        I, J = branching
+        d_in = check_int("d_model", d_model, min=1)
+        check_int("d_out", d_out, min=1)
+        if not isinstance(branching, (tuple, list)) or len(branching) != 2:
+            raise TypeError(f"branching must be a pair of positive ints (I, J), got {branching!r}")
+        I, J = (check_int(f"branching[{i}]", b, min=1) for i, b in enumerate(branching))
+        min_var = check_number("min_var", min_var, min=0, min_open=True)
+        self.d_model = d_in
         self.d_in, self.d_out, self.branching, self.min_var = d_in, d_out, (I, J), float(min_var)
         # Gate weights hold the bias in their last column (the IRLS solves for both together).
         self.top_gate = nn.Parameter(torch.empty(I, d_in + 1))
@@ -138,6 +141,8 @@ class HierarchicalMoE(nn.Module):
         self._check(x_NP)
         log_top, log_nested = self.log_gates(x_NP)
         w_NIJ = (log_top.unsqueeze(-1) + log_nested).exp()
+        self.last_stats = mixture_stats(w_NIJ.flatten(1))         # over the I·J leaves
+        self.aux_loss = torch.zeros((), device=x_NP.device)
         return torch.einsum("nij,nijo->no", w_NIJ, self.leaf_means(x_NP))
 
     def log_joint(self, x_NP: torch.Tensor, y_NO: torch.Tensor) -> torch.Tensor:
@@ -210,8 +215,17 @@ class HierarchicalMoE(nn.Module):
         initialisations (the current parameters count as the first), runs ``init_iters`` EM
         steps from each and continues from the one with the highest likelihood.
         """
-        if n_init < 1:
-            raise ValueError(f"n_init must be >= 1, got {n_init}")
+        self._check(x_NP, y_NO)
+        if x_NP.shape[0] == 0:
+            raise ValueError("fit_em needs at least one example, got x of shape "
+                             f"{tuple(x_NP.shape)}")
+        if not (torch.isfinite(x_NP).all() and torch.isfinite(y_NO).all()):
+            raise ValueError("fit_em needs finite x and y (found NaN or inf)")
+        iters = check_int("iters", iters, min=0)
+        check_int("irls_steps", irls_steps, min=1)
+        check_number("tol", tol, min=0)
+        n_init = check_int("n_init", n_init, min=1)
+        check_int("init_iters", init_iters, min=0)
         if n_init > 1:
             best_ll, best_state = -math.inf, None
             for k in range(n_init):
@@ -232,4 +246,4 @@ class HierarchicalMoE(nn.Module):
         return history
 
     def extra_repr(self) -> str:
-        return f"d_in={self.d_in}, d_out={self.d_out}, branching={self.branching}"
+        return f"d_model={self.d_model}, d_out={self.d_out}, branching={self.branching}"

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.ops.topk import topk_stable
+from moekit.layers.protocol import MoELayer, mixture_stats
 
 __all__ = ["MoLoRALinear", "MoVLinear", "soft_gate"]
 
@@ -41,7 +42,7 @@ def soft_gate(logits_TE: torch.Tensor, top_k: Optional[int]) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(-1, idx, vals / vals.sum(-1, keepdim=True))
 
 
-class _AdapterBase(nn.Module):
+class _AdapterBase(MoELayer):
     def _setup(self, base: nn.Linear, num_experts: int, top_k: Optional[int]) -> None:
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
@@ -81,7 +82,7 @@ class MoLoRALinear(_AdapterBase):
         dropout: dropout on the adapters' input.
     """
 
-    def __init__(self, base: nn.Linear, num_experts: int, rank: int, *, top_k: Optional[int] = None,
+    def __init__(self, base: nn.Linear, *, num_experts: int, rank: int, top_k: Optional[int] = None,
                  alpha: Optional[float] = None, dropout: float = 0.0):
         super().__init__()
         self._setup(base, num_experts, top_k)
@@ -114,6 +115,8 @@ class MoLoRALinear(_AdapterBase):
         x_TI = x.reshape(-1, self.in_features)
         gates_TE = self.gates(x_TI)
         self.last_gates = gates_TE.detach()
+        self.last_stats = mixture_stats(gates_TE)
+        self.aux_loss = torch.zeros((), device=x.device)
         y_TO = self.base(x_TI) + self.delta(x_TI, gates_TE)
         return y_TO.reshape(*x.shape[:-1], self.out_features)
 
@@ -132,7 +135,7 @@ class MoLoRALinear(_AdapterBase):
 class MoVLinear(_AdapterBase):
     """A frozen ``nn.Linear`` scaled by a mixture of E (IA)³ vectors: ``(..., I) → (..., O)``."""
 
-    def __init__(self, base: nn.Linear, num_experts: int, *, top_k: Optional[int] = None):
+    def __init__(self, base: nn.Linear, *, num_experts: int, top_k: Optional[int] = None):
         super().__init__()
         self._setup(base, num_experts, top_k)
         self.ia3 = nn.Parameter(torch.ones(num_experts, self.out_features))        # (E, O)
@@ -143,6 +146,8 @@ class MoVLinear(_AdapterBase):
         x_TI = x.reshape(-1, self.in_features)
         gates_TE = self.gates(x_TI)
         self.last_gates = gates_TE.detach()
+        self.last_stats = mixture_stats(gates_TE)
+        self.aux_loss = torch.zeros((), device=x.device)
         scale_TO = gates_TE.to(x_TI.dtype) @ self.ia3.to(x_TI.dtype)       # Σ_e g_e l_e, one merge per token
         y_TO = scale_TO * self.base(x_TI)
         return y_TO.reshape(*x.shape[:-1], self.out_features)

@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.layers.protocol import MoELayer, mixture_stats
+
 __all__ = ["M3oE", "MLPGroup", "STRUCTURE_NAMES"]
 
 STRUCTURE_NAMES = ("a_domain", "a_task", "b_domain", "b_task")
@@ -112,14 +114,14 @@ class MLPGroup(nn.Module):
         return h
 
 
-class M3oE(nn.Module):
+class M3oE(MoELayer):
     """M3oE: STAR bottom, shared / domain / task experts, two-level fusion, per-(domain, task) towers.
 
     ``forward(x_BI, domain_ids_B) → logits_BK``: row b's logits come from its own domain's
     cells. Both ``x`` and the parameters must have the same float dtype.
 
     Args:
-        d_in: I.
+        d_model: I, input features.
         num_domains: D.
         num_tasks: K.
         num_shared_experts: E (the released run script: 4).
@@ -131,13 +133,12 @@ class M3oE(nn.Module):
         detach_gate_input: feed the gates ``z.detach()`` (released behaviour).
     """
 
-    _is_moe_layer = True
-
-    def __init__(self, d_in: int, num_domains: int, num_tasks: int, *, num_shared_experts: int = 4,
+    def __init__(self, *, d_model: int, num_domains: int, num_tasks: int, num_shared_experts: int = 4,
                  star_dim: int = 512, bottom_dim: int = 256, expert_dims: Sequence[int] = (256, 64),
                  tower_hidden: Optional[int] = None, structure_init: float = 1.0, detach_gate_input: bool = True):
         super().__init__()
-        for name, v in (("d_in", d_in), ("num_domains", num_domains), ("num_tasks", num_tasks),
+        d_in = d_model
+        for name, v in (("d_model", d_in), ("num_domains", num_domains), ("num_tasks", num_tasks),
                         ("num_shared_experts", num_shared_experts), ("star_dim", star_dim),
                         ("bottom_dim", bottom_dim)):
             _pos_int(name, v)
@@ -152,7 +153,8 @@ class M3oE(nn.Module):
         if not math.isfinite(structure_init):
             raise ValueError(f"structure_init must be finite, got {structure_init}")
         D, K, E = num_domains, num_tasks, num_shared_experts
-        self.d_in, self.num_domains, self.num_tasks, self.num_experts = d_in, D, K, E
+        self.d_in = self.d_model = d_in
+        self.num_domains, self.num_tasks, self.num_experts = D, K, E
         self.detach_gate_input = bool(detach_gate_input)
 
         # (1) STAR bottom: W_shared ⊙ W_d per domain, then an MLP, plus a skip MLP of x.
@@ -180,7 +182,6 @@ class M3oE(nn.Module):
         # structure weights: logits, and constants that override them where not NaN.
         self.structure_logits = nn.Parameter(torch.full((4,), float(structure_init)))
         self.register_buffer("structure_fixed", torch.full((4,), float("nan")))
-        self.aux_loss: torch.Tensor = torch.zeros(())
 
     # ---------------------------------------------------------------- structure weights
     def structure_parameters(self) -> List[nn.Parameter]:
@@ -221,7 +222,7 @@ class M3oE(nn.Module):
         if not x_BI.is_floating_point():
             raise ValueError(f"x must be a float tensor, got dtype {x_BI.dtype}")
         if x_BI.dim() != 2 or x_BI.shape[1] != self.d_in:
-            raise ValueError(f"x must have shape (B, d_in={self.d_in}), got {tuple(x_BI.shape)}")
+            raise ValueError(f"x must have shape (B, d_model={self.d_in}), got {tuple(x_BI.shape)}")
         if x_BI.dtype != self.star_weight.dtype:
             raise ValueError(f"x has dtype {x_BI.dtype} but the parameters {self.star_weight.dtype}")
         if domain_ids_B.is_floating_point() or domain_ids_B.is_complex() or domain_ids_B.dtype == torch.bool:
@@ -289,4 +290,5 @@ class M3oE(nn.Module):
         # level 2: gated shared experts + weighted domain and task aspects
         h_BKO = torch.einsum("bke,beo->bko", g_BKE, shared_BEO) + b_D * dom_BO[:, None] + b_T * task_BKO
         self.aux_loss = torch.zeros((), device=x_BI.device)
+        self.last_stats = mixture_stats(g_BKE)              # shared-expert gates over every (example, task)
         return self.tower_logits(h_BKO, domain_ids_B)                                   # (B, K)

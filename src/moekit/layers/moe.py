@@ -15,12 +15,12 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-from torch import nn
 
 from moekit.layers.checks import check_float_input
 from moekit.experts import ExpertBank, SharedExperts
 from moekit.experts.build import resolve_experts
 from moekit.experts.glu import GLU_ACTIVATIONS
+from moekit.layers.protocol import MoELayer, aux_loss, moe_layers
 from moekit.layers.stats import MoEStats, compute_stats
 from moekit.losses import BALANCE_LOSSES, balance_loss, z_loss
 from moekit.ops.backends import check_backend_name
@@ -50,7 +50,7 @@ def default_hidden(d_model: int, expert: str) -> int:
     return 4 * d_model
 
 
-class MoE(nn.Module):
+class MoE(MoELayer):
     """Sparse MoE layer (Shazeer et al. 2017; GShard; Switch; Mixtral; DeepSeekMoE).
 
     Args:
@@ -86,8 +86,6 @@ class MoE(nn.Module):
     ``last_stats`` is computed from the last routing when first read, so a forward pass does
     not pay for (or synchronise on) statistics nobody reads.
     """
-
-    _is_moe_layer = True
 
     def __init__(self, *, d_model: int, num_experts: int, top_k: Optional[int] = None, d_hidden: Optional[int] = None,
                  router: Union[str, Router] = "topk", expert: Optional[str] = None,
@@ -178,7 +176,6 @@ class MoE(nn.Module):
             raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
 
         self.dispatcher = LocalDispatcher()
-        self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_stats = None
         self.last_routing = None
 
@@ -291,22 +288,3 @@ class MoE(nn.Module):
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"backend={self.backend!r}, aux_loss_coef={self.aux_loss_coef}, z_loss_coef={self.z_loss_coef}, "
                 f"balance_loss={self.balance_loss!r}" + (", sync_free=True" if self.sync_free else ""))
-
-
-def moe_layers(model: nn.Module):
-    """Every MoE-like layer (anything with ``_is_moe_layer``) in `model`."""
-    return [m for m in model.modules() if getattr(m, "_is_moe_layer", False)]
-
-
-def aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of ``aux_loss`` over every MoE layer of `model` (0 if none ran)."""
-    total = None
-    for m in moe_layers(model):
-        loss = getattr(m, "aux_loss", None)
-        if loss is None:
-            continue
-        total = loss if total is None else total + loss.to(total.device)
-    if total is None:
-        p = next(model.parameters(), None)
-        return torch.zeros((), device=None if p is None else p.device)
-    return total

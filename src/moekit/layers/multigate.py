@@ -23,7 +23,7 @@ correlation (METHODS.md §15 R4).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -32,6 +32,7 @@ from torch import nn
 
 from moekit.layers.checks import check_float_input
 from moekit.experts.base import activation_fn
+from moekit.layers.protocol import LayerStats, MoELayer
 
 __all__ = ["MMoE", "SharedBottom", "CGC", "PLE", "ExtractionLevel", "ExpertGroup", "TaskTower",
            "GateStats", "MMoESynthetic", "make_mmoe_synthetic"]
@@ -43,7 +44,7 @@ def _pos_int(name: str, v) -> None:
 
 
 def _check_x(x: torch.Tensor, d_in: int) -> None:
-    check_float_input(x, d_in, "d_in")
+    check_float_input(x, d_in, "d_model")
 
 
 class ExpertGroup(nn.Module):
@@ -87,7 +88,7 @@ class TaskTower(nn.Module):
 
 
 @dataclass
-class GateStats:
+class GateStats(LayerStats):
     """Detached per-task gate statistics: ``mean_gate`` (K, E') and ``gate_entropy`` (K,) in nats.
 
     E' is the gate's width (E for MMoE; n + S per task of the last CGC level).
@@ -96,11 +97,6 @@ class GateStats:
     mean_gate: torch.Tensor
     gate_entropy: torch.Tensor
 
-    def __getitem__(self, key: str):
-        return getattr(self, key)
-
-    def as_dict(self) -> dict:
-        return {k: v.tolist() for k, v in asdict(self).items()}
 
 
 def _gate_stats(gates: Sequence[torch.Tensor]) -> GateStats:
@@ -111,14 +107,13 @@ def _gate_stats(gates: Sequence[torch.Tensor]) -> GateStats:
 
 
 class _TaskModel(nn.Module):
-    """Shared bits: flattening ``(..., I)``, the zero aux loss and the MoE-layer flag."""
-
-    _is_moe_layer = True
+    """Shared bits: flattening ``(..., I)``, the zero aux loss, gate statistics."""
 
     def _init_common(self, d_in: int, num_tasks: int) -> None:
-        _pos_int("d_in", d_in)
+        _pos_int("d_model", d_in)
         _pos_int("num_tasks", num_tasks)
-        self.d_in, self.num_tasks = d_in, num_tasks
+        self.d_in = self.d_model = d_in
+        self.num_tasks = num_tasks
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_gates: Optional[List[torch.Tensor]] = None
         self.last_stats: Optional[GateStats] = None
@@ -137,11 +132,10 @@ class _TaskModel(nn.Module):
 class SharedBottom(_TaskModel):
     """Shared-bottom baseline (Caruana 1997): one shared ReLU layer, then one tower per task."""
 
-    _is_moe_layer = False      # a baseline without experts or gates
-
-    def __init__(self, d_in: int, num_tasks: int, bottom_hidden: int, *, tower_hidden: Optional[int] = None,
+    def __init__(self, *, d_model: int, num_tasks: int, d_hidden: int, tower_hidden: Optional[int] = None,
                  d_out: int = 1, activation: str = "relu"):
         super().__init__()
+        d_in, bottom_hidden = d_model, d_hidden
         self._init_common(d_in, num_tasks)
         self.bottom = ExpertGroup(1, d_in, bottom_hidden, activation=activation)
         self.towers = nn.ModuleList(TaskTower(bottom_hidden, d_out, tower_hidden) for _ in range(num_tasks))
@@ -151,23 +145,24 @@ class SharedBottom(_TaskModel):
         return [tower(h_BH) for tower in self.towers], []
 
 
-class MMoE(_TaskModel):
+class MMoE(MoELayer, _TaskModel):
     """Multi-gate MoE (MMoE); ``shared_gate=True`` gives OMoE (one gate for every task).
 
     Args:
-        d_in: I.
+        d_model: I, input features.
         num_experts: E shared experts.
         num_tasks: K.
-        expert_hidden: H, each expert's output width.
+        d_hidden: H, each expert's output width.
         tower_hidden: hidden width of each task tower (None: a linear tower).
         d_out: each task's output width.
         shared_gate: one gate for all tasks (OMoE).
         activation: expert activation.
     """
 
-    def __init__(self, d_in: int, num_experts: int, num_tasks: int, expert_hidden: int, *,
+    def __init__(self, *, d_model: int, num_experts: int, num_tasks: int, d_hidden: int,
                  tower_hidden: Optional[int] = None, d_out: int = 1, shared_gate: bool = False,
                  activation: str = "relu"):
+        d_in, expert_hidden = d_model, d_hidden
         super().__init__()
         self._init_common(d_in, num_tasks)
         self.num_experts, self.shared_gate = num_experts, bool(shared_gate)
@@ -228,24 +223,25 @@ class ExtractionLevel(nn.Module):
         return outs, shared_out, gates
 
 
-class PLE(_TaskModel):
+class PLE(MoELayer, _TaskModel):
     """Progressive Layered Extraction: ``num_levels`` CGC levels, then one tower per task.
 
     Args:
-        d_in: I.
+        d_model: I, input features.
         num_tasks: K.
         num_shared_experts: S per level.
         num_specific_experts: n per task per level (0 gives MMoE when ``num_levels=1``).
-        expert_hidden: H per level (an int for every level, or a list of ``num_levels`` ints).
+        d_hidden: H per level (an int for every level, or a list of ``num_levels`` ints).
         num_levels: extraction levels (the last one has no shared gate).
         tower_hidden, d_out, activation: as in `MMoE`.
 
     ``last_gates`` holds the final level's task gates (B, n + S).
     """
 
-    def __init__(self, d_in: int, num_tasks: int, num_shared_experts: int, num_specific_experts: int,
-                 expert_hidden: Union[int, Sequence[int]], *, num_levels: int = 2,
+    def __init__(self, *, d_model: int, num_tasks: int, num_shared_experts: int, num_specific_experts: int,
+                 d_hidden: Union[int, Sequence[int]], num_levels: int = 2,
                  tower_hidden: Optional[int] = None, d_out: int = 1, activation: str = "relu"):
+        d_in, expert_hidden = d_model, d_hidden
         super().__init__()
         self._init_common(d_in, num_tasks)
         _pos_int("num_levels", num_levels)
@@ -272,11 +268,12 @@ class PLE(_TaskModel):
 class CGC(PLE):
     """Customized Gate Control: PLE with a single extraction level (no shared gate)."""
 
-    def __init__(self, d_in: int, num_tasks: int, num_shared_experts: int, num_specific_experts: int,
-                 expert_hidden: int, *, tower_hidden: Optional[int] = None, d_out: int = 1,
+    def __init__(self, *, d_model: int, num_tasks: int, num_shared_experts: int, num_specific_experts: int,
+                 d_hidden: int, tower_hidden: Optional[int] = None, d_out: int = 1,
                  activation: str = "relu"):
-        super().__init__(d_in, num_tasks, num_shared_experts, num_specific_experts, expert_hidden,
-                         num_levels=1, tower_hidden=tower_hidden, d_out=d_out, activation=activation)
+        super().__init__(d_model=d_model, num_tasks=num_tasks, num_shared_experts=num_shared_experts,
+                         num_specific_experts=num_specific_experts, d_hidden=d_hidden, num_levels=1,
+                         tower_hidden=tower_hidden, d_out=d_out, activation=activation)
 
 
 # ------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ Legend: T tokens, D model dim, E experts.
 
 The routed branch is a `moekit.MoE` (any router, bank, capacity), so its ``aux_loss`` and
 ``last_stats`` are the inner layer's; `moekit.aux_loss(model)` finds the inner layer, and these
-wrappers do not set ``_is_moe_layer`` themselves (that would count the loss twice).
+wrappers are not `MoELayer`s themselves (that would count the loss twice).
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class ResidualMoE(nn.Module):
         **moe_kwargs: further `moekit.MoE` arguments (router, capacity_factor, aux_loss_coef …).
     """
 
-    def __init__(self, d_model: int, num_experts: int, *, top_k: int = 1, d_hidden: Optional[int] = None,
+    def __init__(self, *, d_model: int, num_experts: int, top_k: int = 1, d_hidden: Optional[int] = None,
                  mlp_d_hidden: Optional[int] = None, expert: str = "swiglu", coefficient: bool = False,
                  **moe_kwargs):
         super().__init__()
@@ -88,7 +88,7 @@ class PyramidMoE(nn.Module):
         **layer_kwargs: passed to every block (top_k, d_hidden, expert, router …).
     """
 
-    def __init__(self, d_model: int, num_experts: Sequence[int], *, residual_mlp: bool = True,
+    def __init__(self, *, d_model: int, num_experts: Sequence[int], residual_mlp: bool = True,
                  allow_any_order: bool = False, **layer_kwargs):
         super().__init__()
         counts = list(num_experts)
@@ -99,7 +99,7 @@ class PyramidMoE(nn.Module):
                              "pass allow_any_order=True to build it anyway")
         self.num_experts = counts
         if residual_mlp:
-            self.layers = nn.ModuleList(ResidualMoE(d_model, e, **layer_kwargs) for e in counts)
+            self.layers = nn.ModuleList(ResidualMoE(d_model=d_model, num_experts=e, **layer_kwargs) for e in counts)
         else:
             layer_kwargs.setdefault("top_k", 1)
             self.layers = nn.ModuleList(MoE(d_model=d_model, num_experts=e, **layer_kwargs) for e in counts)

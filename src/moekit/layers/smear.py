@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.experts.base import activation_fn, uniform_init_
+from moekit.layers.protocol import MoELayer, mixture_stats
 
 __all__ = ["SMEAR"]
 
 
-class SMEAR(nn.Module):
+class SMEAR(MoELayer):
     """Per-example merged expert ``(B, S, D) → (B, S, D)`` (or ``(B, D) → (B, D)``, S = 1).
 
     Args:
@@ -44,9 +45,7 @@ class SMEAR(nn.Module):
         activation: the MLP's activation (default gelu).
     """
 
-    _is_moe_layer = True
-
-    def __init__(self, d_model: int, num_experts: int, *, expert: str = "mlp", d_hidden: Optional[int] = None,
+    def __init__(self, *, d_model: int, num_experts: int, expert: str = "mlp", d_hidden: Optional[int] = None,
                  activation: str = "gelu"):
         super().__init__()
         for name, v in (("d_model", d_model), ("num_experts", num_experts)):
@@ -73,7 +72,6 @@ class SMEAR(nn.Module):
             self.down_proj = nn.Parameter(uniform_init_(torch.empty(num_experts, d_model, d_hidden)))  # (E, D, F)
             hb = 1.0 / math.sqrt(d_hidden)
             self.down_bias = nn.Parameter(torch.empty(num_experts, d_model).uniform_(-hb, hb))
-        self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_gates: Optional[torch.Tensor] = None
 
     def gates(self, x_BSD: torch.Tensor, mask_BS: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -111,6 +109,7 @@ class SMEAR(nn.Module):
         p_BE = self.gates(x_BSD, mask)
         y = self.expert_forward(self.merged_parameters(p_BE), x_BSD)
         self.last_gates = p_BE.detach()
+        self.last_stats = mixture_stats(p_BE)
         self.aux_loss = torch.zeros((), device=x.device)
         return y.reshape(x.shape).to(x.dtype)
 

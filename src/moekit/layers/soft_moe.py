@@ -36,7 +36,7 @@ and zeroes their output.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -47,12 +47,13 @@ from moekit.layers.checks import check_float_input
 from moekit.experts import ExpertBank
 from moekit.experts.build import resolve_experts
 from moekit.ops.backends import check_backend_name
+from moekit.layers.protocol import LayerStats, MoELayer
 
 __all__ = ["SoftMoE", "SoftMoEStats"]
 
 
 @dataclass
-class SoftMoEStats:
+class SoftMoEStats(LayerStats):
     """Detached statistics of one Soft MoE forward pass.
 
     slots_per_expert: (E,) slots each expert ran (= B·P, the same for every expert).
@@ -71,21 +72,13 @@ class SoftMoEStats:
     num_tokens: int
     num_slots: int
 
-    def __getitem__(self, key: str):
-        return getattr(self, key)
-
-    def keys(self):
-        return asdict(self).keys()
-
-    def as_dict(self) -> dict:
-        return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in asdict(self).items()}
 
 
 def _entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
     return -(p * p.clamp_min(1e-30).log()).sum(dim)
 
 
-class SoftMoE(nn.Module):
+class SoftMoE(MoELayer):
     """Soft MoE layer ``(B, M, D) → (B, M, D)`` (also ``(M, D)`` for one sequence).
 
     Args:
@@ -100,10 +93,9 @@ class SoftMoE(nn.Module):
         backend: expert backend (``"auto"`` | ``"eager"`` | ``"grouped_mm"`` …).
     """
 
-    _is_moe_layer = True
     causal_safe = False
 
-    def __init__(self, d_model: int, num_experts: int, slots_per_expert: int = 1, *,
+    def __init__(self, *, d_model: int, num_experts: int, slots_per_expert: int = 1,
                  d_hidden: Optional[int] = None, expert: Optional[str] = None,
                  experts: Optional[ExpertBank] = None, activation: Optional[str] = None,
                  normalize: bool = True, backend: str = "auto"):
@@ -128,8 +120,6 @@ class SoftMoE(nn.Module):
         self.phi_DS = nn.Parameter(torch.empty(d_model, self.num_slots))
         self.scale = nn.Parameter(torch.ones(())) if normalize else None
         self.reset_parameters()
-        self.aux_loss: torch.Tensor = torch.zeros(())
-        self.last_stats: Optional[SoftMoEStats] = None
 
     def reset_parameters(self) -> None:
         # LeCun normal: unit-variance logits for unit-variance tokens when normalize=False.

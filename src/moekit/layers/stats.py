@@ -4,16 +4,18 @@ Legend: E experts.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from moekit.layers.protocol import LayerStats
 
 __all__ = ["MoEStats", "compute_stats"]
 
 
 @dataclass
-class MoEStats:
+class MoEStats(LayerStats):
     """What one forward pass did. Tensors are detached; read them with ``.item()`` or ``[...]``.
 
     tokens_per_expert: (E,) kept pairs per expert.
@@ -37,18 +39,6 @@ class MoEStats:
     mean_prob_per_expert: Optional[torch.Tensor]
     num_tokens: int
 
-    def __getitem__(self, key: str):
-        return getattr(self, key)
-
-    def keys(self):
-        return asdict(self).keys()
-
-    def as_dict(self) -> dict:
-        """Plain Python numbers and lists (for JSON logs)."""
-        out = {}
-        for k, v in asdict(self).items():
-            out[k] = v.tolist() if isinstance(v, torch.Tensor) else v
-        return out
 
 
 @torch.no_grad()

@@ -88,11 +88,11 @@ class MultiTaskConfig:
     def build_backbone(self, d_in: int, num_tasks: int) -> nn.Module:
         common = dict(tower_hidden=self.tower_hidden, d_out=1)
         if self.arch == "shared_bottom":
-            return SharedBottom(d_in, num_tasks, self.expert_hidden, **common)
+            return SharedBottom(d_model=d_in, num_tasks=num_tasks, d_hidden=self.expert_hidden, **common)
         if self.arch in ("omoe", "mmoe"):
-            return MMoE(d_in, self.num_experts, num_tasks, self.expert_hidden, shared_gate=self.arch == "omoe",
+            return MMoE(d_model=d_in, num_experts=self.num_experts, num_tasks=num_tasks, d_hidden=self.expert_hidden, shared_gate=self.arch == "omoe",
                         **common)
-        return PLE(d_in, num_tasks, self.num_shared_experts, self.num_specific_experts, self.expert_hidden,
+        return PLE(d_model=d_in, num_tasks=num_tasks, num_shared_experts=self.num_shared_experts, num_specific_experts=self.num_specific_experts, d_hidden=self.expert_hidden,
                    num_levels=self.num_levels, **common)
 
     def build(self, *, vocab_sizes: Sequence[int], num_continuous: int, num_tasks: int) -> "MultiTaskModel":

@@ -25,6 +25,7 @@ from moekit.ops.dispatch import LocalDispatcher
 from moekit.parallel.balance import BALANCE_SCOPES, global_aux_loss, reduce_stats
 from moekit.parallel.comm import all_reduce_sum, resolve_group
 from moekit.parallel.dispatcher import ExpertParallelDispatcher
+from moekit.layers.protocol import MoELayer
 
 __all__ = ["apply_expert_parallel", "ExpertShard", "expert_shard_of", "is_expert_param", "shard_expert_bank"]
 
@@ -153,7 +154,7 @@ def apply_expert_parallel(model: nn.Module, group=None, *, balance_scope: str = 
     W, r = dist.get_world_size(pg), dist.get_rank(pg)
     targets = []
     for name, layer in model.named_modules():
-        if not getattr(layer, "_is_moe_layer", False):
+        if not isinstance(layer, MoELayer):
             continue
         dispatcher, bank = getattr(layer, "dispatcher", None), getattr(layer, "experts", None)
         if isinstance(dispatcher, ExpertParallelDispatcher) or getattr(bank, "expert_shard", None) is not None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from moekit.experts.shared import DenseFFN
 from moekit.recipes.surgery import get_submodule, identify_activation, set_submodule
+from moekit.layers.protocol import MoELayer
 
 __all__ = ["DenseWeights", "FFNSite", "find_dense_ffns", "dense_weights_of"]
 
@@ -136,7 +137,7 @@ def _match(name: str, mod: nn.Module) -> Optional[FFNSite]:
 def _is_moe_like(mod: nn.Module) -> bool:
     """A moekit MoE layer, or a foreign sparse block (an ``experts`` bank beside a ``gate`` or
     ``router``, as in every transformers MoE family): its shared experts are not dense FFNs."""
-    if getattr(mod, "_is_moe_layer", False):
+    if isinstance(mod, MoELayer):
         return True
     return hasattr(mod, "experts") and (hasattr(mod, "gate") or hasattr(mod, "router"))
 

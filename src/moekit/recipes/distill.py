@@ -31,6 +31,7 @@ from moekit.experts.mlp import MLPExperts
 from moekit.layers.moe import MoE, aux_loss
 from moekit.losses import update_router_biases
 from moekit.models.transformer import TransformerLM
+from moekit.layers.protocol import MoELayer
 
 __all__ = ["distillation_loss", "dense_student_from_moe", "distill", "teacher_kl", "FFN_INITS"]
 
@@ -222,7 +223,7 @@ def dense_student_from_moe(teacher: TransformerLM, *, ffn_init: str = "random",
     moe_ids = [i for i, b in enumerate(teacher.blocks) if isinstance(b.ffn, MoE)]
     if not moe_ids:
         raise ValueError("the teacher has no MoE layer to distil (every block's FFN is dense)")
-    if len(moe_ids) != len([m for m in teacher.modules() if getattr(m, "_is_moe_layer", False)]):
+    if len(moe_ids) != len([m for m in teacher.modules() if isinstance(m, MoELayer)]):
         raise ValueError("the teacher has MoE-like layers outside its blocks' feed-forwards")
     hidden = {i: _dense_hidden(teacher.blocks[i].ffn) for i in moe_ids}
     if len(set(hidden.values())) != 1:

@@ -285,8 +285,8 @@ def freeze_moe_parameters(model: nn.Module, *, experts: bool = True, routers: bo
     number of parameter tensors changed.
     """
     n = 0
-    # MoE layers mark themselves with `_is_moe_layer` (routing must not import layers).
-    for layer in (m for m in model.modules() if getattr(m, "_is_moe_layer", False)):
+    # An MoE layer here is any module holding a moekit `Router` (routing sits below layers).
+    for layer in (m for m in model.modules() if isinstance(getattr(m, "router", None), Router)):
         parts = ([layer.experts] if experts and hasattr(layer, "experts") else []) + (
             [layer.router] if routers and hasattr(layer, "router") else [])
         for part in parts:

@@ -80,7 +80,7 @@ class _TorsoBlock(nn.Module):
             self.ffn = MoE(d_model=c.d_model, num_experts=c.num_experts, top_k=c.top_k, d_hidden=c.d_hidden,
                            router="topk", expert="mlp", activation=c.activation, aux_loss_coef=c.aux_loss_coef)
         else:
-            self.ffn = SoftMoE(c.d_model // c.num_tokens, c.num_experts, c.slots_per_expert, d_hidden=c.d_hidden,
+            self.ffn = SoftMoE(d_model=c.d_model // c.num_tokens, num_experts=c.num_experts, slots_per_expert=c.slots_per_expert, d_hidden=c.d_hidden,
                                expert="mlp", activation=c.activation)
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
