@@ -268,7 +268,7 @@ def test_bad_inputs_raise_with_expected_and_actual():
         m(x.float(), ids)
     with pytest.raises(TypeError, match="torch.Tensor"):
         m(x, [0, 1, 2, 0])
-    for kw, msg in [(dict(d_in=0), "d_in must be a positive int, got 0"),
+    for kw, msg in [(dict(d_model=0), "d_model must be a positive int, got 0"),
                     (dict(num_domains=0), "num_domains must be a positive int, got 0"),
                     (dict(num_tasks=-1), "num_tasks must be a positive int, got -1"),
                     (dict(num_shared_experts=True), "num_shared_experts must be a positive int, got True"),
@@ -278,9 +278,9 @@ def test_bad_inputs_raise_with_expected_and_actual():
                     (dict(expert_dims=(4, 0)), "expert_dims entry must be a positive int, got 0"),
                     (dict(tower_hidden=0), "tower_hidden must be a positive int, got 0"),
                     (dict(structure_init=math.inf), "structure_init must be finite")]:
-        args = {"d_in": 5, "num_domains": 2, "num_tasks": 2, **kw}
+        args = {"d_model": 5, "num_domains": 2, "num_tasks": 2, **kw}
         with pytest.raises(ValueError, match=msg):
-            M3oE(d_model=args.pop("d_in"), num_domains=args.pop("num_domains"), num_tasks=args.pop("num_tasks"), **args)
+            M3oE(**args)
 
 
 # ---------------------------------------------------------------- the trainer, on synthetic data
