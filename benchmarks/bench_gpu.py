@@ -156,11 +156,11 @@ def impl_moekit(backend):
     return make
 
 
-def impl_moekit_fused(p: Problem, combine: str = "atomic"):
-    from moekit.kernels import fused_moe_forward
+def impl_moekit_fused(p: Problem, combine: str = "atomic", tiles=None):
+    from moekit.ops.fused_moe import fused_moe_forward
 
     def fn(x):
-        return fused_moe_forward(x, p.routing(x), p.moe.experts, combine=combine)
+        return fused_moe_forward(x, p.routing(x), p.moe.experts, combine=combine, tiles=tiles)
     return fn, p.params()
 
 
@@ -170,7 +170,8 @@ def impl_moekit_fused_slots(p: Problem):
 
 def impl_moekit_fused_gate(p: Problem):
     """Fused top-k gate (Triton) + fused experts: the whole layer on moekit's kernels."""
-    from moekit.kernels import fused_moe_forward, fused_topk_gate
+    from moekit.ops.fused_moe import fused_moe_forward
+    from moekit.ops.topk_gate import fused_topk_gate
     from moekit.routing.base import Routing
 
     router = p.moe.router
@@ -217,7 +218,8 @@ def impl_moekit_graph(p: Problem):
 
 
 # Tile presets tried for the fused path in the same run (GPU time is short: sweep here, not
-# in a second call). Keys as `moekit.kernels.grouped_gemm.CONFIG_OVERRIDE`; {} = heuristic.
+# in a second call). Keys of `moekit.kernels.launch.GEMM_TILE_KEYS` / `WGRAD_TILE_KEYS`, passed as
+# `fused_moe_forward(..., tiles=preset)`; the heuristic fills the keys a preset leaves out.
 SWEEP_PRESETS = {
     "m64n128k64w4s4": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
     "m128n128k64w8s4": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
@@ -228,21 +230,10 @@ SWEEP_PRESETS = {
 
 
 def impl_moekit_fused_preset(preset: dict):
-    """The fused path with tile sizes forced (forward and backward: the override stays set
-    until `reset_overrides`, which the runner calls after each implementation)."""
+    """The fused path with tile sizes forced in every launch, forward and backward."""
     def make(p: Problem):
-        from moekit.kernels import grouped_gemm
-
-        grouped_gemm.CONFIG_OVERRIDE.clear()
-        grouped_gemm.CONFIG_OVERRIDE.update(preset)
-        return impl_moekit_fused(p)
+        return impl_moekit_fused(p, tiles=preset)
     return make
-
-
-def reset_overrides():
-    mod = sys.modules.get("moekit.kernels.grouped_gemm")
-    if mod is not None:
-        mod.CONFIG_OVERRIDE.clear()
 
 
 def impl_loop(p: Problem):
@@ -379,8 +370,6 @@ def check_moekit(p: Problem, names_makers, n_check: int):
             results[name] = dict(ok=ok, err_y=ey, err_dx=egx, eager_err_y=eb_y, eager_err_dx=eb_gx)
         except Exception as exc:  # noqa: BLE001 — report, keep going
             results[name] = dict(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
-        finally:
-            reset_overrides()
     return results
 
 
@@ -438,7 +427,6 @@ def run_shape(name, shape, device, dtype, impls, reps, floors, check_rows):
             if os.environ.get("BENCH_TRACE"):
                 traceback.print_exc()
         finally:
-            reset_overrides()
             fn = params = step = None  # noqa: F841
             for q in p.params():
                 q.grad = None

@@ -36,7 +36,12 @@ SCRIPT = textwrap.dedent('''
     except ValueError as e:
         assert "fused_gate=True" in str(e), e
     try:
-        from moekit.kernels import fused_moe_forward  # noqa: F401
+        from moekit.ops.fused_moe import fused_moe_forward  # noqa: F401
+        raise SystemExit("moekit.ops.fused_moe imported its kernels without triton")
+    except ImportError:
+        pass
+    try:
+        from moekit.kernels import gmm  # noqa: F401
         raise SystemExit("moekit.kernels imported its kernels without triton")
     except ImportError:
         pass

@@ -23,10 +23,13 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         import triton  # noqa: F401
-        # Kernels are decorated at import: import them now, while interpreting.
+        # Kernels are decorated at import: import them (and the ops on them) now, while interpreting.
         import moekit.kernels.fused_moe  # noqa: F401
         import moekit.kernels.grouped_gemm  # noqa: F401
         import moekit.kernels.router  # noqa: F401
+        import moekit.ops.fused_moe  # noqa: F401
+        import moekit.ops.grouped_mm_triton  # noqa: F401
+        import moekit.ops.topk_gate  # noqa: F401
     except ImportError:
         pass
     finally:
@@ -38,9 +41,12 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from moekit.experts.glu import GLUExperts  # noqa: E402
-from moekit.kernels import (INTERPRET, fused_moe_forward, fused_moe_reference, fused_topk_gate,  # noqa: E402
-                            gmm, grouped_mm_triton, topk_gate_reference)
+from moekit.kernels import INTERPRET, gmm_scatter_add  # noqa: E402
 from moekit.ops.backends import resolve_backend  # noqa: E402
+from moekit.ops.fused_moe import fused_moe_forward, fused_moe_reference  # noqa: E402
+from moekit.ops.gate import topk_gate_reference  # noqa: E402
+from moekit.ops.grouped_mm_triton import grouped_mm_triton  # noqa: E402
+from moekit.ops.topk_gate import fused_topk_gate  # noqa: E402
 from moekit.ops.grouped_mm import grouped_mm_reference  # noqa: E402
 from moekit.routing.base import Routing  # noqa: E402
 
@@ -119,13 +125,13 @@ def test_in_kernel_schedule_computes_each_row_once():
     offs = torch.cumsum(counts, 0).to(torch.int32)
     N = int(counts.sum())
     x, w = torch.randn(N, 20), torch.randn(len(counts), 20, 12)
-    y = gmm(x, w, offs, scatter_idx_N=torch.arange(N, dtype=torch.int32), out_rows=N)
+    y = gmm_scatter_add(x, w, offs, torch.arange(N, dtype=torch.int32), N)
     torch.testing.assert_close(y, grouped_mm_reference(x, w, offs), rtol=1e-5, atol=1e-5)
 
 
 @in_process
 def test_backend_registered_auto_and_moe_equivalence(monkeypatch):
-    import moekit.kernels.backend  # noqa: F401  (what `available_backends()` imports lazily)
+    import moekit.ops.triton_backend  # noqa: F401  (what `available_backends()` imports lazily)
 
     torch.manual_seed(0)
     x = torch.randn(10, 24)
@@ -152,6 +158,70 @@ def test_grouped_mm_rejects_bad_operands():
     with pytest.raises(TypeError, match="dtype"):
         grouped_mm_triton(torch.randn(4, 8), torch.randn(2, 8, 3, dtype=torch.float64),
                           torch.tensor([2, 4], dtype=torch.int32))
+
+
+@in_process
+def test_tiles_reach_every_launch_and_keep_the_result(monkeypatch):
+    """``tiles=`` (a benchmark's sweep) replaces the heuristic's tile sizes in the forward and
+    weight-gradient launches of the fused op, and the result stays the same function."""
+    from moekit.kernels import grouped_gemm
+
+    seen = {"gemm": [], "wgrad": []}
+
+    def spy(name, key):                 # record the config each launch uses
+        real = getattr(grouped_gemm, name)
+
+        def config(*args, **kwargs):
+            seen[key].append(real(*args, **kwargs))
+            return seen[key][-1]
+        monkeypatch.setattr(grouped_gemm, name, config)
+
+    spy("gemm_config", "gemm")
+    spy("wgrad_config", "wgrad")
+    torch.manual_seed(0)
+    T, D, Fh, E, K = 11, 16, 8, 3, 2
+    gen = torch.Generator().manual_seed(5)
+    expert_ids, weights, token_ids = _routing(T, E, K, gen)
+    bank = GLUExperts(E, D, Fh)
+    x = torch.randn(T, D)
+
+    def run(**kw):
+        xr = x.clone().requires_grad_(True)
+        r = Routing(token_ids=token_ids, expert_ids=expert_ids, weights=weights, logits=None,
+                    dropped=torch.zeros((), dtype=torch.long), num_experts=E)
+        y = fused_moe_forward(xr, r, bank, **kw)
+        return (y,) + torch.autograd.grad(y.square().sum(), (xr, bank.gate_up_proj, bank.down_proj))
+
+    ref = run()
+    assert seen["gemm"] and all(c["BLOCK_M"] == 16 for c in seen["gemm"]) and seen["wgrad"]
+    seen["gemm"].clear()
+    seen["wgrad"].clear()
+    tiles = dict(BLOCK_M=32, BLOCK_N=16, WG_BLOCK_R=32, WG_BLOCK_I=16)
+    out = run(tiles=tiles)
+    assert len(seen["gemm"]) == 4 and all(c["BLOCK_M"] == 32 and c["BLOCK_N"] == 16 for c in seen["gemm"])
+    assert len(seen["wgrad"]) == 2 and all(c["BLOCK_R"] == 32 and c["BLOCK_I"] == 16 for c in seen["wgrad"])
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+    seen["gemm"].clear()
+    x2, w2 = torch.randn(6, 8), torch.randn(2, 8, 4)
+    offs = torch.tensor([2, 6], dtype=torch.int32)
+    torch.testing.assert_close(grouped_mm_triton(x2, w2, offs, tiles=dict(BLOCK_K=16)),
+                               grouped_mm_reference(x2, w2, offs), rtol=1e-5, atol=1e-5)
+    assert [c["BLOCK_K"] for c in seen["gemm"]] == [16]
+
+
+def test_tiles_are_checked():
+    bank = GLUExperts(2, 8, 4)
+    r = Routing(token_ids=torch.arange(2), expert_ids=torch.tensor([0, 1]), weights=torch.ones(2),
+                logits=None, dropped=torch.zeros((), dtype=torch.long), num_experts=2)
+    with pytest.raises(ValueError, match="unknown keys.*BLOCK_Q"):
+        fused_moe_forward(torch.randn(2, 8), r, bank, tiles={"BLOCK_Q": 16})
+    with pytest.raises(ValueError, match="BLOCK_M.*positive int"):
+        grouped_mm_triton(torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([2, 4], dtype=torch.int32),
+                          tiles={"BLOCK_M": 0})
+    with pytest.raises(TypeError, match="tiles must be a mapping"):
+        grouped_mm_triton(torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([2, 4], dtype=torch.int32),
+                          tiles=[("BLOCK_M", 16)])
 
 
 def _routing(T, E, K, gen, empty_expert=None):
@@ -241,7 +311,7 @@ def _check_fused_moe(shape, dtype, combine):
 
 @in_process
 def test_fused_moe_applicable(monkeypatch):
-    from moekit.kernels import fused_moe_applicable
+    from moekit.ops.triton_backend import fused_moe_applicable
 
     x = torch.randn(3, 8)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -454,7 +524,7 @@ def test_moe_layer_takes_the_fused_path_and_matches_eager(monkeypatch, cap, sync
     capacity or with the static layout of sync-free routing, whose dropped slots the kernels
     skip) and computes what the eager layer computes, outputs and gradients."""
     import moekit
-    from moekit.kernels import fused_moe as fm
+    from moekit.ops import fused_moe as fm
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls = []

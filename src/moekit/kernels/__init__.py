@@ -1,23 +1,28 @@
-"""Triton kernels (GPU fast path; also run on CPU tensors under ``TRITON_INTERPRET=1``).
+"""Triton kernels and their launchers (GPU fast path; also run on CPU tensors under
+``TRITON_INTERPRET=1``). Nothing here imports from moekit outside this package: the autograd
+ops built on these launchers, their PyTorch references and the ``"triton"`` backend live in
+`moekit.ops` (`grouped_mm_triton`, `fused_moe`, `topk_gate`, `triton_backend`).
 
-Imported only by `moekit.ops` (lazily, for the ``"triton"`` backend) and by code that asks
-for a fused op. Each op has a PyTorch reference of the same signature:
+- `grouped_gemm`: the grouped GEMM kernels (`gmm`, `gmm_scatter_add`, `gmm_scatter`,
+  `gmm_swiglu`, `gmm_swiglu_with_pre`, `gmm_swiglu_backward`, `gmm_wgrad`);
+- `fused_moe`: the launch sequences of the fused SwiGLU experts (`swiglu_experts_forward`,
+  `swiglu_experts_forward_with_pre`, `swiglu_experts_backward`, `combine_rows`);
+- `router`: the fused top-k gate kernel (`topk_gate_forward`);
+- `launch`: interpreter mode (`INTERPRET`), tile sizes and their overrides (`check_tiles`).
 
-- `grouped_mm_triton` ↔ `moekit.ops.grouped_mm.grouped_mm_reference`;
-- `fused_moe_forward` ↔ `fused_moe_reference` (gather + SwiGLU + combine + scatter);
-- `fused_topk_gate` ↔ `topk_gate_reference` (softmax / sigmoid + top-k + normalisation).
-
-Names resolve lazily: importing this package (or registering the backend) does not import
-triton, because triton fixes compiled-vs-interpreted mode at its first import.
+Names resolve lazily: importing this package does not import triton, because triton fixes
+compiled-vs-interpreted mode at its first import.
 """
 import importlib
 
 _EXPORTS = {
-    "grouped_mm_triton": "grouped_gemm", "gmm": "grouped_gemm", "gmm_wgrad": "grouped_gemm",
-    "fused_moe_forward": "fused_moe", "fused_moe_reference": "fused_moe", "fused_moe_applicable": "backend",
-    "fused_swiglu_experts": "fused_moe", "sort_pairs": "fused_moe",
-    "fused_topk_gate": "router", "topk_gate_reference": "router",
-    "INTERPRET": "launch",
+    "gmm": "grouped_gemm", "gmm_scatter_add": "grouped_gemm", "gmm_scatter": "grouped_gemm",
+    "gmm_swiglu": "grouped_gemm", "gmm_swiglu_with_pre": "grouped_gemm", "gmm_swiglu_backward": "grouped_gemm",
+    "gmm_wgrad": "grouped_gemm",
+    "combine_rows": "fused_moe", "swiglu_experts_forward": "fused_moe",
+    "swiglu_experts_forward_with_pre": "fused_moe", "swiglu_experts_backward": "fused_moe",
+    "topk_gate_forward": "router",
+    "INTERPRET": "launch", "check_tiles": "launch", "GEMM_TILE_KEYS": "launch", "WGRAD_TILE_KEYS": "launch",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -25,25 +25,36 @@ Weight-gradient kernel: ``dW[e] = Σ_{r of e} (s_r · A[ia(r)])ᵀ B[ib(r)]`` wi
 gathers on either side, an optional row scale on A, and optionally ``B = silu(gate) · up``
 computed on the fly from saved pre-activations; experts with no rows get zeros.
 
-`gmm` / `gmm_wgrad` launch them; `grouped_mm_triton` is the autograd op with the
-``(x_NI, w_EIO, offs_E) -> y_NO`` signature of `moekit.ops.grouped_mm.grouped_mm_reference`:
-backward is dx = dy @ W[e]ᵀ (the same kernel on a transposed view, no copy) and
-dW[e] = x_eᵀ dy_e.
+Launchers, one per use of the forward kernel, each with one return type:
+
+- `gmm`: ``Y[r] = a_r @ W[e]``;
+- `gmm_scatter_add`: ``Y[rows[r]] += s_r · a_r @ W[e]`` into fp32 (the atomic combine);
+- `gmm_scatter`: ``Y[rows[r]] = s_r · a_r @ W[e]`` (distinct rows: the slot combine);
+- `gmm_swiglu` / `gmm_swiglu_with_pre`: the SwiGLU epilogue, without / with the saved
+  pre-activations;
+- `gmm_swiglu_backward`: the SwiGLU backward epilogue;
+
+and `gmm_wgrad` launches the weight-gradient kernel. Each takes ``tiles=`` (see
+`moekit.kernels.launch.check_tiles`) to force tile sizes, e.g. in a benchmark's sweep.
+The autograd ops built on them live in `moekit.ops` (`grouped_mm_triton`, `fused_moe`).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from moekit.kernels.launch import gemm_config, launch_context, num_tiles_bound, upcast_for_dot
+from moekit.kernels.launch import gemm_config, launch_context, num_tiles_bound, upcast_for_dot, wgrad_config
 
-__all__ = ["gmm", "gmm_wgrad", "grouped_mm_triton", "CONFIG_OVERRIDE"]
+__all__ = ["gmm", "gmm_scatter_add", "gmm_scatter", "gmm_swiglu", "gmm_swiglu_with_pre", "gmm_swiglu_backward",
+           "gmm_wgrad", "check_operands"]
 
-# Benchmarks may set tile sizes here (keys of `gemm_config`) to sweep configurations.
-CONFIG_OVERRIDE: dict = {}
+Tiles = Optional[Mapping[str, int]]
+
+# Values of the forward kernel's EPILOGUE constexpr.
+_PLAIN, _SWIGLU, _DSWIGLU = 0, 1, 2
 
 
 @triton.jit
@@ -224,7 +235,8 @@ def _gmm_wgrad_kernel(
     tl.store(w_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=i_ok[:, None] & o_ok[None, :])
 
 
-def _check_operands(a: torch.Tensor, w: torch.Tensor, offs_E: torch.Tensor) -> None:
+def check_operands(a: torch.Tensor, w: torch.Tensor, offs_E: torch.Tensor) -> None:
+    """a (rows, I) and w (E, I, O) of one dtype and device, offs (E,)."""
     if a.dim() != 2 or w.dim() != 3:
         raise ValueError(f"expected a (rows, I) and w (E, I, O), got {tuple(a.shape)} and {tuple(w.shape)}")
     if a.shape[1] != w.shape[1]:
@@ -237,92 +249,149 @@ def _check_operands(a: torch.Tensor, w: torch.Tensor, offs_E: torch.Tensor) -> N
         raise ValueError(f"operands on different devices: {a.device}, {w.device}, {offs_E.device}")
 
 
-def gmm(a: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor, *,
-        a_idx_N: Optional[torch.Tensor] = None, swiglu: bool = False, store_pre: bool = False,
-        scale_N: Optional[torch.Tensor] = None, scatter_idx_N: Optional[torch.Tensor] = None,
-        out_rows: Optional[int] = None, scatter_add: bool = True,
-        dswiglu_pre_N2O: Optional[torch.Tensor] = None):
-    """Launch the grouped forward kernel. See the module docstring for the formula.
+def _launch(a, w_EIO, offs_E, y, *, n_rows: int, n_out: int, tiles: Tiles, epilogue: int = _PLAIN,
+            pre=None, store_pre: bool = False, a_idx_N=None, y_idx_N=None, scatter_add: bool = False,
+            scale_N=None, dscale_N=None) -> None:
+    """Run `_gmm_kernel` over ``n_rows`` rows into the caller's buffers (y, pre, dscale_N).
 
-    a: (N, I), or (T, I) read through ``a_idx_N`` (N,) when gathering. w_EIO: any strides.
-    swiglu: output width ``O/2``; with ``store_pre`` also returns the (N, O) pre-activations.
-    scatter_idx_N: rows of an fp32 ``(out_rows, ·)`` output that receive ``+=`` (atomics), or,
-    with ``scatter_add=False``, rows of an ``(out_rows, ·)`` output in a's dtype that receive
-    ``=`` (the indices must then be distinct; rows no index names are left uninitialised).
-    dswiglu_pre_N2O: SwiGLU backward epilogue. ``a @ W`` is then ``g = ∂L/∂h / w`` (N, O);
-    with the saved pre-activations and the combine weights ``scale_N`` it returns
-    ``(d_pre (N, 2O), d_scale (N,) fp32)``.
-    Returns ``y`` (N, O') in a's dtype, or fp32 ``(out_rows, O')`` when scattering; plus the
-    pre-activations when ``store_pre``.
+    ``pre`` is the pre-activation buffer: written when ``store_pre``, read by the SwiGLU
+    backward epilogue, unused (y stands in) otherwise.
     """
-    _check_operands(a, w_EIO, offs_E)
-    N = a.shape[0] if a_idx_N is None else a_idx_N.shape[0]
-    E, I, O_w = w_EIO.shape
-    if swiglu and O_w % 2:
-        raise ValueError(f"swiglu needs an even output width (gate and up halves), got {O_w}")
-    O = O_w // 2 if swiglu else O_w
-    dev = a.device
-    epilogue = 1 if swiglu else (2 if dswiglu_pre_N2O is not None else 0)
-    cfg = dict(gemm_config(N, I, O, E, dev, a.dtype, two_outputs=swiglu))
-    cfg.update(CONFIG_OVERRIDE)
-    dscale = None
-    if epilogue == 2:
-        if scale_N is None or dswiglu_pre_N2O.shape != (N, 2 * O):
-            raise ValueError(f"the SwiGLU backward needs scale_N and pre-activations of shape ({N}, {2 * O})")
-        y = torch.empty(N, 2 * O, dtype=a.dtype, device=dev)
-        dscale = torch.zeros(N, dtype=torch.float32, device=dev)
-        pre = dswiglu_pre_N2O
-    elif scatter_idx_N is not None:
-        if out_rows is None:
-            raise ValueError("scatter_idx_N needs out_rows (the number of output rows)")
-        if scatter_add:
-            y = torch.zeros(out_rows, O, dtype=torch.float32, device=dev)
-        else:
-            y = torch.empty(out_rows, O, dtype=a.dtype, device=dev)
-        pre = torch.empty(N, O_w, dtype=a.dtype, device=dev) if store_pre else y
-    else:
-        y = torch.empty(N, O, dtype=a.dtype, device=dev)
-        pre = torch.empty(N, O_w, dtype=a.dtype, device=dev) if store_pre else y
-
-    def result():
-        if epilogue == 2:
-            return y, dscale
-        return (y, pre) if store_pre else y
-
-    if N == 0 or O == 0:
-        return result()
+    E, I, _ = w_EIO.shape
+    if n_rows == 0 or n_out == 0:
+        return
     if I == 0:
         # Empty reduction: every product is 0, and so is silu(0) · 0.
-        for t in (y, pre) if store_pre else (y,):
-            t.zero_()
-        return result()
+        y.zero_()
+        if store_pre:
+            pre.zero_()
+        return
+    dev = a.device
+    cfg = gemm_config(n_rows, I, n_out, E, dev, a.dtype, two_outputs=epilogue == _SWIGLU, tiles=tiles)
     offs_E = offs_E.to(torch.int32)
+    pre = y if pre is None else pre
     dummy = offs_E
-    grid = (num_tiles_bound(N, E, cfg["BLOCK_M"]) * triton.cdiv(O, cfg["BLOCK_N"]),)
+    grid = (num_tiles_bound(n_rows, E, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
     with launch_context(dev):
         _gmm_kernel[grid](
             a, w_EIO, y, pre, offs_E,
             a_idx_N if a_idx_N is not None else dummy,
-            scatter_idx_N if scatter_idx_N is not None else dummy,
+            y_idx_N if y_idx_N is not None else dummy,
             scale_N if scale_N is not None else dummy,
-            dscale if dscale is not None else dummy,
-            E, I, O,
+            dscale_N if dscale_N is not None else dummy,
+            E, I, n_out,
             a.stride(0), a.stride(1), w_EIO.stride(0), w_EIO.stride(1), w_EIO.stride(2),
             y.stride(0), y.stride(1), pre.stride(0), pre.stride(1),
-            GATHER=a_idx_N is not None, SCATTER=scatter_idx_N is not None,
-            SCATTER_ADD=scatter_idx_N is not None and scatter_add, ROW_SCALE=scale_N is not None,
+            GATHER=a_idx_N is not None, SCATTER=y_idx_N is not None,
+            SCATTER_ADD=y_idx_N is not None and scatter_add, ROW_SCALE=scale_N is not None,
             EPILOGUE=epilogue, STORE_PRE=store_pre, UPCAST=upcast_for_dot(a.dtype, dev),
             IEEE=a.dtype == torch.float32,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
             BLOCK_E=max(16, triton.next_power_of_2(E)),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-    return result()
+
+
+def _rows(a: torch.Tensor, a_idx_N: Optional[torch.Tensor]) -> int:
+    return a.shape[0] if a_idx_N is None else a_idx_N.shape[0]
+
+
+def _swiglu_width(w_EIO: torch.Tensor) -> int:
+    if w_EIO.shape[2] % 2:
+        raise ValueError(f"the SwiGLU epilogue needs an even output width (gate and up halves), got {w_EIO.shape[2]}")
+    return w_EIO.shape[2] // 2
+
+
+def _check_scatter(rows_N: torch.Tensor, n_rows: int, num_rows: int) -> None:
+    if rows_N.shape != (n_rows,):
+        raise ValueError(f"rows_N must have shape ({n_rows},), one output row per input row, got {tuple(rows_N.shape)}")
+    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 0:
+        raise ValueError(f"num_rows must be an int >= 0, got {num_rows!r}")
+
+
+def gmm(a_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor, *, tiles: Tiles = None) -> torch.Tensor:
+    """``y[r] = a[r] @ W[e(r)]``: (N, O) in a's dtype; rows past ``offs_E[-1]`` are left
+    uninitialised. w_EIO: any strides (a transposed view costs no copy)."""
+    check_operands(a_NI, w_EIO, offs_E)
+    N, O = a_NI.shape[0], w_EIO.shape[2]
+    y = torch.empty(N, O, dtype=a_NI.dtype, device=a_NI.device)
+    _launch(a_NI, w_EIO, offs_E, y, n_rows=N, n_out=O, tiles=tiles)
+    return y
+
+
+def gmm_scatter_add(a_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor, rows_N: torch.Tensor,
+                    num_rows: int, *, scale_N: Optional[torch.Tensor] = None, tiles: Tiles = None) -> torch.Tensor:
+    """``Y[rows[r]] += s_r · a[r] @ W[e(r)]`` into a zeroed fp32 ``(num_rows, O)`` (fp32 atomics,
+    so the order of additions into a row is not fixed); ``s_r = scale_N[r]``, or 1."""
+    check_operands(a_NI, w_EIO, offs_E)
+    N, O = a_NI.shape[0], w_EIO.shape[2]
+    _check_scatter(rows_N, N, num_rows)
+    y = torch.zeros(num_rows, O, dtype=torch.float32, device=a_NI.device)
+    _launch(a_NI, w_EIO, offs_E, y, n_rows=N, n_out=O, tiles=tiles, y_idx_N=rows_N, scatter_add=True,
+            scale_N=scale_N)
+    return y
+
+
+def gmm_scatter(a_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor, rows_N: torch.Tensor,
+                num_rows: int, *, scale_N: Optional[torch.Tensor] = None, tiles: Tiles = None) -> torch.Tensor:
+    """``Y[rows[r]] = s_r · a[r] @ W[e(r)]`` into ``(num_rows, O)`` in a's dtype. The rows must
+    be distinct (a permutation, or part of one); rows that no index names stay uninitialised."""
+    check_operands(a_NI, w_EIO, offs_E)
+    N, O = a_NI.shape[0], w_EIO.shape[2]
+    _check_scatter(rows_N, N, num_rows)
+    y = torch.empty(num_rows, O, dtype=a_NI.dtype, device=a_NI.device)
+    _launch(a_NI, w_EIO, offs_E, y, n_rows=N, n_out=O, tiles=tiles, y_idx_N=rows_N, scatter_add=False,
+            scale_N=scale_N)
+    return y
+
+
+def gmm_swiglu(a: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor, *,
+               a_idx_N: Optional[torch.Tensor] = None, tiles: Tiles = None) -> torch.Tensor:
+    """``h[r] = silu(a_r @ W[e][:, :F]) · (a_r @ W[e][:, F:])``: (N, F) in a's dtype, with
+    ``O = 2F`` and ``a_r = a[a_idx_N[r]]`` when ``a_idx_N`` is given (else ``a[r]``)."""
+    check_operands(a, w_EIO, offs_E)
+    N, F = _rows(a, a_idx_N), _swiglu_width(w_EIO)
+    h = torch.empty(N, F, dtype=a.dtype, device=a.device)
+    _launch(a, w_EIO, offs_E, h, n_rows=N, n_out=F, tiles=tiles, epilogue=_SWIGLU, a_idx_N=a_idx_N)
+    return h
+
+
+def gmm_swiglu_with_pre(a: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor, *,
+                        a_idx_N: Optional[torch.Tensor] = None, tiles: Tiles = None):
+    """`gmm_swiglu` that also stores the pre-activations for a backward pass:
+    ``(h (N, F), pre (N, 2F))``, both in a's dtype (gate columns first)."""
+    check_operands(a, w_EIO, offs_E)
+    N, F = _rows(a, a_idx_N), _swiglu_width(w_EIO)
+    h = torch.empty(N, F, dtype=a.dtype, device=a.device)
+    pre = torch.empty(N, 2 * F, dtype=a.dtype, device=a.device)
+    _launch(a, w_EIO, offs_E, h, n_rows=N, n_out=F, tiles=tiles, epilogue=_SWIGLU, pre=pre, store_pre=True,
+            a_idx_N=a_idx_N)
+    return h, pre
+
+
+def gmm_swiglu_backward(a: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor, pre_N2O: torch.Tensor,
+                        scale_N: torch.Tensor, *, a_idx_N: Optional[torch.Tensor] = None, tiles: Tiles = None):
+    """The SwiGLU backward epilogue on ``g_r = a_r @ W[e]`` (∂L/∂h_r before the combine weight
+    ``s_r = scale_N[r]``), with the saved pre-activations (N, 2O).
+
+    Returns ``(d_pre (N, 2O) in a's dtype, d_scale (N,) fp32)``: ``d_pre`` the gradient of
+    (gate, up) given ``∂L/∂h = s_r · g_r``, ``d_scale[r] = Σ_f g_r · h_r``.
+    """
+    check_operands(a, w_EIO, offs_E)
+    N, O = _rows(a, a_idx_N), w_EIO.shape[2]
+    if pre_N2O.shape != (N, 2 * O) or scale_N.shape != (N,):
+        raise ValueError(f"the SwiGLU backward needs pre-activations ({N}, {2 * O}) and scale ({N},), got "
+                         f"{tuple(pre_N2O.shape)} and {tuple(scale_N.shape)}")
+    d_pre = torch.empty(N, 2 * O, dtype=a.dtype, device=a.device)
+    d_scale = torch.zeros(N, dtype=torch.float32, device=a.device)
+    _launch(a, w_EIO, offs_E, d_pre, n_rows=N, n_out=O, tiles=tiles, epilogue=_DSWIGLU, pre=pre_N2O,
+            a_idx_N=a_idx_N, scale_N=scale_N, dscale_N=d_scale)
+    return d_pre, d_scale
 
 
 def gmm_wgrad(a: torch.Tensor, b: torch.Tensor, offs_E: torch.Tensor, *, out_dtype: torch.dtype,
               a_idx_N: Optional[torch.Tensor] = None, b_idx_N: Optional[torch.Tensor] = None,
-              scale_N: Optional[torch.Tensor] = None, b_swiglu: bool = False) -> torch.Tensor:
+              scale_N: Optional[torch.Tensor] = None, b_swiglu: bool = False, tiles: Tiles = None) -> torch.Tensor:
     """``dW[e] = Σ_{r of e} (s_r · a[ia(r)])ᵀ b[ib(r)]``, shape (E, I, O), zeros for empty experts.
 
     b_swiglu: b holds (N, 2O) SwiGLU pre-activations and ``silu(gate) · up`` is used in its place.
@@ -339,16 +408,10 @@ def gmm_wgrad(a: torch.Tensor, b: torch.Tensor, offs_E: torch.Tensor, *, out_dty
         return dw
     if a.dtype != b.dtype:
         raise TypeError(f"a and b must share a dtype, got {a.dtype} and {b.dtype}")
-    if dev.type != "cuda":
-        bi, bo, br, warps, stages = 32, 32, 16, 4, 1
-    else:
-        bi, bo, br, warps, stages = 128, 128, 64, 8, 2 if a.dtype == torch.float32 else 3
-    bi = CONFIG_OVERRIDE.get("WG_BLOCK_I", bi)
-    bo = CONFIG_OVERRIDE.get("WG_BLOCK_O", bo)
-    br = CONFIG_OVERRIDE.get("WG_BLOCK_R", br)
+    cfg = wgrad_config(dev, a.dtype, tiles)
     offs_E = offs_E.to(torch.int32)
     dummy = offs_E
-    grid = (triton.cdiv(I, bi) * triton.cdiv(O, bo), E)
+    grid = (triton.cdiv(I, cfg["BLOCK_I"]) * triton.cdiv(O, cfg["BLOCK_O"]), E)
     with launch_context(dev):
         _gmm_wgrad_kernel[grid](
             a, b, dw, offs_E,
@@ -358,29 +421,7 @@ def gmm_wgrad(a: torch.Tensor, b: torch.Tensor, offs_E: torch.Tensor, *, out_dty
             I, O, a.stride(0), a.stride(1), b.stride(0), b.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
             A_GATHER=a_idx_N is not None, B_GATHER=b_idx_N is not None, ROW_SCALE=scale_N is not None,
             B_SWIGLU=b_swiglu, UPCAST=upcast_for_dot(a.dtype, dev), IEEE=a.dtype == torch.float32,
-            BLOCK_I=bi, BLOCK_O=bo, BLOCK_R=br, GROUP_I=CONFIG_OVERRIDE.get("WG_GROUP_I", 8), num_warps=warps, num_stages=stages,
+            BLOCK_I=cfg["BLOCK_I"], BLOCK_O=cfg["BLOCK_O"], BLOCK_R=cfg["BLOCK_R"], GROUP_I=cfg["GROUP_I"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return dw
-
-
-class _GroupedMMTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_NI, w_EIO, offs_E):
-        ctx.save_for_backward(x_NI, w_EIO, offs_E)
-        return gmm(x_NI, w_EIO, offs_E)
-
-    @staticmethod
-    def backward(ctx, gy_NO):
-        x_NI, w_EIO, offs_E = ctx.saved_tensors
-        gx = gw = None
-        if ctx.needs_input_grad[0]:
-            gx = gmm(gy_NO, w_EIO.transpose(1, 2), offs_E)
-        if ctx.needs_input_grad[1]:
-            gw = gmm_wgrad(x_NI, gy_NO, offs_E, out_dtype=w_EIO.dtype)
-        return gx, gw, None
-
-
-def grouped_mm_triton(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    """Triton grouped matmul with the signature of `grouped_mm_reference` (autograd-aware)."""
-    _check_operands(x_NI, w_EIO, offs_E)
-    return _GroupedMMTriton.apply(x_NI, w_EIO, offs_E)

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Mapping, Optional
 
 import torch
 import triton
 
-__all__ = ["INTERPRET", "interpreting", "launch_context", "num_tiles_bound", "gemm_config",
-           "HALF_DTYPES", "FLOAT_DTYPES", "upcast_for_dot"]
+__all__ = ["INTERPRET", "interpreting", "launch_context", "num_tiles_bound", "gemm_config", "wgrad_config",
+           "check_tiles", "GEMM_TILE_KEYS", "WGRAD_TILE_KEYS", "HALF_DTYPES", "FLOAT_DTYPES", "upcast_for_dot"]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -79,15 +80,45 @@ def num_tiles_bound(n_rows: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(n_rows, block_m) + min(num_experts, n_rows)
 
 
+# Tile sizes a caller may force (a benchmark's sweep), passed as ``tiles=`` to a launcher:
+# the forward kernel's keys (as `gemm_config` returns them) and the weight-gradient kernel's.
+GEMM_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+WGRAD_TILE_KEYS = ("WG_BLOCK_I", "WG_BLOCK_O", "WG_BLOCK_R", "WG_GROUP_I")
+
+
+def check_tiles(tiles: Optional[Mapping[str, int]]) -> None:
+    """``tiles``: None, or a mapping from some of `GEMM_TILE_KEYS` / `WGRAD_TILE_KEYS` to
+    positive ints (tile sizes must also be powers of two, which triton checks)."""
+    if tiles is None:
+        return
+    if not isinstance(tiles, Mapping):
+        raise TypeError(f"tiles must be a mapping of tile sizes or None, got {type(tiles).__name__}")
+    unknown = sorted(set(tiles) - set(GEMM_TILE_KEYS + WGRAD_TILE_KEYS))
+    if unknown:
+        raise ValueError(f"tiles: unknown keys {unknown}; expected keys among {GEMM_TILE_KEYS + WGRAD_TILE_KEYS}")
+    for key, value in tiles.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"tiles[{key!r}] must be a positive int, got {value!r}")
+
+
 def gemm_config(n_rows: int, n_in: int, n_out: int, num_experts: int, device: torch.device,
-                dtype: torch.dtype, two_outputs: bool = False) -> dict:
-    """Tile sizes and launch options of the grouped forward kernel.
+                dtype: torch.dtype, two_outputs: bool = False,
+                tiles: Optional[Mapping[str, int]] = None) -> dict:
+    """Tile sizes and launch options of the grouped forward kernel; the `GEMM_TILE_KEYS` of
+    ``tiles`` replace the heuristic's choice.
 
     On the GPU: 128-row tiles for prefill/training (each expert holds hundreds of rows at
     the BENCHMARKS shapes), 16-row tiles when the average expert holds few rows (decode),
     where the kernel is bound by reading weights and wide K tiles keep loads long.
     Under the interpreter: small tiles (fewer NumPy ops per program matter more than count).
     """
+    check_tiles(tiles)
+    cfg = _gemm_heuristic(n_rows, num_experts, device, dtype, two_outputs)
+    cfg.update({k: v for k, v in (tiles or {}).items() if k in GEMM_TILE_KEYS})
+    return cfg
+
+
+def _gemm_heuristic(n_rows, num_experts, device, dtype, two_outputs) -> dict:
     if interpreting(device):
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
     # float32 operands take twice the shared memory per stage: two stages fit, three may not.
@@ -104,3 +135,16 @@ def gemm_config(n_rows: int, n_in: int, n_out: int, num_experts: int, device: to
     if two_outputs:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=stages)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=stages)
+
+
+def wgrad_config(device: torch.device, dtype: torch.dtype, tiles: Optional[Mapping[str, int]] = None) -> dict:
+    """Tile sizes and launch options of the weight-gradient kernel (``tiles``' `WGRAD_TILE_KEYS`
+    replace the heuristic's ``BLOCK_I``, ``BLOCK_O``, ``BLOCK_R``, ``GROUP_I``)."""
+    check_tiles(tiles)
+    if interpreting(device):
+        cfg = dict(BLOCK_I=32, BLOCK_O=32, BLOCK_R=16, GROUP_I=8, num_warps=4, num_stages=1)
+    else:
+        cfg = dict(BLOCK_I=128, BLOCK_O=128, BLOCK_R=64, GROUP_I=8, num_warps=8,
+                   num_stages=2 if dtype == torch.float32 else 3)
+    cfg.update({k[len("WG_"):]: v for k, v in (tiles or {}).items() if k in WGRAD_TILE_KEYS})
+    return cfg

@@ -7,10 +7,10 @@ Legend: T tokens, E experts, K experts per token.
 The function is `moekit.ops.gate`'s (see its docstring), for float32 logits.
 
 Selection is by repeated row maxima (K passes over a row held in registers), fine for the
-K ≤ 8 and E ≤ a few hundred of the benchmark shapes. The backward pass recomputes the
-differentiable part (weights and probs from the logits, with the selected ids fixed) in
-PyTorch. `moekit.ops.gate.topk_gate_reference` has the same signature and is the eager
-reference (re-exported here).
+K ≤ 8 and E ≤ a few hundred of the benchmark shapes. `topk_gate_forward` launches it (no
+autograd); the differentiable op is `moekit.ops.topk_gate.fused_topk_gate`, whose backward
+recomputes the differentiable part in PyTorch, beside its reference
+`moekit.ops.gate.topk_gate_reference`.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import triton
 import triton.language as tl
 
 from moekit.kernels.launch import launch_context
-from moekit.ops.gate import SCORES, check_gate_args, gate_weights_probs, topk_gate_reference
 
-__all__ = ["fused_topk_gate", "topk_gate_reference", "SCORES"]
+__all__ = ["topk_gate_forward"]
+
 
 @triton.jit
 def _topk_gate_kernel(
@@ -79,56 +79,38 @@ def _topk_gate_kernel(
     tl.store(w_ptr + out, top_w, mask=mk)
 
 
-class _TopKGate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits_TE, bias_E, top_k, score, normalize, route_scale):
-        T, E = logits_TE.shape
-        logits_TE = logits_TE.contiguous()
-        dev = logits_TE.device
-        ids = torch.empty(T, top_k, dtype=torch.int64, device=dev)
-        w = torch.empty(T, top_k, dtype=torch.float32, device=dev)
-        probs = torch.empty(T, E, dtype=torch.float32, device=dev)
-        if T > 0:
-            block_e = triton.next_power_of_2(E)
-            block_t = max(1, min(64, 4096 // block_e)) if dev.type == "cuda" else 16
-            block_t = triton.next_power_of_2(block_t)
-            with launch_context(dev):
-                _topk_gate_kernel[(triton.cdiv(T, block_t),)](
-                    logits_TE, bias_E if bias_E is not None else logits_TE, ids, w, probs,
-                    T, E, logits_TE.stride(0), float(route_scale),
-                    SIGMOID=score == "sigmoid", HAS_BIAS=bias_E is not None, NORMALIZE=bool(normalize), K=top_k,
-                    BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
-                )
-        ctx.save_for_backward(logits_TE, ids)
-        ctx.cfg = (score, normalize, route_scale)
-        ctx.mark_non_differentiable(ids)
-        return ids, w, probs
+def topk_gate_forward(logits_TE: torch.Tensor, top_k: int, *, sigmoid: bool, normalize: bool,
+                      route_scale: float, bias_E: Optional[torch.Tensor] = None):
+    """Launch the gate kernel: ``(ids_TK int64, weights_TK float32, probs_TE float32)``.
 
-    @staticmethod
-    def backward(ctx, _d_ids, d_w, d_probs):
-        logits_TE, ids = ctx.saved_tensors
-        with torch.enable_grad():
-            lg = logits_TE.detach().requires_grad_(True)
-            w, probs = gate_weights_probs(lg, ids, *ctx.cfg)
-            outs, grads = [], []
-            for o, g in ((w, d_w), (probs, d_probs)):
-                if g is not None:
-                    outs.append(o)
-                    grads.append(g)
-            (d_logits,) = torch.autograd.grad(outs, (lg,), grads) if outs else (None,)
-        return d_logits, None, None, None, None, None
-
-
-def fused_topk_gate(logits_TE: torch.Tensor, top_k: int, *, score: str = "softmax", normalize: bool = True,
-                    route_scale: float = 1.0, bias_E: Optional[torch.Tensor] = None):
-    """Triton gate with `topk_gate_reference`'s signature and results.
-
-    `TopKRouter(norm=...)` maps to ``score="softmax"`` with normalize = (norm != "raw") and
-    route_scale; `SigmoidRouter` (num_groups=1) to ``score="sigmoid"``, ``normalize=renorm``,
-    ``bias_E=expert_bias``.
+    logits_TE: (T, E) float32 (any row stride, unit column stride after ``contiguous``);
+    sigmoid: sigmoid scores (else softmax); bias_E: float32 (E,) added to the scores for the
+    choice only. No autograd: see `moekit.ops.topk_gate.fused_topk_gate`.
     """
-    check_gate_args(logits_TE, top_k, score, bias_E)
-    if logits_TE.dtype != torch.float32:
-        raise ValueError(f"the fused gate takes float32 logits, got {logits_TE.dtype}")
-    bias = None if bias_E is None else bias_E.detach().float().contiguous()
-    return _TopKGate.apply(logits_TE, bias, top_k, score, normalize, route_scale)
+    if logits_TE.dim() != 2 or logits_TE.dtype != torch.float32:
+        raise ValueError(f"the gate kernel takes float32 (T, E) logits, got {logits_TE.dtype} "
+                         f"{tuple(logits_TE.shape)}")
+    T, E = logits_TE.shape
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 < top_k <= E:
+        raise ValueError(f"top_k must be an int in [1, {E}], got {top_k!r}")
+    if bias_E is not None and (bias_E.shape != (E,) or bias_E.dtype != torch.float32):
+        raise ValueError(f"bias_E must be float32 ({E},), got {bias_E.dtype} {tuple(bias_E.shape)}")
+    logits_TE = logits_TE.contiguous()
+    dev = logits_TE.device
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=dev)
+    w = torch.empty(T, top_k, dtype=torch.float32, device=dev)
+    probs = torch.empty(T, E, dtype=torch.float32, device=dev)
+    if T == 0:
+        return ids, w, probs
+    block_e = triton.next_power_of_2(E)
+    block_t = max(1, min(64, 4096 // block_e)) if dev.type == "cuda" else 16
+    block_t = triton.next_power_of_2(block_t)
+    bias = None if bias_E is None else bias_E.contiguous()
+    with launch_context(dev):
+        _topk_gate_kernel[(triton.cdiv(T, block_t),)](
+            logits_TE, bias if bias is not None else logits_TE, ids, w, probs,
+            T, E, logits_TE.stride(0), float(route_scale),
+            SIGMOID=bool(sigmoid), HAS_BIAS=bias is not None, NORMALIZE=bool(normalize), K=top_k,
+            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+        )
+    return ids, w, probs

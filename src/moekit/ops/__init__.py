@@ -1,4 +1,10 @@
-"""Ops: permute / unpermute, grouped matmul and top-k, each with a pure-PyTorch reference."""
+"""Ops: permute / unpermute, grouped matmul and top-k, each with a pure-PyTorch reference.
+
+The ops on the Triton kernels (`moekit.kernels`) are imported by module, on demand, since
+importing them imports triton: `grouped_mm_triton` (the ``"triton"`` backend, registered by
+`triton_backend`), `fused_moe` (fused SwiGLU experts) and `topk_gate` (the fused gate);
+`fused.fused_experts` and `gate.topk_gate` choose them where they apply.
+"""
 from moekit.ops.backends import Backend, available_backends, register_backend, resolve_backend
 from moekit.ops.counting import count_ids
 from moekit.ops.dispatch import DispatchMeta, LocalDispatcher, permute, unpermute

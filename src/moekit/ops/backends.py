@@ -9,7 +9,8 @@ Every backend computes `grouped_mm_reference`'s function with the same signature
   accelerator backend whose ``supported`` says yes (e.g. Triton on CUDA), else
   ``"grouped_mm"`` where supported, else ``"eager"``.
 
-Further backends register with `register_backend` (the Triton kernels do, when importable).
+Further backends register with `register_backend`; ``"triton"`` (`moekit.ops.triton_backend`)
+is registered on first use of this registry when triton is importable.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ _BACKENDS: Dict[str, Backend] = {
     "eager": Backend("eager", grouped_mm_reference, lambda x, w: True, auto_priority=0),
     "grouped_mm": Backend("grouped_mm", grouped_mm_fast, fast_supported, auto_priority=10),
 }
-_LAZY = {"triton": "moekit.kernels.backend"}
+# name -> (module, attribute holding its Backend); imported on first use, left out on ImportError.
+_LAZY = {"triton": ("moekit.ops.triton_backend", "TRITON_BACKEND")}
 
 
 def register_backend(backend: Backend) -> None:
@@ -45,10 +47,10 @@ def register_backend(backend: Backend) -> None:
 def _load_lazy() -> None:
     import importlib
 
-    for name, module in list(_LAZY.items()):
+    for name, (module, attr) in list(_LAZY.items()):
         if name not in _BACKENDS:
             try:
-                importlib.import_module(module)
+                register_backend(getattr(importlib.import_module(module), attr))
             except ImportError:
                 pass
         _LAZY.pop(name, None)

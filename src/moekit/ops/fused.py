@@ -2,8 +2,8 @@
 
 Legend: T tokens, D model dim.
 
-`fused_experts` returns the layer's routed output ``y_TD`` computed by the Triton kernels of
-`moekit.kernels.fused_moe` when they apply here (a SwiGLU bank, a device the kernels run on,
+`fused_experts` returns the layer's routed output ``y_TD`` computed by the fused op
+`moekit.ops.fused_moe` (Triton kernels) when it applies here (a SwiGLU bank, a device the kernels run on,
 backend ``"auto"`` or ``"triton"``), and None otherwise, so the caller falls back to the
 dispatch → experts → combine path, which computes the same function (tests compare both).
 The deterministic ``"slots"`` combine needs every token's K pairs in token-major order
@@ -23,12 +23,12 @@ def fused_experts(x_TD: torch.Tensor, routing, experts, *, backend: str) -> Opti
     if backend not in ("auto", "triton"):
         return None
     try:
-        from moekit.kernels.backend import fused_moe_applicable      # imports no triton on the CPU
+        from moekit.ops.triton_backend import fused_moe_applicable      # imports no triton on the CPU
     except ImportError:
         return None
     if not fused_moe_applicable(x_TD, experts):
         return None
-    from moekit.kernels import fused_moe
+    from moekit.ops import fused_moe
 
     uniform = getattr(routing, "slots_per_token", None) is not None and getattr(routing, "keep", None) is None
     combine = "slots" if uniform else "atomic"

@@ -11,7 +11,7 @@ For each row of float32 ``logits_TE``::
     probs  = s  (softmax)   or   s / Σ_E s  (sigmoid, DeepSeek-V3's normalised affinities)
 
 `topk_gate_reference` is that, in PyTorch. `topk_gate` runs the one-kernel Triton gate
-(`moekit.kernels.router`) where it applies — ``fused="auto"``: float32 logits on a CUDA
+(`moekit.ops.topk_gate.fused_topk_gate`) where it applies — ``fused="auto"``: float32 logits on a CUDA
 device that the kernels support, with triton installed, K ≤ 16 and E ≤ 1024 — and the
 reference otherwise; both
 give the same ids and, within float32 rounding, the same weights and gradients (tests).
@@ -80,7 +80,7 @@ def _kernel_runs_here(logits_TE: torch.Tensor) -> bool:
     if logits_TE.dtype != torch.float32:
         return False
     try:
-        from moekit.kernels.backend import triton_device_supported
+        from moekit.ops.triton_backend import triton_device_supported
     except ImportError:                  # triton not installed
         return False
     return triton_device_supported(logits_TE.device, logits_TE.dtype)
@@ -97,7 +97,7 @@ def topk_gate(logits_TE: torch.Tensor, top_k: int, *, score: str = "softmax", no
                          f"(CUDA, or the CPU under TRITON_INTERPRET=1), got {logits_TE.dtype} on {logits_TE.device}")
     if fused is True or (fused == "auto" and logits_TE.device.type == "cuda" and top_k <= AUTO_MAX_K
                          and logits_TE.shape[-1] <= AUTO_MAX_E and _kernel_runs_here(logits_TE)):
-        from moekit.kernels.router import fused_topk_gate
+        from moekit.ops.topk_gate import fused_topk_gate
 
         return fused_topk_gate(logits_TE, top_k, score=score, normalize=normalize, route_scale=route_scale,
                                bias_E=bias_E)

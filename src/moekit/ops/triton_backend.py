@@ -1,8 +1,9 @@
-"""Registers the Triton grouped GEMM as moekit backend ``"triton"`` (imported lazily by
-`moekit.ops.backends`; an ImportError here, i.e. no triton installed, leaves it out).
+"""The Triton kernels as moekit backend ``"triton"``, and where they can run.
 
-This module does not import triton itself: triton is imported on the first `supported` or
-`grouped_mm` call, so merely listing backends never fixes triton's compiled/interpreted mode.
+`moekit.ops.backends` imports this module lazily and registers `TRITON_BACKEND`; an
+ImportError here (no triton installed) leaves the backend out. This module does not import
+triton itself: the kernels are imported on the first `supported` or ``grouped_mm`` call that
+may use them, so merely listing backends never fixes triton's compiled/interpreted mode.
 
 ``supported(x, w)``: float32/bf16/fp16 operands of one dtype and device, any shapes (masks
 handle ragged sizes, strides any layout). On CUDA it needs compute capability ≥ 8 (bf16
@@ -17,13 +18,12 @@ import os
 
 import torch
 
-from moekit.ops.backends import Backend, register_backend
+from moekit.ops.backends import Backend
 
 if importlib.util.find_spec("triton") is None:
     raise ImportError("triton is not installed")
 
-__all__ = ["triton_supported", "triton_device_supported", "triton_grouped_mm", "fused_moe_applicable",
-           "TRITON_BACKEND"]
+__all__ = ["triton_supported", "triton_device_supported", "fused_moe_applicable", "TRITON_BACKEND"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -53,7 +53,7 @@ def triton_supported(x_NI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
 
 
 def fused_moe_applicable(x_TD: torch.Tensor, bank) -> bool:
-    """Whether `moekit.kernels.fused_moe.fused_moe_forward` can run this bank on these inputs
+    """Whether `moekit.ops.fused_moe.fused_moe_forward` can run this bank on these inputs
     here: a SwiGLU bank (``gate_up_proj``, ``down_proj``, activation silu) and a device the
     kernels run on (as `triton_supported`). Imports triton only when the answer may be yes."""
     gu = getattr(bank, "gate_up_proj", None)
@@ -64,11 +64,10 @@ def fused_moe_applicable(x_TD: torch.Tensor, bank) -> bool:
     return triton_device_supported(x_TD.device, x_TD.dtype)
 
 
-def triton_grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    from moekit.kernels.grouped_gemm import grouped_mm_triton
+def _triton_grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    from moekit.ops.grouped_mm_triton import grouped_mm_triton
 
     return grouped_mm_triton(x_NI, w_EIO, offs_E)
 
 
-TRITON_BACKEND = Backend("triton", triton_grouped_mm, triton_supported, auto_priority=20)
-register_backend(TRITON_BACKEND)
+TRITON_BACKEND = Backend("triton", _triton_grouped_mm, triton_supported, auto_priority=20)
