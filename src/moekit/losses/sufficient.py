@@ -107,7 +107,7 @@ class BalanceStats:
 
 
 def _num_tokens(routing, mask: Optional[torch.Tensor]) -> Optional[int]:
-    for t in (mask, routing.probs, routing.logits, routing.topk_ids):
+    for t in (routing.probs, routing.logits, routing.topk_ids, mask):
         if t is not None:
             return t.shape[0]
     return None
@@ -211,7 +211,9 @@ def z_loss_from_stats(s: BalanceStats) -> torch.Tensor:
 
 def router_terms_from_stats(s: BalanceStats) -> torch.Tensor:
     """The router's own loss terms (``routing.aux_losses``) averaged over the valid tokens."""
-    return torch.zeros((), device=s.device) if s.router_terms_sum is None else mean_from_sums(s.router_terms_sum, s.n_valid)
+    if s.router_terms_sum is None:
+        return torch.zeros((), device=s.device)
+    return mean_from_sums(s.router_terms_sum, s.n_valid)
 
 
 def balance_loss(kind: str, routing, *, mask: Optional[torch.Tensor] = None,
