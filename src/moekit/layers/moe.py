@@ -21,8 +21,9 @@ from moekit.experts import ExpertBank, SharedExperts
 from moekit.experts.build import resolve_experts
 from moekit.experts.glu import GLU_ACTIVATIONS
 from moekit.layers.protocol import MoELayer, aux_loss, moe_layers
-from moekit.layers.stats import MoEStats, compute_stats
-from moekit.losses import BALANCE_LOSSES, balance_loss, z_loss
+from moekit.layers.stats import MoEStats, moe_stats
+from moekit.losses import (BALANCE_LOSSES, BalanceStats, balance_loss_from_stats, balance_stats,
+                           router_terms_from_stats, z_loss_from_stats)
 from moekit.ops.backends import check_backend_name
 from moekit.ops.dispatch import LocalDispatcher
 from moekit.ops.fused import fused_experts
@@ -85,6 +86,13 @@ class MoE(MoELayer):
 
     ``last_stats`` is computed from the last routing when first read, so a forward pass does
     not pay for (or synchronise on) statistics nobody reads.
+
+    ``stats_reducer``: None, or a callable ``reduce(packed) -> packed`` applied to the packed
+    sufficient statistics of each forward pass (`moekit.losses.BalanceStats`) before the
+    losses are formed. `moekit.parallel.apply_expert_parallel` sets it to a differentiable
+    all-reduce sum over the ranks, which makes ``aux_loss`` and ``last_stats`` those of the
+    global batch. The statistics' sums then travel in that same reduction (every rank takes
+    part in it, in step), so reading ``last_stats`` later never waits for other ranks.
     """
 
     def __init__(self, *, d_model: int, num_experts: int, top_k: Optional[int] = None, d_hidden: Optional[int] = None,
@@ -176,6 +184,7 @@ class MoE(MoELayer):
             raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
 
         self.dispatcher = LocalDispatcher()
+        self.stats_reducer = None
         self.last_stats = None
         self.last_routing = None
 
@@ -183,9 +192,11 @@ class MoE(MoELayer):
     def last_stats(self) -> Optional[MoEStats]:
         """Detached statistics of the last forward pass (computed on first read)."""
         if self._stats is None and self._stats_inputs is not None:
-            routing, mask_T, T = self._stats_inputs
-            n_valid = T if mask_T is None else int(mask_T.sum())
-            self._stats, self._stats_inputs = compute_stats(routing, mask_T, n_valid), None
+            pending = self._stats_inputs
+            if not isinstance(pending, BalanceStats):           # (routing, mask, T): sums not taken yet
+                routing, mask_T, T = pending
+                pending = balance_stats(routing, mask_T, statistics=True, num_tokens=T)
+            self._stats, self._stats_inputs = moe_stats(pending), None
         return self._stats
 
     @last_stats.setter
@@ -255,24 +266,35 @@ class MoE(MoELayer):
             y_TD = y_TD + self.shared_experts(x_TD).to(x_TD.dtype)
 
         seq_len = shape[-2] if x.dim() >= 3 else T
-        self.aux_loss = self.compute_aux_loss(routing, mask_T, seq_len)
-        # Statistics wait until read; the mask is copied (a device copy, no sync) so a caller
-        # reusing its buffer cannot change them.
-        self._stats, self._stats_inputs = None, (routing, None if mask_T is None else mask_T.clone(), T)
+        # With a reducer, the statistics' sums join the losses' single reduction (all ranks
+        # take part now); without one they wait until read. The mask is copied (a device copy,
+        # no sync) so a caller reusing its buffer cannot change them.
+        sums = self._sufficient_stats(routing, mask_T, seq_len, T, statistics=self.stats_reducer is not None)
+        self.aux_loss = self._aux_loss_from(sums)
+        self._stats = None
+        self._stats_inputs = sums if sums.has_statistics else (routing, None if mask_T is None else mask_T.clone(), T)
         self.last_routing = routing
         return y_TD.to(x.dtype).reshape(shape)
 
-    def compute_aux_loss(self, routing, mask_T, seq_len: int) -> torch.Tensor:
-        """``aux_loss_coef · balance + z_loss_coef · z + router-specific terms`` (scalar, with grad)."""
-        total = torch.zeros((), device=routing.weights.device)
+    def _sufficient_stats(self, routing, mask_T, seq_len: int, T: Optional[int], *, statistics: bool) -> BalanceStats:
+        """The sums this layer's losses (and, if asked, statistics) need, after `stats_reducer`."""
+        sums = balance_stats(routing, mask_T, balance=self.balance_loss if self.aux_loss_coef > 0 else "none",
+                             seq_len=seq_len, z_loss=self.z_loss_coef > 0, router_terms=True,
+                             statistics=statistics, num_tokens=T)
+        return sums if self.stats_reducer is None else sums.reduce(self.stats_reducer)
+
+    def _aux_loss_from(self, sums: BalanceStats) -> torch.Tensor:
+        total = torch.zeros((), device=sums.device)
         if self.aux_loss_coef > 0 and self.balance_loss != "none":
-            total = total + self.aux_loss_coef * balance_loss(self.balance_loss, routing, mask=mask_T,
-                                                              seq_len=seq_len)
-        if self.z_loss_coef > 0 and routing.logits is not None:
-            total = total + self.z_loss_coef * z_loss(routing.logits, mask=mask_T)
-        for v in routing.aux_losses.values():
-            total = total + v
-        return total
+            total = total + self.aux_loss_coef * balance_loss_from_stats(sums)
+        if self.z_loss_coef > 0:
+            total = total + self.z_loss_coef * z_loss_from_stats(sums)
+        return total + router_terms_from_stats(sums)
+
+    def compute_aux_loss(self, routing, mask_T, seq_len: int) -> torch.Tensor:
+        """``aux_loss_coef · balance + z_loss_coef · z + router-specific terms`` (scalar, with grad)
+        of `routing`, over the global batch when `stats_reducer` is set."""
+        return self._aux_loss_from(self._sufficient_stats(routing, mask_T, seq_len, None, statistics=False))
 
     def __getstate__(self):
         # copy.deepcopy / pickle after a training forward: drop the autograd graph that

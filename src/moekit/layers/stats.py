@@ -10,8 +10,9 @@ from typing import Optional
 import torch
 
 from moekit.layers.protocol import LayerStats
+from moekit.losses import BalanceStats, balance_stats
 
-__all__ = ["MoEStats", "compute_stats"]
+__all__ = ["MoEStats", "compute_stats", "moe_stats"]
 
 
 @dataclass
@@ -42,24 +43,31 @@ class MoEStats(LayerStats):
 
 
 @torch.no_grad()
-def compute_stats(routing, mask: Optional[torch.Tensor], num_tokens: int) -> MoEStats:
-    from moekit.losses import router_entropy
-
-    counts = routing.tokens_per_expert()
+def moe_stats(s: BalanceStats) -> MoEStats:
+    """`MoEStats` from the sufficient statistics of one forward pass (`balance_stats(...,
+    statistics=True)`, summed over ranks or not). Means over no valid token are 0, not NaN;
+    reading ``num_tokens`` (an int) waits for the device."""
+    if not s.has_statistics:
+        raise ValueError("moe_stats needs BalanceStats computed with statistics=True")
+    # Counts may come back from a float64 all-reduce: round them to integers again.
+    counts = s.kept_counts.round().long() if s.kept_counts.is_floating_point() else s.kept_counts
+    dropped = s.dropped.round().long() if s.dropped.is_floating_point() else s.dropped
     kept = counts.sum()
-    dropped = routing.dropped.detach() if torch.is_tensor(routing.dropped) else torch.tensor(routing.dropped)
-    selected = kept + dropped
-    n = num_tokens
-    probs = routing.probs
+    n = s.n_valid.clamp_min(1)
+    has_probs = s.entropy_sum is not None
     return MoEStats(
         tokens_per_expert=counts,
         dropped=dropped,
-        drop_fraction=dropped.float() / selected.clamp_min(1).float(),
-        router_entropy=None if probs is None else router_entropy(probs.detach(), mask=mask),
-        experts_per_token=kept.float() / max(n, 1),
+        drop_fraction=dropped.float() / (kept + dropped).clamp_min(1).float(),
+        router_entropy=(s.entropy_sum / n).float() if has_probs else None,
+        experts_per_token=(kept / n).float(),
         load_imbalance=counts.max().float() / counts.float().mean().clamp_min(1e-9),
         fraction_per_expert=counts.float() / kept.clamp_min(1).float(),
-        mean_prob_per_expert=None if probs is None else (
-            probs.detach().mean(0) if mask is None else probs.detach()[mask].mean(0)),
-        num_tokens=n,
+        mean_prob_per_expert=(s.prob_sum.detach() / n).float() if has_probs else None,
+        num_tokens=int(round(float(s.n_valid))),
     )
+
+
+def compute_stats(routing, mask: Optional[torch.Tensor] = None, *, num_tokens: Optional[int] = None) -> MoEStats:
+    """`MoEStats` of one `Routing` (padding excluded by `mask`)."""
+    return moe_stats(balance_stats(routing, mask, statistics=True, num_tokens=num_tokens))

@@ -1,10 +1,15 @@
 """Balancing losses as pure functions — METHODS.md T1, T2, G2, G13.
 
-Legend: T tokens, E experts, K experts per token, S sequence length.
+Legend: T tokens, E experts, K experts per token, S sequence length, B sequences.
 
 Every function takes an optional ``mask`` (T,) bool, False for padding tokens, which are left
-out of every mean and count. All return float32 scalars with gradient through the
-probabilities/logits only (counts are not differentiable).
+out of every mean and count; a mean over no valid token is 0, never NaN. All return float32
+scalars with gradient through the probabilities/logits only (counts are not differentiable).
+
+Each loss is a function of sums over tokens (its sufficient statistics): the ``*_from_sums``
+formulas below are the only place a loss is formed, shared by the public functions here and
+by `moekit.losses.sufficient`, which gathers the sums of one forward pass so they can be added
+up over ranks before the losses are formed (global-batch balancing).
 """
 from __future__ import annotations
 
@@ -13,25 +18,126 @@ from typing import Optional
 import torch
 
 from moekit.ops.counting import count_ids
+from moekit.validate import check_int, check_number, check_tensor
 
 __all__ = [
     "load_balancing_loss", "z_loss", "importance_loss", "load_loss", "cv_squared",
-    "sequence_balance_loss", "router_entropy", "selection_counts", "balance_loss", "BALANCE_LOSSES",
+    "sequence_balance_loss", "router_entropy", "selection_counts",
 ]
 
-BALANCE_LOSSES = ("switch", "importance_load", "sequence", "none")
+
+# -- argument checks (shapes and dtypes only: metadata, never a host sync) -----------------
+def check_scores(name: str, x: torch.Tensor) -> torch.Tensor:
+    """(T, E) float scores (probabilities, gates or logits) with E >= 1."""
+    check_tensor(name, x, ndim=2, floating=True)
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one expert column, got shape {tuple(x.shape)}")
+    return x
 
 
-def _masked_mean_rows(x_TE: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def check_mask(mask: Optional[torch.Tensor], T: int, of: str) -> Optional[torch.Tensor]:
+    """None or a (T,) bool tensor (T = rows of `of`)."""
     if mask is None:
-        return x_TE.mean(0)
-    m = mask.to(x_TE.dtype).unsqueeze(-1)
-    return (x_TE * m).sum(0) / m.sum().clamp_min(1)
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be None or a bool tensor of shape ({T},) (one entry per row of {of}), "
+                        f"got {type(mask).__name__}")
+    if mask.shape != (T,):
+        raise ValueError(f"mask must have shape ({T},) (one entry per row of {of}), got {tuple(mask.shape)}")
+    check_tensor("mask", mask, dtype=torch.bool)
+    return mask
 
 
+def check_ids(name: str, ids_TK: torch.Tensor, T: int, of: str) -> torch.Tensor:
+    """(T, K) integer expert ids with K >= 1 (T = rows of `of`)."""
+    check_tensor(name, ids_TK, ndim=2, integer=True)
+    if ids_TK.shape[0] != T or ids_TK.shape[1] == 0:
+        raise ValueError(f"{name} must have shape ({T}, K) with K >= 1 (one row per row of {of}), "
+                         f"got {tuple(ids_TK.shape)}")
+    return ids_TK
+
+
+# -- sums over the valid tokens ------------------------------------------------------------
+def masked_row_sum(x_TE: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """(E,) float32 ``Σ_t mask_t · x_te`` (differentiable)."""
+    x = x_TE.float()
+    return x.sum(0) if mask is None else (x * mask.unsqueeze(-1).to(x.dtype)).sum(0)
+
+
+def masked_sum(x_T: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """0-d float32 ``Σ_t mask_t · x_t`` (differentiable)."""
+    x = x_T.float()
+    return x.sum() if mask is None else (x * mask.to(x.dtype)).sum()
+
+
+def num_valid(T: int, mask: Optional[torch.Tensor], device) -> torch.Tensor:
+    """0-d float32 count of valid tokens (on the device: no host sync)."""
+    if mask is None:
+        return torch.full((), float(T), device=device)
+    return mask.sum().float()
+
+
+def logsumexp_sq(logits_TE: torch.Tensor) -> torch.Tensor:
+    """(T,) ``(logsumexp_e logits)²`` in float32."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square()
+
+
+def entropy_rows(probs_TE: torch.Tensor) -> torch.Tensor:
+    """(T,) ``−Σ_e p log p`` in float32 (nats; 0·log 0 = 0)."""
+    p = probs_TE.float()
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+
+
+def sequence_sums(probs_TE: torch.Tensor, topk_ids_TK: torch.Tensor, seq_len: int,
+                  mask: Optional[torch.Tensor]) -> tuple:
+    """``(Σ_b loss_b, #sequences holding a valid token)`` of DeepSeek-V3's sequence-wise loss
+    (see `sequence_balance_loss`); both 0-d float32, the first differentiable."""
+    T, E = probs_TE.shape
+    K = topk_ids_TK.shape[-1]
+    B = T // seq_len
+    m_T = torch.ones(T, device=probs_TE.device) if mask is None else mask.float()
+    onehot_TE = torch.zeros(T, E, device=probs_TE.device).scatter_add_(
+        1, topk_ids_TK.long(), torch.ones(topk_ids_TK.shape, device=probs_TE.device)) * m_T.unsqueeze(-1)
+    n_B = m_T.view(B, seq_len).sum(1)                                               # (B,)
+    f_BE = onehot_TE.view(B, seq_len, E).sum(1) * (E / (K * n_B.clamp_min(1))).unsqueeze(-1)
+    P_BE = (probs_TE.float() * m_T.unsqueeze(-1)).view(B, seq_len, E).sum(1) / n_B.clamp_min(1).unsqueeze(-1)
+    has_tokens_B = (n_B > 0).float()
+    return ((f_BE * P_BE).sum(-1) * has_tokens_B).sum(), has_tokens_B.sum()
+
+
+# -- losses from sums (the one place each formula lives) -----------------------------------
+def mean_from_sums(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``total / count`` as float32, 0 when count is 0."""
+    return (total / count.clamp_min(1)).float()
+
+
+def switch_from_sums(prob_sum_E: torch.Tensor, counts_E: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+    """``E · Σ_e f_e · P_e`` with ``f = counts / Σ counts`` and ``P = prob_sum / n_valid``."""
+    E = prob_sum_E.shape[-1]
+    counts = counts_E.to(prob_sum_E.dtype)
+    f_E = counts / counts.sum().clamp_min(1)
+    P_E = prob_sum_E / n_valid.to(prob_sum_E.dtype).clamp_min(1)
+    return (E * (f_E * P_E).sum()).float()
+
+
+def cv_squared_from_sums(x_E: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Squared coefficient of variation ``var / mean²`` (population variance); 0 if uniform."""
+    if x_E.numel() <= 1:
+        return x_E.new_zeros((), dtype=torch.float32)
+    x = x_E if x_E.dtype == torch.float64 else x_E.float()
+    return (x.var(unbiased=False) / (x.mean().square() + eps)).float()
+
+
+# -- public functions ----------------------------------------------------------------------
 def selection_counts(topk_ids_TK: torch.Tensor, num_experts: int,
                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(E,) how many (token, slot) selections went to each expert, padding excluded."""
+    """(E,) int64: how many (token, slot) selections went to each expert, padding excluded.
+
+    Ids must lie in ``[0, num_experts)`` (not checked: that would read them on the host).
+    """
+    check_int("num_experts", num_experts, min=1)
+    check_tensor("topk_ids_TK", topk_ids_TK, ndim=2, integer=True)
+    check_mask(mask, topk_ids_TK.shape[0], "topk_ids_TK")
     return count_ids(topk_ids_TK, num_experts, None if mask is None else mask.unsqueeze(-1))
 
 
@@ -42,46 +148,63 @@ def load_balancing_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, top_k: i
     ``f_e = counts_e / Σ counts`` (fraction of the ``T·K`` selections that went to e, not
     differentiable) and ``P_e`` = mean router probability of e over the (unmasked) tokens.
     Equals 1 under perfect balance (f = P = 1/E) and E when every token picks one expert
-    with probability 1. `top_k` is checked against the counts (their sum must be T·K).
+    with probability 1.
+
+    probs_TE: (T, E) float. counts_E: (E,) pre-capacity selections per expert (integer, or
+    float holding whole numbers); they must sum to ``(valid tokens) · top_k`` — checked,
+    which reads the sum on the host.
     """
-    E = probs_TE.shape[-1]
-    if counts_E.shape != (E,):
-        raise ValueError(f"counts_E must have shape ({E},), got {tuple(counts_E.shape)}")
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    total = counts_E.sum()
-    f_E = counts_E.float() / total.clamp_min(1).float()
-    P_E = _masked_mean_rows(probs_TE.float(), mask)
-    return E * (f_E * P_E).sum()
+    check_scores("probs_TE", probs_TE)
+    T, E = probs_TE.shape
+    check_tensor("counts_E", counts_E, shape=(E,))
+    if counts_E.dtype == torch.bool or counts_E.is_complex():
+        raise ValueError(f"counts_E must be an integer or float tensor, got dtype {counts_E.dtype}")
+    top_k = check_int("top_k", top_k, min=1)
+    check_mask(mask, T, "probs_TE")
+    n_valid = num_valid(T, mask, probs_TE.device)
+    c = counts_E.double()
+    total, low, n = torch.stack([c.sum(), c.min(), n_valid.double()]).tolist()     # one host read
+    if low < 0:
+        raise ValueError(f"counts_E must be >= 0, got {counts_E.tolist()}")
+    if total != n * top_k:
+        raise ValueError(f"counts_E must sum to (valid tokens) · top_k = {n:g} · {top_k} = {n * top_k:g} "
+                         f"(one count per pre-capacity selection), got {total:g}")
+    return switch_from_sums(masked_row_sum(probs_TE, mask), counts_E, n_valid)
 
 
 def z_loss(logits_TE: torch.Tensor, *, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Router z-loss (ST-MoE): ``mean_t (logsumexp_e logits)²``."""
-    lse_T = torch.logsumexp(logits_TE.float(), dim=-1)
-    sq = lse_T.square()
-    if mask is None:
-        return sq.mean()
-    return (sq * mask).sum() / mask.sum().clamp_min(1)
+    """Router z-loss (ST-MoE): ``mean_t (logsumexp_e logits)²``. logits_TE: (T, E) float."""
+    check_scores("logits_TE", logits_TE)
+    check_mask(mask, logits_TE.shape[0], "logits_TE")
+    return mean_from_sums(masked_sum(logsumexp_sq(logits_TE), mask),
+                          num_valid(logits_TE.shape[0], mask, logits_TE.device))
 
 
 def cv_squared(x_E: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """Squared coefficient of variation ``var / mean²`` (population variance); 0 if uniform."""
-    x = x_E.float()
-    if x.numel() <= 1:
-        return x.new_zeros(())
-    return x.var(unbiased=False) / (x.mean().square() + eps)
+    """Squared coefficient of variation ``var / mean²`` (population variance); 0 if uniform.
+
+    x_E: (E,) integer or float values per expert.
+    """
+    check_tensor("x_E", x_E, ndim=1)
+    if x_E.dtype == torch.bool or x_E.is_complex():
+        raise ValueError(f"x_E must be an integer or float tensor, got dtype {x_E.dtype}")
+    eps = check_number("eps", eps, min=0)
+    return cv_squared_from_sums(x_E, eps)
 
 
 def importance_loss(gates_TE: torch.Tensor, *, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Shazeer et al.'s ``CV(Importance)²`` with ``Importance_e = Σ_t G(x_t)_e``."""
-    g = gates_TE.float() if mask is None else gates_TE.float() * mask.unsqueeze(-1)
-    return cv_squared(g.sum(0))
+    """Shazeer et al.'s ``CV(Importance)²`` with ``Importance_e = Σ_t G(x_t)_e``. gates_TE: (T, E)."""
+    check_scores("gates_TE", gates_TE)
+    check_mask(mask, gates_TE.shape[0], "gates_TE")
+    return cv_squared_from_sums(masked_row_sum(gates_TE, mask))
 
 
 def load_loss(load_probs_TE: torch.Tensor, *, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Shazeer et al.'s ``CV(Load)²`` with the smooth load ``Load_e = Σ_t P(x_t, e)``."""
-    p = load_probs_TE.float() if mask is None else load_probs_TE.float() * mask.unsqueeze(-1)
-    return cv_squared(p.sum(0))
+    """Shazeer et al.'s ``CV(Load)²`` with the smooth load ``Load_e = Σ_t P(x_t, e)``.
+    load_probs_TE: (T, E)."""
+    check_scores("load_probs_TE", load_probs_TE)
+    check_mask(mask, load_probs_TE.shape[0], "load_probs_TE")
+    return cv_squared_from_sums(masked_row_sum(load_probs_TE, mask))
 
 
 def sequence_balance_loss(probs_TE: torch.Tensor, topk_ids_TK: torch.Tensor, *, seq_len: int,
@@ -91,66 +214,27 @@ def sequence_balance_loss(probs_TE: torch.Tensor, topk_ids_TK: torch.Tensor, *, 
     For each sequence of ``S = seq_len`` consecutive tokens:
     ``f_e = E / (K · S') · #{t : e ∈ topk(t)}``, ``P_e = mean_t probs_te`` (S' = unmasked
     tokens), loss ``Σ_e f_e P_e`` — equal to 1 under perfect balance inside the sequence.
+    The mean is over the sequences holding a valid token (0 when none does).
+
+    probs_TE: (T, E) float; topk_ids_TK: (T, K) integer ids in ``[0, E)`` (checked, which
+    reads them on the host); `seq_len` must divide T.
     """
+    check_scores("probs_TE", probs_TE)
     T, E = probs_TE.shape
-    K = topk_ids_TK.shape[-1]
-    if seq_len <= 0 or T % seq_len:
+    check_ids("topk_ids_TK", topk_ids_TK, T, "probs_TE")
+    seq_len = check_int("seq_len", seq_len, min=1)
+    if T % seq_len:
         raise ValueError(f"seq_len must divide the token count T={T}, got {seq_len}")
-    B = T // seq_len
-    m_T = torch.ones(T, device=probs_TE.device) if mask is None else mask.float()
-    onehot_TE = torch.zeros(T, E, device=probs_TE.device).scatter_add_(
-        1, topk_ids_TK, torch.ones_like(topk_ids_TK, dtype=torch.float)) * m_T.unsqueeze(-1)
-    n_B = m_T.view(B, seq_len).sum(1).clamp_min(1)                                # (B,)
-    f_BE = onehot_TE.view(B, seq_len, E).sum(1) * (E / (K * n_B)).unsqueeze(-1)
-    P_BE = (probs_TE.float() * m_T.unsqueeze(-1)).view(B, seq_len, E).sum(1) / n_B.unsqueeze(-1)
-    per_seq = (f_BE * P_BE).sum(-1)
-    # Mean over the sequences that hold a token (0 when none does).
-    has_tokens = (m_T.view(B, seq_len).sum(1) > 0).to(per_seq.dtype)
-    return (per_seq * has_tokens).sum() / has_tokens.sum().clamp_min(1)
+    check_mask(mask, T, "probs_TE")
+    if topk_ids_TK.numel() and bool(((topk_ids_TK < 0) | (topk_ids_TK >= E)).any()):
+        raise ValueError(f"topk_ids_TK must hold expert ids in [0, {E}), got values in "
+                         f"[{int(topk_ids_TK.min())}, {int(topk_ids_TK.max())}]")
+    return mean_from_sums(*sequence_sums(probs_TE, topk_ids_TK, seq_len, mask))
 
 
 def router_entropy(probs_TE: torch.Tensor, *, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean over tokens of ``−Σ_e p log p`` (nats)."""
-    p = probs_TE.float()
-    h_T = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
-    if mask is None:
-        return h_T.mean()
-    return (h_T * mask).sum() / mask.sum().clamp_min(1)
-
-
-def balance_loss(kind: str, routing, *, mask: Optional[torch.Tensor] = None,
-                 seq_len: Optional[int] = None) -> torch.Tensor:
-    """The balancing loss `kind` computed from a `Routing` (unweighted).
-
-    ``"switch"`` uses ``routing.probs`` and the pre-capacity selection ``routing.topk_ids``;
-    ``"importance_load"`` uses the noisy router's ``extras`` (falls back to hard selection
-    counts for the load term when no smooth estimate exists, e.g. in eval);
-    ``"sequence"`` needs `seq_len`; ``"none"`` is 0. Returns 0 when the router provides
-    nothing the loss needs (hash, random).
-    """
-    if kind not in BALANCE_LOSSES:
-        raise ValueError(f"balance loss must be one of {BALANCE_LOSSES}, got {kind!r}")
-    probs, topk = routing.probs, routing.topk_ids
-    device = routing.weights.device
-    zero = torch.zeros((), device=device)
-    if kind == "none" or probs is None:
-        return zero
-    E = routing.num_experts
-    if kind == "switch":
-        if topk is None:
-            counts = routing.tokens_per_expert()
-            return load_balancing_loss(probs, counts, 1, mask=mask)
-        return load_balancing_loss(probs, selection_counts(topk, E, mask), topk.shape[-1], mask=mask)
-    if kind == "importance_load":
-        gates = routing.extras.get("gates")
-        if gates is None:
-            raise ValueError("balance loss 'importance_load' needs routing.extras['gates'] (noisy_topk router)")
-        load = routing.extras.get("load_probs")
-        load_term = load_loss(load, mask=mask) if load is not None else cv_squared(
-            selection_counts(topk, E, mask).float())
-        return importance_loss(gates, mask=mask) + load_term
-    # "sequence"
-    if topk is None:
-        raise ValueError("balance loss 'sequence' needs a token-choice router (routing.topk_ids)")
-    T = probs.shape[0]
-    return sequence_balance_loss(probs, topk, seq_len=seq_len or T, mask=mask)
+    """Mean over tokens of ``−Σ_e p log p`` (nats). probs_TE: (T, E) float."""
+    check_scores("probs_TE", probs_TE)
+    check_mask(mask, probs_TE.shape[0], "probs_TE")
+    return mean_from_sums(masked_sum(entropy_rows(probs_TE), mask),
+                          num_valid(probs_TE.shape[0], mask, probs_TE.device))

@@ -8,7 +8,7 @@
     ...  loss.backward(); moekit.parallel.clip_grad_norm_(model, 1.0); opt.step()
     moekit.parallel.save_checkpoint({"model": model, "optimizer": opt, "step": step}, path)
 """
-from moekit.parallel.balance import global_aux_loss, global_balance_loss, reduce_stats
+from moekit.parallel.balance import GlobalBatchSum
 from moekit.parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from moekit.parallel.clip import clip_grad_norm_, grad_norm
 from moekit.parallel.comm import all_reduce_sum, all_to_all_single, all_to_all_single_reference
@@ -20,7 +20,7 @@ from moekit.parallel.sharding import ExpertShard, apply_expert_parallel, expert_
 __all__ = [
     "apply_expert_parallel", "ExpertParallelDispatcher", "ExpertParallelMeta", "ExpertShard",
     "all_to_all_single", "all_to_all_single_reference", "all_reduce_sum",
-    "global_aux_loss", "global_balance_loss", "reduce_stats",
+    "GlobalBatchSum",
     "GradientSync", "sync_gradients", "broadcast_model", "clip_grad_norm_", "grad_norm",
     "init_from_env", "prepare_model", "is_distributed",
     "save_checkpoint", "load_checkpoint", "latest_checkpoint", "expert_shard_of", "is_expert_param",

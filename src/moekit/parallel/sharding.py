@@ -10,7 +10,6 @@ single-device: parallelism is applied from outside.
 """
 from __future__ import annotations
 
-import types
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from torch import nn
 
 from moekit.experts import ExpertBank
 from moekit.ops.dispatch import LocalDispatcher
-from moekit.parallel.balance import BALANCE_SCOPES, global_aux_loss, reduce_stats
+from moekit.parallel.balance import BALANCE_SCOPES, GlobalBatchSum
 from moekit.parallel.comm import all_reduce_sum, resolve_group
 from moekit.parallel.dispatcher import ExpertParallelDispatcher
 from moekit.layers.protocol import MoELayer
@@ -108,19 +107,6 @@ def shard_expert_bank(bank: ExpertBank, shard: ExpertShard) -> None:
     bank.expert_shard = shard
 
 
-def _global_aux_method(group):
-    def compute_aux_loss(self, routing, mask_T, seq_len):
-        return global_aux_loss(self, routing, mask_T, seq_len, group)
-    return compute_aux_loss
-
-
-def _global_stats_hook(group):
-    def hook(module, args, output):
-        if module.last_stats is not None:
-            module.last_stats = reduce_stats(module.last_stats, group)
-    return hook
-
-
 def _global_router_load_hook(group):
     # Aux-loss-free bias balancing (sigmoid router): the bias update must see the load of the
     # global batch, else ranks' biases drift apart. Add the other ranks' counts to load_accum.
@@ -167,6 +153,9 @@ def apply_expert_parallel(model: nn.Module, group=None, *, balance_scope: str = 
         if E % W:
             raise ValueError(f"MoE layer {name!r} has num_experts={E}, which does not divide by the "
                              f"expert-parallel group size {W}")
+        if balance_scope == "global" and not hasattr(layer, "stats_reducer"):
+            raise ValueError(f"{type(layer).__name__} {name!r} has no stats_reducer, so its balancing losses "
+                             f"cannot cover the global batch; use balance_scope='local'")
         targets.append((name, layer))
     # All checks done before any change: a failure leaves the model untouched.
     for name, layer in targets:
@@ -174,8 +163,7 @@ def apply_expert_parallel(model: nn.Module, group=None, *, balance_scope: str = 
         shard_expert_bank(layer.experts, shard)
         layer.dispatcher = ExpertParallelDispatcher(pg, layer.num_experts)
         if balance_scope == "global":
-            layer.compute_aux_loss = types.MethodType(_global_aux_method(bal_pg), layer)
-            layer.register_forward_hook(_global_stats_hook(bal_pg))
+            layer.stats_reducer = GlobalBatchSum(bal_pg)
             if hasattr(layer.router, "load_accum"):
                 layer.router.register_forward_hook(_global_router_load_hook(bal_pg))
         layer.balance_scope = balance_scope
