@@ -71,7 +71,7 @@ def test_router_preset_has_equal_active_flops():
 @pytest.mark.parametrize("item,match", [
     ("train.stepz=3", r"unknown key 'stepz' in \[train\]; valid keys: \[.*'steps'"),
     ("model.d_modle=3", r"unknown key\(s\) \['d_modle'\] in \[model\]; valid keys: .*'d_model'"),
-    ("model.router=nope", r"router must be one of \[.*'topk'"),
+    ("model.router=nope", r"router must be one of \(.*'topk'"),
     ("model.moe_layers=sometimes", "moe_layers must be one of"),
     ("data.tokenizer=bpe3", r"tokenizer must be one of \('char', 'byte'\)"),
     ("train.amp=fp8", "train.amp must be one of"),
