@@ -7,7 +7,7 @@ Pre-norm blocks ``x + attn(norm(x))``, ``x + ffn(norm(x))`` with RMSNorm (Zhang 
 The feed-forward of a block is either a dense SwiGLU/MLP or a sparse MoE layer (Shazeer et al.
 2017; Switch; GShard; DeepSeekMoE): placed in every layer or every other layer, after an
 optional number of leading dense layers (DeepSeekMoE keeps its first layer dense), with any
-registered router and optional shared experts.
+registered router that suits a causal LM (`check_causal_lm_router`) and optional shared experts.
 
 `dense_twin(config)` is the dense model with the same *active* parameters per token: each
 MoE layer becomes a dense FFN of hidden ``K · F_expert + shared hidden`` (the router's D·E
