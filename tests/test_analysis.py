@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from moekit import MoEConfig
 from moekit.analysis import (coactivation, load_over_training, mutual_information, probe_routing, specialisation,
                              write_report)
 from moekit.analysis import plots as plots_mod
@@ -42,7 +43,7 @@ def _batches(V, n=3, B=2, S=12, docs=3):
 def test_probe_counts_are_consistent(top_k):
     V = 11
     m = TransformerLM(TransformerConfig(vocab_size=V, d_model=16, n_layers=3, n_heads=2, max_seq_len=16,
-                                        num_experts=4, top_k=top_k))
+                                        moe=MoEConfig(num_experts=4, top_k=top_k)))
     batches = _batches(V)
     probe = probe_routing(m, batches, num_docs=3)
     T = 3 * 2 * 12

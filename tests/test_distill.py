@@ -126,7 +126,7 @@ CONFIGS = {
 
 def _teacher(name):
     torch.manual_seed(1)
-    return TransformerLM(TransformerConfig(**CONFIGS[name]))
+    return TransformerLM(TransformerConfig.from_dict(CONFIGS[name]))
 
 
 def _is_expert(name: str, teacher) -> bool:
@@ -184,8 +184,9 @@ def test_one_expert_plus_shared_becomes_the_same_function(ffn):
     # the student's FFN holds (routed units first, shared last) — checks the weight layout.
     torch.manual_seed(0)
     teacher = TransformerLM(TransformerConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=16,
-                                              ffn=ffn, num_experts=1, top_k=1, router="topk", expert_hidden=24,
-                                              num_shared_experts=2, shared_hidden=8)).eval()
+                                              ffn=ffn, moe=moekit.MoEConfig(num_experts=1, top_k=1, router="topk",
+                                                                            d_hidden=24, num_shared_experts=2,
+                                                                            shared_d_hidden=8))).eval()
     student = dense_student_from_moe(teacher, ffn_init="mean")
     x = torch.randint(0, V, (3, 16))
     torch.testing.assert_close(student(x)[0], teacher(x)[0], rtol=1e-5, atol=1e-6)
@@ -226,7 +227,7 @@ def test_student_bad_inputs():
     with pytest.raises(ValueError, match=r"no MoE layer"):
         dense_student_from_moe(dense_student_from_moe(teacher))
     with pytest.raises(ValueError, match=r"dense layers have hidden sizes \{0: 40, 2: 40\}"):
-        dense_student_from_moe(TransformerLM(TransformerConfig(**{**CONFIGS["topk2_dense_layers"], "ffn_hidden": 40})))
+        dense_student_from_moe(TransformerLM(TransformerConfig.from_dict({**CONFIGS["topk2_dense_layers"], "ffn_hidden": 40})))
     with pytest.raises(TypeError, match=r"TransformerLM, got MoE"):
         dense_student_from_moe(moekit.MoE(d_model=8, num_experts=2))
 

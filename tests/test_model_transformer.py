@@ -14,7 +14,7 @@ V = 37
 def cfg(**kw):
     base = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=24, num_experts=4, top_k=1)
     base.update(kw)
-    return TransformerConfig(**base)
+    return TransformerConfig.from_dict(base)
 
 
 def test_forward_shapes_and_loss():

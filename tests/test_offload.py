@@ -145,7 +145,7 @@ def _lm(**kw):
     c = dict(vocab_size=40, d_model=32, n_layers=4, n_heads=4, max_seq_len=48, num_experts=8, top_k=2,
              backend="eager")
     c.update(kw)
-    return TransformerLM(TransformerConfig(**c)).eval()
+    return TransformerLM(TransformerConfig.from_dict(c)).eval()
 
 
 @pytest.mark.parametrize("prefetch", [False, True])

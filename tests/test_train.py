@@ -71,7 +71,7 @@ def test_router_preset_has_equal_active_flops():
 @pytest.mark.parametrize("item,match", [
     ("train.stepz=3", r"unknown key 'stepz' in \[train\]; valid keys: \[.*'steps'"),
     ("model.d_modle=3", r"unknown key\(s\) \['d_modle'\] in \[model\]; valid keys: .*'d_model'"),
-    ("model.router=nope", r"router must be one of \[.*'topk'"),
+    ("model.router=nope", r"router must be one of \(.*'topk'"),
     ("model.moe_layers=sometimes", "moe_layers must be one of"),
     ("data.tokenizer=bpe3", r"tokenizer must be one of \('char', 'byte'\)"),
     ("train.amp=fp8", "train.amp must be one of"),
@@ -95,6 +95,44 @@ def test_overrides_parse_toml_values():
     assert run.variant_names == ["moe"] and dict(dict(run.variants)["moe"])["top_k"] == 2
     assert parse_override("data.paths=['a.txt', 'b']") == (["data", "paths"], ["a.txt", "b"])
     assert parse_override("name=my run") == (["name"], "my run")
+
+
+def test_model_keys_map_onto_the_moe_config():
+    from moekit import MoEConfig
+    from moekit.train.config import variant_model_config
+
+    run = apply_overrides(get_preset("default"), ["model.num_experts=16", "model.expert_hidden=64",
+                                                  "model.shared_hidden=32", "model.num_shared_experts=1",
+                                                  "variants.moe.router=switch", "variants.moe.top_k=1",
+                                                  "variants.moe.router_kwargs={jitter = 0.01}"])
+    moe = variant_model_config(run, "moe", vocab_size=50).moe
+    assert moe == MoEConfig(num_experts=16, top_k=1, d_hidden=64, shared_d_hidden=32, num_shared_experts=1,
+                            router="switch", router_kwargs={"jitter": 0.01})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['moe'\] in \[model\]; valid keys: .*'expert_hidden'"):
+        apply_overrides(get_preset("default"), ["model.moe={num_experts = 4}"])
+
+
+@pytest.mark.parametrize("router", ["top_p", "dense", "null_experts", "relu", "hash"])
+def test_tiny_preset_takes_routers_that_choose_their_own_count(router):
+    # `moekit train --preset tiny --set model.router=top_p`: K is the router's own, the twin validates.
+    from moekit.train.config import variant_model_config
+
+    run = apply_overrides(get_preset("tiny"), [f"model.router={router}"])
+    cfg = variant_model_config(run, "moe", vocab_size=50)
+    assert cfg.moe.router == router and cfg.moe.top_k is None
+    assert variant_model_config(run, "dense", vocab_size=50).moe_layers == "none"
+    with pytest.raises(ValueError, match="top_k does not apply"):
+        apply_overrides(get_preset("default"), ["model.router=top_p"])       # default sets top_k = 2
+    apply_overrides(get_preset("default"), ["model.router=top_p", "model.top_k=none"])
+
+
+def test_top_p_run_trains_both_variants(tmp_path, data):
+    run = tiny(model={"router": "top_p", "top_k": None}, train={"steps": 4, "eval_every": 2, "ckpt_every": 2})
+    for v in ("moe", "dense"):
+        res = Trainer(run, v, tmp_path / v, data=data, progress=False).fit()
+        assert res["status"] == "completed" and math.isfinite(res["val_loss"])
+    moe = Trainer(run, "moe", tmp_path / "again", data=data, progress=False)
+    assert moe.model.moe_blocks[0].ffn.router.p == 0.4 and moe.counts["active"] < moe.counts["total"]
 
 
 def test_toml_unknown_section(tmp_path):

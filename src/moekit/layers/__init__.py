@@ -1,10 +1,12 @@
 """Layers: the sparse MoE layer and every MoE-like layer, including those that route for themselves
 (Soft MoE, dense and hierarchical mixtures, multi-gate mixtures, M3oE, MoA, SMEAR, CondConv, MoLoRA / MoV)."""
+from moekit.layers.config import MoEConfig
 from moekit.layers.moe import MoE, default_hidden
 from moekit.layers.protocol import LayerStats, MixtureStats, MoELayer, aux_loss, moe_layers
 from moekit.layers.stats import MoEStats
 
-__all__ = ["MoE", "MoEStats", "MoELayer", "LayerStats", "MixtureStats", "aux_loss", "default_hidden", "moe_layers"]
+__all__ = ["MoE", "MoEConfig", "MoEStats", "MoELayer", "LayerStats", "MixtureStats", "aux_loss", "default_hidden",
+           "moe_layers"]
 
 # Non-sparse and multi-task mixtures (METHODS.md G1/F4, G9, MT1/MT2, X3).
 from moekit.layers.dense_mixture import DenseMoE, StackedDenseMoE  # noqa: E402

@@ -7,7 +7,7 @@ Pre-norm blocks ``x + attn(norm(x))``, ``x + ffn(norm(x))`` with RMSNorm (Zhang 
 The feed-forward of a block is either a dense SwiGLU/MLP or a sparse MoE layer (Shazeer et al.
 2017; Switch; GShard; DeepSeekMoE): placed in every layer or every other layer, after an
 optional number of leading dense layers (DeepSeekMoE keeps its first layer dense), with any
-registered router and optional shared experts.
+registered router that suits a causal LM (`check_causal_lm_router`) and optional shared experts.
 
 `dense_twin(config)` is the dense model with the same *active* parameters per token: each
 MoE layer becomes a dense FFN of hidden ``K · F_expert + shared hidden`` (the router's D·E
@@ -26,12 +26,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.experts import DenseFFN
-from moekit.layers import MoE, default_hidden
-from moekit.routing import available as available_routers
+from moekit.layers import MoE, MoEConfig, default_hidden
+from moekit.validate import check_instance
 
-__all__ = ["TransformerConfig", "TransformerLM", "KVCache", "dense_twin", "param_counts", "flops_per_token"]
+__all__ = ["TransformerConfig", "TransformerLM", "KVCache", "dense_twin", "param_counts", "flops_per_token",
+           "experts_per_token", "check_causal_lm_router", "FLAT_MOE_KEYS"]
 
 _PLACEMENTS = ("every", "every_other", "none")
+
+
+# The flat spelling of the MoE fields: the run config's model section (``--set model.top_k=2``)
+# and checkpoints written before `TransformerConfig.moe` existed. Each maps to its `MoEConfig`
+# field; two are named after the dense FFN's ``ffn_hidden``.
+FLAT_MOE_KEYS = {("expert_hidden" if f.name == "d_hidden" else "shared_hidden" if f.name == "shared_d_hidden"
+                  else f.name): f.name for f in dataclasses.fields(MoEConfig)}
 
 
 @dataclass(frozen=True)
@@ -42,8 +50,12 @@ class TransformerConfig:
     moe_layers: ``"every"`` | ``"every_other"`` (layers 1, 3, … after the leading dense ones)
         | ``"none"`` (a dense model).
     first_dense_layers: leading layers that stay dense whatever ``moe_layers`` says.
-    expert_hidden: F of each routed expert (None: ``ffn_hidden``).
-    router_kwargs: extra arguments of the router, as ``((name, value), ...)``.
+    moe: the MoE layers (`moekit.MoEConfig`, or a dict of its fields); any registered router
+        that suits a causal LM. Unset ``moe.expert`` / ``moe.d_hidden`` follow the dense FFN
+        (``ffn`` / ``ffn_hidden``), see `block_moe`. ``moe.top_k=None`` is the router's own K.
+
+    `from_dict` also takes the MoE fields flat (``num_experts``, ``top_k``, ``expert_hidden``
+    for ``moe.d_hidden``, ``shared_hidden`` for ``moe.shared_d_hidden`` …, see `FLAT_MOE_KEYS`).
     """
 
     vocab_size: int
@@ -55,17 +67,7 @@ class TransformerConfig:
     ffn_hidden: Optional[int] = None
     moe_layers: str = "every"
     first_dense_layers: int = 0
-    num_experts: int = 8
-    top_k: int = 1
-    expert_hidden: Optional[int] = None
-    router: str = "topk"
-    router_kwargs: tuple = ()
-    num_shared_experts: int = 0
-    shared_hidden: Optional[int] = None
-    capacity_factor: Optional[float] = None
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    backend: str = "auto"
+    moe: MoEConfig = dataclasses.field(default_factory=lambda: MoEConfig(num_experts=8))
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -75,11 +77,10 @@ class TransformerConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "num_experts", "top_k"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             pos_int(name)
-        for name in ("ffn_hidden", "expert_hidden", "shared_hidden"):
-            if getattr(self, name) is not None:
-                pos_int(name)
+        if self.ffn_hidden is not None:
+            pos_int("ffn_hidden")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size")
         if self.moe_layers not in _PLACEMENTS:
@@ -87,16 +88,12 @@ class TransformerConfig:
         if not isinstance(self.first_dense_layers, int) or not 0 <= self.first_dense_layers <= self.n_layers:
             raise ValueError(f"first_dense_layers must be an int in [0, n_layers={self.n_layers}], "
                              f"got {self.first_dense_layers!r}")
-        if self.top_k > self.num_experts:
-            raise ValueError(f"top_k must be <= num_experts={self.num_experts}, got {self.top_k}")
-        if self.router not in available_routers():
-            raise ValueError(f"router must be one of {available_routers()}, got {self.router!r}")
-        if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if isinstance(self.router_kwargs, dict):       # accept a dict, store a hashable tuple
-            object.__setattr__(self, "router_kwargs", tuple(sorted(self.router_kwargs.items())))
+        if isinstance(self.moe, dict):
+            object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))
+        check_instance("moe", self.moe, MoEConfig, what="a moekit.MoEConfig or a dict of its fields")
+        check_causal_lm_router(self.block_moe.check(self.d_model), self.vocab_size)
 
     @property
     def dense_hidden(self) -> int:
@@ -104,11 +101,17 @@ class TransformerConfig:
 
     @property
     def expert_d_hidden(self) -> int:
-        return self.expert_hidden if self.expert_hidden is not None else self.dense_hidden
+        return self.moe.d_hidden if self.moe.d_hidden is not None else self.dense_hidden
 
     @property
     def shared_d_hidden(self) -> int:
-        return self.shared_hidden if self.shared_hidden is not None else self.expert_d_hidden
+        return self.moe.shared_d_hidden if self.moe.shared_d_hidden is not None else self.expert_d_hidden
+
+    @property
+    def block_moe(self) -> MoEConfig:
+        """`moe` as every MoE block builds it: experts of the dense FFN's kind (``ffn``) and
+        hidden size (``ffn_hidden``) unless `moe` sets its own."""
+        return dataclasses.replace(self.moe, expert=self.moe.expert or self.ffn, d_hidden=self.expert_d_hidden)
 
     def is_moe_layer(self, i: int) -> bool:
         """Whether block i's feed-forward is an MoE layer."""
@@ -121,17 +124,70 @@ class TransformerConfig:
         return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["router_kwargs"] = dict(self.router_kwargs)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["moe"] = self.moe.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TransformerConfig":
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - valid)
+        """From `to_dict`'s shape (``moe`` a dict), or with the MoE fields flat (`FLAT_MOE_KEYS`:
+        the run config's spelling, and checkpoints written before ``moe`` existed)."""
+        own = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(own) - set(FLAT_MOE_KEYS))
         if unknown:
-            raise ValueError(f"unknown TransformerConfig keys {unknown}; valid: {sorted(valid)}")
-        return cls(**d)
+            raise ValueError(f"unknown TransformerConfig keys {unknown}; valid: {sorted(own)} "
+                             f"or, instead of moe, the flat MoE keys {sorted(FLAT_MOE_KEYS)}")
+        kw = {k: v for k, v in d.items() if k in own}
+        flat = {FLAT_MOE_KEYS[k]: v for k, v in d.items() if k in FLAT_MOE_KEYS}
+        if flat:
+            if "moe" in kw:
+                raise ValueError(f"give the MoE settings either as moe or as flat keys, not both; got moe and "
+                                 f"{sorted(k for k in d if k in FLAT_MOE_KEYS)}")
+            kw["moe"] = dataclasses.replace(cls.__dataclass_fields__["moe"].default_factory(), **flat)
+        return cls(**kw)
+
+
+def check_causal_lm_router(layer: MoE, vocab_size: int) -> None:
+    """Raise ValueError unless the MoE layer's router suits a causal LM: its routing of a token
+    must not look at later tokens in eval (``causal_safe``), it may take no per-token input but
+    the token ids, and a vocabulary it routes by must cover the model's."""
+    router, name = layer.router, type(layer.router).__name__
+    if not getattr(router, "causal_safe", True):
+        hint = ""
+        if "causal" in inspect.signature(type(router).__init__).parameters:
+            hint = "; router_kwargs={'causal': True} switches it to its causal fallback in eval"
+        raise ValueError(f"{name} routes a token depending on later tokens (causal_safe=False), which an "
+                         f"autoregressive LM cannot decode{hint}")
+    inputs = [n for n, p in inspect.signature(router.forward).parameters.items()
+              if p.kind == p.KEYWORD_ONLY and n not in ("mask", "token_ids")]
+    if inputs:
+        raise ValueError(f"{name} routes by per-token inputs {inputs}, which TransformerLM does not have; "
+                         f"it passes token_ids only")
+    v = getattr(router, "vocab_size", None)
+    if isinstance(v, int) and v < vocab_size:
+        raise ValueError(f"{name} routes token ids below router_kwargs vocab_size={v}; the model has "
+                         f"vocab_size={vocab_size} (set router_kwargs={{'vocab_size': {vocab_size}}})")
+
+
+def experts_per_token(moe: MoE, *, measured: bool = False) -> float:
+    """Routed experts one token uses in `moe`, for counting active parameters and FLOPs.
+
+    Nominal (default): the router's K where it has one — fixed-k routers; the dense router's E;
+    the target K of ReLU routing and the slots of null-expert routing (upper bounds of the real
+    mean); expert choice's eval K under ``causal=True`` — else expert choice's capacity factor c
+    (its mean), else 1: hash, BASE, THOR and StableMoE route exactly one expert, top-p at least
+    one (a floor; its real count depends on the data). ``measured=True``: the mean of the last
+    forward pass, ``moe.last_stats.experts_per_token``.
+    """
+    if measured:
+        stats = moe.last_stats
+        if stats is None:
+            raise ValueError("measured=True needs a forward pass of every MoE layer first (last_stats is None)")
+        return float(stats.experts_per_token)
+    if moe.top_k is not None:
+        return moe.top_k
+    c = getattr(moe.router, "capacity_factor", None)
+    return c if isinstance(c, float) else 1
 
 
 def dense_twin(config: TransformerConfig) -> TransformerConfig:
@@ -139,12 +195,19 @@ def dense_twin(config: TransformerConfig) -> TransformerConfig:
 
     Every MoE layer's ``K`` routed experts of hidden ``F_e`` plus ``S`` shared experts of hidden
     ``F_s`` become one dense FFN of hidden ``K·F_e + S·F_s``: the same matmul FLOPs per token.
-    Only possible when every MoE layer has the same shape, so the twin keeps one ``ffn_hidden``;
-    leading dense layers of `config` then must have that hidden size too, else ValueError.
+    For routers that pick their own number of experts, K is the nominal count of
+    `experts_per_token` (for top-p a floor). Only possible when every MoE layer has the same
+    shape, so the twin keeps one ``ffn_hidden``; leading dense layers of `config` then must have
+    that hidden size too, and the experts must be of the dense FFN's kind, else ValueError.
     """
     if not config.moe_layer_ids:
         return config
-    twin_hidden = config.top_k * config.expert_d_hidden + config.num_shared_experts * config.shared_d_hidden
+    moe = config.moe
+    if moe.expert not in (None, config.ffn):
+        raise ValueError(f"the dense twin has FFNs of one kind: moe.expert={moe.expert!r} differs from "
+                         f"ffn={config.ffn!r}")
+    k = experts_per_token(config.block_moe.check(config.d_model))
+    twin_hidden = round(k * config.expert_d_hidden) + moe.num_shared_experts * config.shared_d_hidden
     dense_ids = [i for i in range(config.n_layers) if not config.is_moe_layer(i)]
     if dense_ids and config.dense_hidden != twin_hidden:
         raise ValueError(f"the dense twin needs one FFN size: MoE layers are active-equivalent to hidden "
@@ -204,12 +267,7 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(c.d_model, eps=1e-6)
         self.is_moe = moe
         if moe:
-            self.ffn = MoE(d_model=c.d_model, num_experts=c.num_experts, top_k=c.top_k,
-                           d_hidden=c.expert_d_hidden, router=c.router, expert=c.ffn,
-                           capacity_factor=c.capacity_factor, num_shared_experts=c.num_shared_experts,
-                           shared_d_hidden=c.shared_d_hidden if c.num_shared_experts else None,
-                           aux_loss_coef=c.aux_loss_coef, z_loss_coef=c.z_loss_coef, backend=c.backend,
-                           router_kwargs=dict(c.router_kwargs) or None)
+            self.ffn = c.block_moe.build(c.d_model)
             # Routers that route by vocabulary id (hash routing) take token_ids; others refuse them.
             self._wants_token_ids = "token_ids" in inspect.signature(self.ffn.router.forward).parameters
         else:
@@ -343,28 +401,32 @@ class KVCache:
         return first[0].shape[2] if first else 0
 
 
-def param_counts(model: TransformerLM) -> dict:
+def param_counts(model: TransformerLM, *, measured: bool = False) -> dict:
     """``total``, ``active`` (used per token) and ``embedding`` parameter counts.
 
-    Active counts each MoE layer's routed experts at ``K/E`` of their size (what one token
-    touches); a tied output head is counted once.
+    Active counts each MoE layer's routed experts at ``k/E`` of their size (what one token
+    touches), k from `experts_per_token`: the router's K, a nominal count for routers that pick
+    their own (top-p, expert choice …), or with ``measured=True`` the mean of each layer's last
+    forward pass. A tied output head is counted once.
     """
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
     for block in model.moe_blocks:
         moe = block.ffn
         bank = sum(p.numel() for p in moe.experts.parameters())
-        inactive += bank - bank * moe.top_k // moe.num_experts
+        k = experts_per_token(moe, measured=measured)
+        used = bank * k // moe.num_experts if isinstance(k, int) else round(bank * k / moe.num_experts)
+        inactive += bank - used
     embedding = model.embed.weight.numel()
     return {"total": total, "active": total - inactive, "embedding": embedding}
 
 
-def flops_per_token(model: TransformerLM, seq_len: int) -> dict:
+def flops_per_token(model: TransformerLM, seq_len: int, *, measured: bool = False) -> dict:
     """Matmul FLOPs per token: ``forward = 2·N_active_nonembed + 2·V·D (head) + 2·L·S·D``
     (causal attention scores and values, half of a full S×S), training = 3 × forward
-    (Kaplan et al. 2020's 6N rule plus the attention term)."""
+    (Kaplan et al. 2020's 6N rule plus the attention term). `measured`: as in `param_counts`."""
     c = model.config
-    counts = param_counts(model)
+    counts = param_counts(model, measured=measured)
     # Norm weights are not matmuls; embedding lookup is free, the output head is a matmul.
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     head = c.vocab_size * c.d_model

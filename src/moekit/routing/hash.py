@@ -57,10 +57,11 @@ class HashRouter(Router):
         if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size <= 0):
             raise ValueError(f"vocab_size must be None or a positive int, got {vocab_size!r}")
         self.vocab_size, self.seed = vocab_size, int(seed)
+        # Drawn on the CPU generator's device whatever the default device is (e.g. meta).
         g = torch.Generator().manual_seed(self.seed)
-        self._a = int(torch.randint(1, _PRIME, (1,), generator=g))
-        self._b = int(torch.randint(0, _PRIME, (1,), generator=g))
-        table = None if vocab_size is None else torch.randint(0, num_experts, (vocab_size,), generator=g)
+        self._a = int(torch.randint(1, _PRIME, (1,), generator=g, device="cpu"))
+        self._b = int(torch.randint(0, _PRIME, (1,), generator=g, device="cpu"))
+        table = None if vocab_size is None else torch.randint(0, num_experts, (vocab_size,), generator=g, device="cpu")
         self.register_buffer("table", table)
 
     @torch.no_grad()

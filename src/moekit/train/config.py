@@ -1,7 +1,8 @@
 """Experiment configuration: small frozen dataclasses, presets, TOML files and ``key=value`` overrides.
 
-An experiment is one `RunConfig`: a base model (`TransformerConfig` fields, vocabulary left
-to the tokenizer), data, optimizer and trainer settings, and a list of *variants* — named
+An experiment is one `RunConfig`: a base model (`TransformerConfig` fields with the MoE
+layer's `MoEConfig` fields flat — ``model.num_experts``, ``model.top_k``, ``model.expert_hidden``
+… — vocabulary left to the tokenizer), data, optimizer and trainer settings, and a list of *variants* — named
 changes of the model (``{"twin": "dense"}`` is the dense twin of the base MoE model) that are
 trained one after the other on the same data and compared. Layers never see this object;
 `moekit.models.TransformerConfig` is built from it once per variant.
@@ -16,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from moekit.models.transformer import TransformerConfig, dense_twin
+from moekit.models.transformer import FLAT_MOE_KEYS, TransformerConfig, dense_twin
 
 __all__ = ["DataConfig", "OptimConfig", "TrainConfig", "RunConfig", "PRESETS", "get_preset",
            "apply_overrides", "load_toml", "parse_override", "variant_model_config", "config_from_dict"]
@@ -130,8 +131,10 @@ class TrainConfig:
             _check_pos(self, "threads")
 
 
-# Model keys a run may set: every TransformerConfig field except the vocabulary (from the tokenizer).
-MODEL_KEYS = tuple(f.name for f in dataclasses.fields(TransformerConfig) if f.name != "vocab_size")
+# Model keys a run may set: every TransformerConfig field except the vocabulary (from the tokenizer),
+# with the MoE layer's fields flat (`FLAT_MOE_KEYS`: model.top_k is TransformerConfig.moe.top_k).
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(TransformerConfig) if f.name not in ("vocab_size", "moe")) \
+    + tuple(FLAT_MOE_KEYS)
 TWINS = ("dense",)
 
 
@@ -193,9 +196,8 @@ def variant_model_config(run: RunConfig, variant: str, *, vocab_size: int) -> Tr
     if twin is not None and twin not in TWINS:
         raise ValueError(f"variants.{variant}.twin must be one of {TWINS}, got {twin!r}")
     check_model_keys(overrides, f"variants.{variant}", extra=("twin",))
-    fields = {**dict(run.model), **overrides}
-    cfg = TransformerConfig(vocab_size=vocab_size, max_seq_len=run.data.seq_len, **fields) \
-        if "max_seq_len" not in fields else TransformerConfig(vocab_size=vocab_size, **fields)
+    fields = {"vocab_size": vocab_size, "max_seq_len": run.data.seq_len, **dict(run.model), **overrides}
+    cfg = TransformerConfig.from_dict(fields)
     if cfg.max_seq_len < run.data.seq_len:
         raise ValueError(f"model.max_seq_len={cfg.max_seq_len} < data.seq_len={run.data.seq_len}")
     return dense_twin(cfg) if twin == "dense" else cfg
@@ -318,10 +320,11 @@ PRESETS: dict[str, dict] = {
         "train": {"steps": 600},
         "variants": {"moe": {}, "dense": {"twin": "dense"}},
     },
-    # A fast smoke test of the whole pipeline (about a minute on a CPU).
+    # A fast smoke test of the whole pipeline (about a minute on a CPU). K is the router's own
+    # (Switch: 1), so `--set model.router=top_p` (or any router) works without touching top_k.
     "tiny": {
         "name": "tiny",
-        "model": {"d_model": 64, "n_layers": 2, "n_heads": 2, "num_experts": 4, "top_k": 1, "router": "switch"},
+        "model": {"d_model": 64, "n_layers": 2, "n_heads": 2, "num_experts": 4, "router": "switch"},
         "data": {"seq_len": 64, "batch_size": 16},
         "optim": {"warmup_steps": 10},
         "train": {"steps": 60, "eval_every": 20, "eval_batches": 4, "log_every": 5, "ckpt_every": 30},
