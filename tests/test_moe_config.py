@@ -78,8 +78,8 @@ def test_build_equals_the_layer_with_the_same_arguments(kw):
 
 
 @pytest.mark.parametrize("kw,exc,match", [
-    (dict(num_experts=0), ValueError, "num_experts must be an int >= 1, got 0"),
-    (dict(num_experts=True), TypeError, "num_experts must be an int"),
+    (dict(num_experts=0), ValueError, "num_experts must be a positive int, got 0"),
+    (dict(num_experts=True), TypeError, "num_experts must be a positive int"),
     (dict(num_experts=E, router="nope"), ValueError, r"router must be one of \(.*'topk'.*got 'nope'"),
     (dict(num_experts=E, router=moekit.routing.TopKRouter), TypeError, "router must be a registered router name"),
     (dict(num_experts=E, router_kwargs=[("p", 1)]), TypeError, "router_kwargs must be a dict"),
@@ -100,7 +100,7 @@ def test_bad_fields_raise_when_the_config_is_made(kw, exc, match):
     (dict(router="expert_choice", capacity_factor=9.0), r"capacity_factor must be in \(0, num_experts=4\]"),
     (dict(router_kwargs={"nrom": "raw"}), r"does not take \['nrom'\]"),
     (dict(router="top_p", router_kwargs={"p": 1.5}), "p must be in"),
-    (dict(aux_loss_coef=-1.0), "aux_loss_coef must be a number >= 0"),
+    (dict(aux_loss_coef=-1.0), "aux_loss_coef must be a finite number >= 0"),
     (dict(num_shared_experts=-1), "num_shared_experts"),
     (dict(backend="fast"), "backend"),
     (dict(balance_loss="mine"), "balance_loss must be"),
@@ -184,9 +184,11 @@ def test_routers_unfit_for_a_causal_lm_are_refused_with_the_reason(router, match
 
 
 def test_a_router_vocabulary_must_cover_the_model():
-    moe = MoEConfig(num_experts=E, router="stable_moe")           # its default vocab_size is 1
-    with pytest.raises(ValueError, match=rf"vocab_size=1; the model has vocab_size={V} .*'vocab_size': {V}"):
+    moe = MoEConfig(num_experts=E, router="stable_moe", router_kwargs={"vocab_size": 5})
+    with pytest.raises(ValueError, match=rf"vocab_size=5; the model has vocab_size={V} .*'vocab_size': {V}"):
         TransformerConfig(vocab_size=V, d_model=D, n_heads=2, moe=moe)
+    with pytest.raises(ValueError, match="needs vocab_size.*router_kwargs"):     # no default that cannot work
+        TransformerConfig(vocab_size=V, d_model=D, n_heads=2, moe=MoEConfig(num_experts=E, router="stable_moe"))
 
 
 def test_blocks_build_moe_config_with_the_dense_ffn_defaults():
