@@ -14,6 +14,7 @@ from moekit.train import (BatchSampler, CharTokenizer, NonFiniteLossError, Train
                           config_from_dict, get_preset, latest_checkpoint, load_checkpoint, lr_at, read_metrics,
                           split_documents, load_text_files)
 from moekit.train import data as data_mod
+from moekit.train.checkpoint import read_trainer_state
 from moekit.train.config import PRESETS, parse_override
 
 DATA = Path(__file__).parent / "data" / "shakespeare"
@@ -201,7 +202,7 @@ def test_fetch_refuses_a_wrong_sha256(tmp_path, monkeypatch):
 def _weights(path):
     found = latest_checkpoint(path)
     from safetensors.torch import load_file
-    return load_file(str(found / "model.safetensors")), torch.load(found / "trainer_state.pt", weights_only=False)
+    return load_file(str(found / "model.safetensors")), read_trainer_state(found)
 
 
 @pytest.mark.parametrize("router", ["noisy_topk", "sigmoid"])
@@ -292,7 +293,8 @@ def test_checkpoint_write_is_atomic(tmp_path, data, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", boom)
+    from moekit.train import checkpoint as ckpt_mod
+    monkeypatch.setattr(ckpt_mod, "_write_file", boom)       # the one writer of checkpoint files
     t.step = 11
     with pytest.raises(OSError):
         t.save()

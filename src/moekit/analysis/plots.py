@@ -1,6 +1,8 @@
 """PNG plots of a run (matplotlib, an optional extra: without it every function returns None).
 
-Each function writes one figure and returns its path.
+Each function writes one figure and returns its path. Expert axes carry integer ticks only,
+and every figure is laid out (constrained layout, rotated token labels, sizes that grow with
+the number of labels) so that no two labels overlap; tests draw each figure and check both.
 """
 from __future__ import annotations
 
@@ -29,6 +31,22 @@ def _plt():
         return plt
     except ImportError:
         return None
+
+
+def _integer_ticks(axis, n: int) -> None:
+    """Integer ticks on an expert (or other index) axis of `n` positions: each one when they fit,
+    else a subset chosen by matplotlib, never a fraction."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(nbins=min(n, 16), integer=True, min_n_ticks=1))
+
+
+def _save(fig, path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
 
 
 def _smooth(y: np.ndarray, k: int = 5) -> np.ndarray:
@@ -74,10 +92,15 @@ def plot_load_heatmap(load: dict, path, title: str = "") -> Optional[Path]:
     plt = _plt()
     if plt is None or not load.get("steps"):
         return None
+    return _save(_load_heatmap_figure(plt, load, title), path)
+
+
+def _load_heatmap_figure(plt, load: dict, title: str = ""):
     frac = np.asarray(load["fraction"])                                   # (n, L, E)
     L = frac.shape[1]
-    fig, axes = plt.subplots(1, L, figsize=(3.2 * L + 1, 3.2), squeeze=False)
     E = frac.shape[2]
+    fig, axes = plt.subplots(1, L, figsize=(3.2 * L + 1.5, max(3.2, 0.16 * min(E, 16) + 1.5)), squeeze=False,
+                             layout="constrained")
     for j in range(L):
         ax = axes[0, j]
         im = ax.imshow(frac[:, j, :].T, aspect="auto", cmap="viridis", vmin=0, vmax=max(2.0 / E, frac.max()),
@@ -85,13 +108,11 @@ def plot_load_heatmap(load: dict, path, title: str = "") -> Optional[Path]:
         ax.set_title(f"layer {load['layers'][j]}")
         ax.set_xlabel("step")
         ax.set_ylabel("expert")
-        if E <= 16:
-            ax.set_yticks(range(E))
+        _integer_ticks(ax.yaxis, E)
+        _integer_ticks(ax.xaxis, 4)           # steps: a few integer ticks
     fig.colorbar(im, ax=axes.ravel().tolist(), label="share of routed pairs")
-    fig.suptitle(title or f"expert load over training (uniform = {1 / E:.3f})", y=1.04)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return Path(path)
+    fig.suptitle(title or f"expert load over training (uniform = {1 / E:.3f})")
+    return fig
 
 
 def plot_doc_specialisation(spec: dict, doc_names: Sequence[str], path, title: str = "") -> Optional[Path]:
@@ -99,19 +120,25 @@ def plot_doc_specialisation(spec: dict, doc_names: Sequence[str], path, title: s
     plt = _plt()
     if plt is None:
         return None
+    return _save(_doc_specialisation_figure(plt, spec, doc_names, title), path)
+
+
+def _doc_specialisation_figure(plt, spec: dict, doc_names: Sequence[str], title: str = ""):
     share = np.asarray(spec["doc_share"])                                  # (P, E)
     keep = share.sum(1) > 0
     share = share[keep]
     names = [n for n, k in zip(doc_names, keep) if k]
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * share.shape[1], 1 + 0.3 * len(names)))
+    title = title or f"layer {spec['layer']}: documents → experts (NMI {spec['nmi_doc']:.3f})"
+    # Wide enough for the title and the experts, tall enough for one 8-pt name per row.
+    fig, ax = plt.subplots(figsize=(max(1 + 0.5 * min(share.shape[1], 32), 0.09 * len(title) + 1.5),
+                                    1.5 + 0.18 * len(names)), layout="constrained")
     im = ax.imshow(share, aspect="auto", cmap="magma", interpolation="nearest")
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xlabel("expert")
-    ax.set_title(title or f"layer {spec['layer']}: documents → experts (NMI {spec['nmi_doc']:.3f})")
+    _integer_ticks(ax.xaxis, share.shape[1])
+    ax.set_title(title)
     fig.colorbar(im, ax=ax, label="share of the document's pairs")
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return Path(path)
+    return fig
 
 
 def plot_token_specialisation(by_token_EV: np.ndarray, token_names: Sequence[str], path, *, layer: int,
@@ -120,21 +147,30 @@ def plot_token_specialisation(by_token_EV: np.ndarray, token_names: Sequence[str
     plt = _plt()
     if plt is None:
         return None
+    return _save(_token_specialisation_figure(plt, by_token_EV, token_names, layer=layer, top=top), path)
+
+
+def _token_specialisation_figure(plt, by_token_EV, token_names: Sequence[str], *, layer: int, top: int = 40):
     c = np.asarray(by_token_EV, dtype=np.float64)
     freq = c.sum(0)
     order = np.argsort(-freq, kind="stable")[:top]
     order = order[freq[order] > 0]
     share = c[:, order] / np.maximum(freq[order], 1)
     labels = [repr(token_names[i])[1:-1] or "?" for i in order]
-    fig, ax = plt.subplots(figsize=(1 + 0.28 * len(order), 1 + 0.35 * c.shape[0]))
+    E = c.shape[0]
+    title = f"layer {layer}: which expert each frequent token goes to"
+    # Token labels stand vertically, one 8-pt line (0.14 in) per 0.2 in column: escapes such as
+    # \\x9f are wider than a column and would overlap lying flat.
+    fig, ax = plt.subplots(figsize=(max(1.5 + 0.2 * len(order), 0.09 * len(title) + 1.5),
+                                    1.5 + 0.16 * min(E, 32) + 0.07 * max(map(len, labels), default=1)),
+                           layout="constrained")
     im = ax.imshow(share, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks(range(len(order)), labels, fontsize=8, family="monospace")
+    ax.set_xticks(range(len(order)), labels, fontsize=8, family="monospace", rotation=90)
     ax.set_ylabel("expert")
-    ax.set_title(f"layer {layer}: which expert each frequent token goes to")
+    _integer_ticks(ax.yaxis, E)
+    ax.set_title(title)
     fig.colorbar(im, ax=ax, label="share of the token's pairs")
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return Path(path)
+    return fig
 
 
 def plot_coactivation(coact: Sequence[dict], path) -> Optional[Path]:
@@ -142,7 +178,12 @@ def plot_coactivation(coact: Sequence[dict], path) -> Optional[Path]:
     plt = _plt()
     if plt is None or not coact:
         return None
-    fig, axes = plt.subplots(1, len(coact), figsize=(3.4 * len(coact) + 1, 3.2), squeeze=False)
+    return _save(_coactivation_figure(plt, coact), path)
+
+
+def _coactivation_figure(plt, coact: Sequence[dict]):
+    fig, axes = plt.subplots(1, len(coact), figsize=(3.4 * len(coact) + 1, 3.4), squeeze=False,
+                             layout="constrained")
     for ax, c in zip(axes[0], coact):
         j = np.asarray(c["joint"], dtype=np.float64)
         cond = j / np.maximum(j.sum(1, keepdims=True), 1)
@@ -150,7 +191,7 @@ def plot_coactivation(coact: Sequence[dict], path) -> Optional[Path]:
         ax.set_title(f"L{c['from_layer']}→L{c['to_layer']} (NMI {c['nmi']:.2f})", fontsize=9)
         ax.set_xlabel(f"expert in layer {c['to_layer']}")
         ax.set_ylabel(f"expert in layer {c['from_layer']}")
+        _integer_ticks(ax.xaxis, cond.shape[1])
+        _integer_ticks(ax.yaxis, cond.shape[0])
     fig.colorbar(im, ax=axes.ravel().tolist(), label="P(next | this)")
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return Path(path)
+    return fig

@@ -33,7 +33,7 @@ __all__ = ["write_report", "analyse_variant"]
 
 def analyse_variant(checkpoint: os.PathLike, val_corpus, run, *, device: str = "cpu", sample_chars: int = 200):
     """Routing analytics (and a short text sample) of one trained variant; None without MoE layers."""
-    from moekit.train.sample import load_model
+    from moekit.train.sample import load_model, suppressed_ids
 
     model, tok, _ = load_model(checkpoint, device)
     out = {}
@@ -50,7 +50,7 @@ def analyse_variant(checkpoint: os.PathLike, val_corpus, run, *, device: str = "
         gen = torch.Generator().manual_seed(0)
         ids = tok.encode("\n")[None]
         with torch.no_grad():
-            s = model.generate(ids, sample_chars, temperature=0.8, generator=gen)
+            s = model.generate(ids, sample_chars, temperature=0.8, generator=gen, suppress_ids=suppressed_ids(tok))
         out["sample"] = tok.decode(s[0].tolist())
     return out
 

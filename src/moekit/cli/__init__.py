@@ -39,7 +39,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         rc = args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:      # OSError: a missing file, no space left, permissions
         print(f"moekit {args.command}: error: {e}", file=sys.stderr)
         return 2
     return int(rc or 0)

@@ -21,7 +21,11 @@ def register(subparsers) -> None:
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="train on your own text: files, folders of *.txt or globs (one file = one document)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<name>-<time>)")
-    p.add_argument("--resume", default=None, metavar="RUN", help="continue the run in folder RUN bit-exactly")
+    p.add_argument("--resume", default=None, metavar="RUN",
+                   help="continue the run in folder RUN bit-exactly, from each variant's newest complete checkpoint")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the settings differ from the checkpoint's (e.g. --resume RUN "
+                        "--set train.steps=2000); without it a changed config is refused")
     p.add_argument("--auto-resume", action="store_true",
                    help="with --out: continue the run there if one exists (same config), else start it; "
                         "for `torchrun --max-restarts`, which re-runs the same command after a failure")
@@ -78,10 +82,16 @@ def cmd_train(args) -> int:
     from moekit.train.experiment import default_run_dir, load_run_config, run_experiment
 
     if args.resume:
-        if args.preset or args.config or args.overrides or args.data:
-            raise ValueError("--resume continues a run with its saved config; drop --preset/--config/--set/--data")
+        if args.preset or args.config or args.data:
+            raise ValueError("--resume continues a run with its saved config; drop --preset/--config/--data")
+        if args.overrides and not args.allow_config_change:
+            raise ValueError("--resume with --set changes the run's config: add --allow-config-change to do so")
         run_dir = Path(args.resume)
         run = load_run_config(run_dir)
+        if args.overrides:
+            from moekit.train.config import apply_overrides
+
+            run = apply_overrides(run, list(args.overrides))
     else:
         overrides = list(args.overrides)
         if args.data:
@@ -95,7 +105,8 @@ def cmd_train(args) -> int:
         resume = "auto"
     print(f"run folder: {run_dir}{' (resumes where it holds checkpoints)' if resume == 'auto' else ''}",
           flush=True)
-    out = run_experiment(run, run_dir, resume=resume, progress=not args.quiet)
+    out = run_experiment(run, run_dir, resume=resume, progress=not args.quiet,
+                         allow_config_change=args.allow_config_change)
     print()
     print(out["table"])
     if out["status"] == "interrupted":

@@ -19,7 +19,7 @@ import dataclasses
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -347,7 +347,7 @@ class TransformerLM(nn.Module):
     @torch.no_grad()
     def generate(self, idx_BS: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 use_cache: Optional[bool] = None) -> torch.Tensor:
+                 use_cache: Optional[bool] = None, suppress_ids: Sequence[int] = ()) -> torch.Tensor:
         """Sample `max_new_tokens` tokens autoregressively.
 
         With `use_cache` each step runs only the new token through the model (keys and values
@@ -356,7 +356,8 @@ class TransformerLM(nn.Module):
         max_seq_len tokens and recomputed each step, as without the cache. The default (None)
         uses the cache unless some MoE layer routes a token depending on other tokens (a
         capacity limit in eval mode, or a router with ``causal_safe = False``): routing only the
-        new tokens would then change what the model computes.
+        new tokens would then change what the model computes. Ids in `suppress_ids` (e.g. a
+        tokenizer's unknown-character id) are never drawn.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -368,6 +369,8 @@ class TransformerLM(nn.Module):
                 logits = self(idx_BS[:, cache.length:], kv_cache=cache)[0][:, -1].float()
             else:
                 logits = self(idx_BS[:, -self.config.max_seq_len:])[0][:, -1].float()
+            if len(suppress_ids):
+                logits[:, list(suppress_ids)] = float("-inf")
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:

@@ -9,7 +9,8 @@
     moekit.parallel.save_checkpoint({"model": model, "optimizer": opt, "step": step}, path)
 """
 from moekit.parallel.balance import GlobalBatchSum
-from moekit.parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moekit.parallel.checkpoint import (latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint,
+                                       verify_checkpoint)
 from moekit.parallel.clip import clip_grad_norm_, grad_norm
 from moekit.parallel.comm import all_reduce_sum, all_to_all_single, all_to_all_single_reference
 from moekit.parallel.dispatcher import ExpertParallelDispatcher, ExpertParallelMeta
@@ -23,5 +24,6 @@ __all__ = [
     "GlobalBatchSum",
     "GradientSync", "sync_gradients", "broadcast_model", "clip_grad_norm_", "grad_norm",
     "init_from_env", "prepare_model", "is_distributed",
-    "save_checkpoint", "load_checkpoint", "latest_checkpoint", "expert_shard_of", "is_expert_param",
+    "save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_checkpoint", "verify_checkpoint",
+    "expert_shard_of", "is_expert_param",
 ]

@@ -15,17 +15,31 @@ optimizers are converted on save and written back on load (optimizer states are 
 first when the optimizer has not stepped yet). A plain ``model.state_dict()`` is resharded
 too (its expert tensors are recognised by storage). Every other value (step counters, data
 sampler and RNG states, a plain ``optimizer.state_dict()`` …) is saved *per rank* as one
-pickled blob, because such values often differ between ranks: on load each rank gets its
-own value back when the world size is unchanged (a torchrun restart), and rank 0's value
-otherwise. Checkpoints are trusted files (the blobs are unpickled).
+blob, because such values often differ between ranks: on load each rank gets its own value
+back when the world size is unchanged (a torchrun restart), and rank 0's value otherwise.
 
-Writes go to ``path + ".tmp"`` and are renamed once every rank finished, so a rank killed
-mid-save leaves the previous checkpoint intact.
+Nothing read from a checkpoint can run code: plain values may hold only tensors, numbers,
+strings, None and lists, tuples and dicts of them (checked on save, TypeError otherwise) and
+are read back with ``torch.load(weights_only=True)``, as DCP reads tensors; DCP's pickled
+``.metadata`` is read by an unpickler that builds DCP's metadata classes and nothing else.
+Anything else is refused with a ValueError naming the file.
+
+Writes go to ``path + ".tmp"``; once every rank finished, rank 0 writes ``checksums.json``
+(size and SHA-256 of every file) and renames the folder into place, so a rank killed
+mid-save leaves the previous checkpoint intact and a checkpoint without checksums is
+incomplete. Loading verifies the checksums first; given a folder of checkpoints, one that
+fails is skipped (with a warning saying why) for the next newest.
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
+import hashlib
 import io
+import json
 import os
+import pathlib
+import pickle
 import shutil
 import warnings
 import weakref
@@ -37,9 +51,12 @@ from torch import nn
 
 from moekit.parallel.sharding import ExpertShard, expert_shard_of, is_dtensor, sharded_tensors
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "to_dcp_state_dict"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_checkpoint", "verify_checkpoint",
+           "to_dcp_state_dict"]
 
 _WORLD_KEY = "__world_size__"
+_CHECKSUMS = "checksums.json"
+_FORMAT = "moekit-dcp-1"
 
 
 def _rank_key(rank: int, key: str) -> str:
@@ -168,10 +185,122 @@ def _plain(v, experts: Dict[int, tuple]):
     return _as_dtensor(v, shard) if shard is not None else v
 
 
-def _blob(v) -> bytes:
+def _check_plain(v, where: str) -> None:
+    """Raise TypeError unless `v` is what ``torch.load(weights_only=True)`` reads back."""
+    if v is None or isinstance(v, (bool, int, float, str, bytes, torch.Tensor, torch.dtype, torch.Size)):
+        return
+    if isinstance(v, (list, tuple)):
+        for i, x in enumerate(v):
+            _check_plain(x, f"{where}[{i}]")
+        return
+    if isinstance(v, dict):
+        for k, x in v.items():
+            _check_plain(k, f"{where} key {k!r}")
+            _check_plain(x, f"{where}[{k!r}]")
+        return
+    raise TypeError(f"checkpoint entry {where}: plain values may hold tensors, numbers, strings, None and "
+                    f"lists, tuples and dicts of them (read back without unpickling code); got "
+                    f"{type(v).__module__}.{type(v).__qualname__}")
+
+
+def _blob(v, key: str) -> bytes:
+    _check_plain(v, repr(key))
     buf = io.BytesIO()
     torch.save(v, buf)
     return buf.getvalue()
+
+
+def _unblob(data: bytes, where: str):
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:          # UnpicklingError, or torch's own error for a corrupt archive
+        raise ValueError(f"{where} holds something other than tensors and plain values; refused "
+                         f"({type(e).__name__}: {str(e)[:300]})") from None
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata dataclasses, torch sizes, dtypes and layouts and paths; any other
+    global a pickle names (a function to call, a class with side effects) is refused."""
+
+    def find_class(self, module, name):
+        obj = None
+        if module.startswith("torch.distributed.checkpoint."):
+            cand = getattr(__import__(module, fromlist=[name]), name, None)
+            if isinstance(cand, type) and (dataclasses.is_dataclass(cand) or issubclass(cand, enum.Enum)):
+                obj = cand
+        elif module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            obj = getattr(torch, name)
+        elif (module, name) == ("torch.serialization", "_get_layout"):
+            obj = _layout
+        elif module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath",
+                                              "Path"):
+            obj = getattr(pathlib, name)
+        elif (module, name) == ("collections", "OrderedDict"):
+            import collections
+            obj = collections.OrderedDict
+        if obj is None:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return obj
+
+
+def _layout(name: str):
+    layout = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(layout, torch.layout):
+        raise pickle.UnpicklingError(f"refused layout {name!r}")
+    return layout
+
+
+def _safe_reader(path: str):
+    """DCP's file reader with its metadata read by `_MetadataUnpickler`."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class _Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            meta_path = os.path.join(path, ".metadata")
+            try:
+                with open(meta_path, "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except Exception as e:
+                raise ValueError(f"{meta_path} is not DCP metadata moekit reads; refused "
+                                 f"({type(e).__name__}: {str(e)[:300]})") from None
+            if not hasattr(metadata, "state_dict_metadata"):
+                raise ValueError(f"{meta_path} is not DCP metadata (a {type(metadata).__name__})")
+            if getattr(metadata, "storage_meta", None) is None:
+                from torch.distributed.checkpoint.metadata import StorageMeta
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return _Reader(path)
+
+
+def _safe_planner():
+    """DCP's load planner with non-tensor entries read by ``torch.load(weights_only=True)``."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class _Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            loaded = _unblob(value.getvalue(), f"entry {read_item.dest_index.fqn!r}")
+            # DCP stores the value with its own (unrestricted) torch.load: hand it bytes written
+            # here from the value just read safely, never the file's.
+            buf = io.BytesIO()
+            torch.save(loaded, buf)
+            buf.seek(0)
+            super().load_bytes(read_item, buf)
+
+    return _Planner()
+
+
+def _dcp_load(sd, found: str) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(sd, storage_reader=_safe_reader(found), planner=_safe_planner(), no_dist=not _distributed())
+    except ValueError:
+        raise
+    except (Exception, dcp.CheckpointException) as e:   # DCP wraps a rank's failure (a refused pickle …)
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read checkpoint {found!r}: {reason[:500]}") from None
 
 
 def to_dcp_state_dict(state: Dict[str, Any]) -> Dict[str, Any]:
@@ -194,20 +323,100 @@ def to_dcp_state_dict(state: Dict[str, Any]) -> Dict[str, Any]:
         elif _holds_expert_tensor(v, experts):
             out[k] = _plain(v, experts)
         else:
-            out[_rank_key(rank, k)] = _blob(v)
+            out[_rank_key(rank, k)] = _blob(v, k)
     return out
 
 
+def _complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, ".metadata")) and os.path.isfile(os.path.join(path, _CHECKSUMS))
+
+
+def _candidates(path: str) -> list:
+    """Checkpoints under the directory `path`, newest (by name) first."""
+    subs = [d for d in os.listdir(path) if not d.endswith((".tmp", ".old")) and not d.startswith(".")
+            and os.path.isdir(os.path.join(path, d))
+            and os.path.exists(os.path.join(path, d, ".metadata"))]
+    return [os.path.join(path, d) for d in sorted(subs, reverse=True)]
+
+
 def latest_checkpoint(path) -> Optional[str]:
-    """`path` if it is a complete checkpoint, else its newest complete sub-checkpoint (by name), else None."""
+    """`path` if it is a complete checkpoint, else its newest complete sub-checkpoint (by name), else
+    None. Complete: written to the end (``checksums.json`` present); `verify_checkpoint` checks the bytes."""
     path = os.fspath(path)
-    if os.path.isfile(os.path.join(path, ".metadata")):
+    if _complete(path):
         return path
     if not os.path.isdir(path):
         return None
-    subs = sorted(d for d in os.listdir(path) if not d.endswith((".tmp", ".old"))
-                  and os.path.isfile(os.path.join(path, d, ".metadata")))
-    return os.path.join(path, subs[-1]) if subs else None
+    subs = [c for c in _candidates(path) if _complete(c)]
+    return subs[0] if subs else None
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(path) -> str:
+    """Check every file of the checkpoint `path` against its ``checksums.json``; returns `path`
+    or raises ValueError naming the file that is missing, truncated or changed."""
+    path = os.fspath(path)
+    sums_path = os.path.join(path, _CHECKSUMS)
+    if not os.path.isfile(sums_path):
+        raise ValueError(f"{path} is incomplete: no {_CHECKSUMS} (the save did not finish)")
+    try:
+        with open(sums_path, "rb") as f:
+            sums = json.loads(f.read())
+        files = sums["files"]
+        if sums.get("format") != _FORMAT or ".metadata" not in files:
+            raise ValueError(f"format {sums.get('format')!r}")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{sums_path} is not a moekit checksum file ({_FORMAT}): {e}") from None
+    for name, want in files.items():
+        f = os.path.join(path, name)
+        if os.path.basename(name) != name or not os.path.isfile(f):
+            raise ValueError(f"{f} is missing")
+        size = os.path.getsize(f)
+        if size != want.get("size"):
+            raise ValueError(f"{f} is {'truncated' if size < want.get('size', 0) else 'changed'}: {size} bytes, "
+                             f"expected {want.get('size')}")
+        if _sha256(f) != want.get("sha256"):
+            raise ValueError(f"{f} does not match its checksum (the file was changed or corrupted)")
+    return path
+
+
+def resolve_checkpoint(path) -> tuple:
+    """``(checkpoint, notes)``: `path` itself when it is a checkpoint (verified), else the newest
+    checkpoint under it that verifies; `notes` say which newer ones were skipped and why.
+    FileNotFoundError when there is none at all, ValueError when none verifies."""
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, ".metadata")):
+        return verify_checkpoint(path), []
+    cands = _candidates(path) if os.path.isdir(path) else []
+    if not cands:
+        raise FileNotFoundError(f"no checkpoint at {path!r}")
+    notes, errors = [], []
+    for c in cands:
+        try:
+            return verify_checkpoint(c), notes
+        except ValueError as e:
+            errors.append(str(e))
+            notes.append(f"skipped {os.path.basename(c)}: {e}")
+    raise ValueError(f"no complete checkpoint in {path}: " + "; ".join(errors))
+
+
+def _write_checksums(tmp: str) -> None:
+    files = {}
+    for name in sorted(os.listdir(tmp)):
+        f = os.path.join(tmp, name)
+        if os.path.isfile(f):
+            files[name] = {"size": os.path.getsize(f), "sha256": _sha256(f)}
+    with open(os.path.join(tmp, _CHECKSUMS), "w") as f:
+        f.write(json.dumps({"format": _FORMAT, "files": files}, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def save_checkpoint(state_dict: Dict[str, Any], path: str) -> None:
@@ -216,8 +425,10 @@ def save_checkpoint(state_dict: Dict[str, Any], path: str) -> None:
     sd = to_dcp_state_dict(state_dict)
     tmp = path + ".tmp"
     rank0 = not _distributed() or dist.get_rank() == 0
-    if rank0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)
+    if rank0:
+        for stale in (tmp, path + ".old"):
+            if os.path.exists(stale):
+                shutil.rmtree(stale)
     if _distributed():
         dist.barrier()
     import torch.distributed.checkpoint as dcp
@@ -228,6 +439,7 @@ def save_checkpoint(state_dict: Dict[str, Any], path: str) -> None:
     if _distributed():
         dist.barrier()
     if rank0:
+        _write_checksums(tmp)
         old = path + ".old"
         if os.path.exists(path):
             os.replace(path, old)
@@ -277,27 +489,26 @@ def _write_back(target, loaded):
 def load_checkpoint(state_dict: Dict[str, Any], path) -> Dict[str, Any]:
     """Read the checkpoint at `path` into the objects of `state_dict` (in place; collective).
 
-    `path` is a checkpoint directory, or a directory of them (the newest complete one by name
-    is read, see `latest_checkpoint`); FileNotFoundError if there is none. Works for any number
+    `path` is a checkpoint directory (its checksums verified), or a directory of them (the newest
+    one that verifies is read, see `resolve_checkpoint`; a warning names any newer one skipped);
+    FileNotFoundError if there is none, ValueError if none verifies. Works for any number
     of ranks that divides each layer's experts, and for one plain process. Returns
     `state_dict`, its plain values replaced by the loaded ones (each rank's own when the world
     size is unchanged, else rank 0's).
     """
-    import torch.distributed.checkpoint as dcp
-
-    found = latest_checkpoint(path)
-    if found is None:
-        raise FileNotFoundError(f"no checkpoint at {os.fspath(path)!r}")
+    found, notes = resolve_checkpoint(path)
+    for note in notes:
+        warnings.warn(f"load_checkpoint: {note}", stacklevel=2)
     for v in state_dict.values():
         if isinstance(v, torch.optim.Optimizer):
             _init_optimizer_state(v)
     sd = to_dcp_state_dict(state_dict)
     rank, world = _rank_world()
-    saved = dcp.FileSystemReader(found).read_metadata().state_dict_metadata
+    saved = _safe_reader(found).read_metadata().state_dict_metadata
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         head = {_WORLD_KEY: 0}
-        dcp.load(head, checkpoint_id=found, no_dist=not _distributed())
+        _dcp_load(head, found)
         src = rank if head[_WORLD_KEY] == world else 0
         blobs = {}
         for k in list(sd):
@@ -320,7 +531,7 @@ def load_checkpoint(state_dict: Dict[str, Any], path) -> Dict[str, Any]:
                 sd.pop(key, None)
                 sd[blobs[key]] = b""
         del sd[_WORLD_KEY]
-        dcp.load(sd, checkpoint_id=found, no_dist=not _distributed())
+        _dcp_load(sd, found)
     names = _param_names(state_dict)
     for k, v in state_dict.items():
         if isinstance(v, nn.Module):
@@ -342,7 +553,7 @@ def load_checkpoint(state_dict: Dict[str, Any], path) -> Dict[str, Any]:
                                   "params": [index[n] for n in g["params"]]} for g in loaded["param_groups"]],
             })
         elif k in blobs:
-            state_dict[k] = torch.load(io.BytesIO(sd[blobs[k]]), map_location="cpu", weights_only=False)
+            state_dict[k] = _unblob(sd[blobs[k]], f"{found}: entry {k!r}")
         else:
             _write_back(v, sd[k])
     return state_dict

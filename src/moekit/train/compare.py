@@ -3,7 +3,8 @@
 Equal steps: each variant's validation loss at the last step all of them reached (their eval
 points are the same steps). Equal time: ``T* = min_v train_time_v``; each variant's validation
 loss at ``T*`` is linearly interpolated between its two evaluations around ``T*`` (training
-time only; evaluation and checkpoint time excluded).
+time only; evaluation and checkpoint time excluded). A variant with no point at ``T*`` (its
+first evaluation came later, or it has none yet) gets a row that says so instead of a number.
 """
 from __future__ import annotations
 
@@ -40,8 +41,21 @@ def _reference(results: Sequence[dict]) -> dict:
     return results[0]
 
 
+def _no_point(r: dict, t_star: float) -> Optional[str]:
+    """Why variant `r` has no validation loss at training time `t_star`, or None if it has one."""
+    evals = r.get("evals") or []
+    if not evals:
+        return f"not evaluated yet (step {r.get('steps', 0)}, {r.get('status', 'unknown')})"
+    first = evals[0]["train_time"]
+    if first > t_star + 1e-9:
+        return f"first evaluation at {first:.1f} s (step {evals[0]['step']}), after {t_star:.1f} s"
+    return None
+
+
 def comparison_rows(results: Sequence[dict]) -> dict:
-    """``{"equal_steps": {...}, "equal_time": {...}}`` with one row per variant."""
+    """``{"equal_steps": {...}, "equal_time": {...}}`` with one row per variant; each equal-time
+    row has a ``note`` saying why it has no loss (None when it has one)."""
+    pending = [r for r in results if not r.get("evals")]
     results = [r for r in results if r.get("evals")]
     if not results:
         return {"equal_steps": {"step": None, "rows": []}, "equal_time": {"time_s": None, "rows": []}}
@@ -67,7 +81,10 @@ def comparison_rows(results: Sequence[dict]) -> dict:
                        "train_time_s": r.get("train_time_s")})
         rows_t.append({"variant": r["variant"], "val_loss": lt,
                        "delta": None if lt is None or ref_time is None else lt - ref_time,
-                       "last_eval_step_before": steps_at_t})
+                       "last_eval_step_before": steps_at_t, "note": None if lt is not None else _no_point(r, t_star)})
+    for r in pending:
+        rows_t.append({"variant": r["variant"], "val_loss": None, "delta": None, "last_eval_step_before": None,
+                       "note": _no_point(r, t_star)})
     return {"reference": ref["variant"], "equal_steps": {"step": step, "rows": rows_s},
             "equal_time": {"time_s": t_star, "rows": rows_t}}
 
@@ -94,9 +111,9 @@ def comparison_table(results: Sequence[dict]) -> str:
           _f(r["params_active"], ","), _f(r["flops_per_token"], ".3g"), _f(r["tokens_per_s"], ",.0f"),
           _f(r["train_time_s"], ".0f")] for r in c["equal_steps"]["rows"]])
     b = format_table(
-        ["variant", "val loss", f"vs {ref}", "last eval step"],
-        [[r["variant"], _f(r["val_loss"], ".4f"), _f(r["delta"], "+.4f"), _f(r["last_eval_step_before"], "d")]
-         for r in c["equal_time"]["rows"]])
+        ["variant", "val loss", f"vs {ref}", "last eval step", "note"],
+        [[r["variant"], _f(r["val_loss"], ".4f"), _f(r["delta"], "+.4f"), _f(r["last_eval_step_before"], "d"),
+          r.get("note") or ""] for r in c["equal_time"]["rows"]])
     return (f"Equal steps (step {c['equal_steps']['step']}), validation loss in nats/token:\n{a}\n\n"
             f"Equal wall time ({c['equal_time']['time_s']:.0f} s of training, loss interpolated "
             f"between evaluations):\n{b}")

@@ -33,6 +33,10 @@ class DistContext:
     def save_checkpoint(self, state: dict, path) -> None:
         self.parallel.save_checkpoint(state, path)
 
+    def resolve_checkpoint(self, path):
+        """``(newest checkpoint under `path` that verifies, notes on newer ones skipped)``."""
+        return self.parallel.resolve_checkpoint(path)
+
     def load_checkpoint(self, state: dict, path) -> dict:
         """Loads model/optimizer in place; returns `state` with its plain values loaded."""
         return self.parallel.load_checkpoint(state, path)
@@ -49,7 +53,8 @@ def distributed_context() -> Optional[DistContext]:
         return None
     import moekit.parallel as parallel
 
-    for fn in ("init_from_env", "prepare_model", "save_checkpoint", "load_checkpoint", "clip_grad_norm_"):
+    for fn in ("init_from_env", "prepare_model", "save_checkpoint", "load_checkpoint", "resolve_checkpoint",
+               "clip_grad_norm_"):
         if not hasattr(parallel, fn):
             raise ImportError(f"WORLD_SIZE={world} needs moekit.parallel.{fn}, which is not available")
     rank, world_size, device = parallel.init_from_env()

@@ -27,8 +27,19 @@ def default_run_dir(run: RunConfig, root: os.PathLike = "runs") -> Path:
     return Path(root) / f"{run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); refused") from None
+
+
 def load_run_config(run_dir: os.PathLike) -> RunConfig:
-    return config_from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
+    path = Path(run_dir) / "config.json"
+    d = _read_json(path)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds a {type(d).__name__}, not a run config")
+    return config_from_dict(d)
 
 
 def load_results(run_dir: os.PathLike) -> list[dict]:
@@ -40,14 +51,18 @@ def load_results(run_dir: os.PathLike) -> list[dict]:
     for n in names:
         p = run_dir / n / "result.json"
         if p.exists():
-            out.append(json.loads(p.read_text()))
+            out.append(_read_json(p))
     return out
 
 
 def run_experiment(run: RunConfig, run_dir: os.PathLike, *, resume=False, progress: bool = True,
-                   stream=None) -> dict:
+                   stream=None, allow_config_change: bool = False) -> dict:
     """Train each variant in turn (sharing one tokenised corpus); returns
-    ``{"results": [...], "status": "completed" | "interrupted", "table": str}``."""
+    ``{"results": [...], "status": "completed" | "interrupted", "table": str}``.
+
+    `resume` (True, or "auto" for ``--auto-resume``) continues each variant from its newest
+    complete checkpoint; a checkpoint saved under other settings is refused unless
+    `allow_config_change`."""
     stream = stream or sys.stdout
     run_dir = Path(run_dir)
     # Under torchrun only rank 0 owns the run folder: the other ranks would otherwise see the
@@ -59,7 +74,8 @@ def run_experiment(run: RunConfig, run_dir: os.PathLike, *, resume=False, progre
     # if there is one, else starts — so no rank decides from a file another rank just wrote.
     auto = resume == "auto"
     if auto:
-        if is_main and cfg_path.exists() and load_run_config(run_dir).to_json() != run.to_json():
+        if is_main and cfg_path.exists() and load_run_config(run_dir).to_json() != run.to_json() \
+                and not allow_config_change:
             raise ValueError(f"{run_dir} holds a run with another config; use another --out or the same options")
     elif resume:
         if not cfg_path.exists():
@@ -76,7 +92,8 @@ def run_experiment(run: RunConfig, run_dir: os.PathLike, *, resume=False, progre
           f"{len(train):,} / {len(val):,} tokens, vocabulary {tok.vocab_size}", file=stream, flush=True)
     results, status = [], "completed"
     for name in run.variant_names:
-        res = train_variant(run, name, run_dir / name, data=data, resume=resume, progress=progress)
+        res = train_variant(run, name, run_dir / name, data=data, resume=resume, progress=progress,
+                            allow_config_change=allow_config_change)
         results.append(res)
         if res["status"] == "interrupted":
             status = "interrupted"

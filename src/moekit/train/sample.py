@@ -2,54 +2,64 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
 
 from moekit.models.transformer import TransformerConfig, TransformerLM
-from moekit.train.checkpoint import latest_checkpoint, load_checkpoint, read_config
+from moekit.train.checkpoint import CheckpointError, load_checkpoint, read_config, resolve_checkpoint
 from moekit.train.tokenizer import tokenizer_from_dict
 
-__all__ = ["load_model", "generate_text"]
-
-
-def _find(path: os.PathLike):
-    found = latest_checkpoint(path)
-    if found is None:
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r} (give a step_* folder, a variant folder "
-                                f"or its checkpoints/ folder)")
-    return found
+__all__ = ["load_model", "generate_text", "suppressed_ids"]
 
 
 def _load_distributed(path: os.PathLike):
     """A checkpoint written by a ``torchrun`` job (torch.distributed.checkpoint, expert shards)
-    loaded into one single-process model, or None if `path` holds none."""
+    loaded into one single-process model, or None if `path` (or its ``checkpoints/``) holds none."""
     try:
         from moekit import parallel
     except ImportError:
         return None
-    found = parallel.latest_checkpoint(path) if os.path.isdir(path) else None
-    if found is None:
-        return None
-    cfg = parallel.load_checkpoint({"config": {}}, found)["config"]
-    model = TransformerLM(TransformerConfig.from_dict(cfg["model"]))
-    parallel.load_checkpoint({"model": model}, found)
-    return model, cfg
+    for p in (path, os.path.join(path, "checkpoints")):
+        if os.path.isdir(p) and parallel.latest_checkpoint(p) is not None:
+            found, notes = parallel.resolve_checkpoint(p)
+            for note in notes:
+                warnings.warn(f"load_model: {note}", stacklevel=3)
+            cfg = parallel.load_checkpoint({"config": {}}, found)["config"]
+            model = TransformerLM(TransformerConfig.from_dict(cfg["model"]))
+            parallel.load_checkpoint({"model": model}, found)
+            return model, cfg
+    return None
+
+
+def suppressed_ids(tok) -> list:
+    """Ids a sample must never contain: the tokenizer's unknown id (it decodes as U+FFFD)."""
+    unk = getattr(tok, "unknown_id", None)
+    return [] if unk is None else [unk]
 
 
 def load_model(path: os.PathLike, device: str = "cpu"):
     """``(model in eval mode, tokenizer, config dict)`` from a checkpoint folder (written by a
-    single process, or resharded to one process from a ``torchrun`` job's checkpoint)."""
-    if latest_checkpoint(path) is None:
-        loaded = _load_distributed(path) or _load_distributed(os.path.join(path, "checkpoints"))
-        if loaded is not None:
-            model, cfg = loaded
-            return model.to(device).eval(), tokenizer_from_dict(cfg["tokenizer"]), cfg
-    found = _find(path)
+    single process, or resharded to one process from a ``torchrun`` job's checkpoint).
+
+    Given a variant or ``checkpoints/`` folder, the newest checkpoint whose checksums verify is
+    read (a warning names any newer one skipped); nothing read can run code."""
+    loaded = _load_distributed(path)
+    if loaded is not None:
+        model, cfg = loaded
+        return model.to(device).eval(), tokenizer_from_dict(cfg["tokenizer"]), cfg
+    found, notes = resolve_checkpoint(path)
+    for note in notes:
+        warnings.warn(f"load_model: {note}", stacklevel=2)
     cfg = read_config(found)
-    model = TransformerLM(TransformerConfig.from_dict(cfg["model"]))
+    try:
+        model = TransformerLM(TransformerConfig.from_dict(cfg["model"]))
+        tok = tokenizer_from_dict(cfg["tokenizer"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{found / 'config.json'} does not describe a moekit model ({e!r})") from None
     load_checkpoint(found, model=model, map_location=device)
-    return model.to(device).eval(), tokenizer_from_dict(cfg["tokenizer"]), cfg
+    return model.to(device).eval(), tok, cfg
 
 
 def generate_text(path: os.PathLike, prompt: str, *, max_new_tokens: int = 300, temperature: float = 0.8,
@@ -73,7 +83,8 @@ def generate_text(path: os.PathLike, prompt: str, *, max_new_tokens: int = 300, 
         model.to(device)
     ids = tok.encode(prompt if prompt else "\n")[None].to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+    out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen,
+                         suppress_ids=suppressed_ids(tok))
     if offload_cache is not None and offload_stats is not None:
         from moekit.layers.offload import offload_stats as read_stats
 

@@ -18,6 +18,7 @@ class CharTokenizer:
     """One id per distinct character of the corpus (sorted), plus id 0 for unseen characters."""
 
     UNK = "\ufffd"
+    unknown_id = 0               # never sampled (`TransformerLM.generate(suppress_ids=...)`)
 
     def __init__(self, chars: str):
         chars = "".join(sorted(set(chars) - {self.UNK}))
@@ -50,9 +51,11 @@ class CharTokenizer:
 
 
 class ByteTokenizer:
-    """UTF-8 bytes, vocabulary 256; any text round-trips."""
+    """UTF-8 bytes, vocabulary 256; any text round-trips. Bytes that are not valid UTF-8 (a
+    model's sample can hold them) decode as ``\\xNN`` escapes, never as U+FFFD."""
 
     vocab_size = 256
+    unknown_id = None
 
     @classmethod
     def from_texts(cls, texts: Iterable[str]) -> "ByteTokenizer":
@@ -62,7 +65,7 @@ class ByteTokenizer:
         return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
 
     def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        return bytes(int(i) for i in ids).decode("utf-8", errors="backslashreplace")
 
     def token_str(self, i: int) -> str:
         return chr(i) if 32 <= i < 127 or i == 10 else f"\\x{i:02x}"

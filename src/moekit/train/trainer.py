@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -30,14 +31,20 @@ import torch
 import moekit
 from moekit.models.transformer import TransformerLM, flops_per_token, param_counts
 from moekit.optim import NonFiniteError, UpdateStep, build_optimizer, lr_at
-from moekit.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from moekit.train.checkpoint import (CheckpointError, clean_stale, load_checkpoint, read_config, resolve_checkpoint,
+                                     rng_state, save_checkpoint, set_rng_state)
 from moekit.train.config import RunConfig, variant_model_config
 from moekit.train.data import BatchSampler, build_corpus, eval_batches
 from moekit.train.distributed import distributed_context
 from moekit.train.metrics import MetricsLogger
 from moekit.train.progress import Progress
 
-__all__ = ["Trainer", "NonFiniteLossError", "lr_at", "resolve_device", "train_variant"]
+__all__ = ["Trainer", "NonFiniteLossError", "lr_at", "resolve_device", "train_variant", "config_changes"]
+
+# Settings that change neither the numbers a run computes nor what it stores: a resume may
+# differ in them without --allow-config-change.
+_RESUME_NEUTRAL = {"name", "train.device", "train.threads", "train.log_every", "train.keep_checkpoints",
+                   "data.cache_dir"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,6 +57,25 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train.device={name!r} but CUDA is not available here; use 'cpu' or 'auto'")
     return torch.device(name)
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, current: dict, *, neutral=frozenset()) -> list:
+    """``"key: saved -> current"`` for each setting that differs between two nested config dicts
+    (lists and tuples compare equal when their items do), keys in `neutral` excepted."""
+    a, b = _flatten(saved), _flatten(current)
+    norm = lambda v: [norm(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
+            if k not in neutral and norm(a.get(k)) != norm(b.get(k))]
 
 
 def _seed_everything(seed: int) -> None:
@@ -157,6 +183,7 @@ class Trainer:
         self.progress_enabled = progress and self.is_main
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.last_good: Optional[Path] = None
+        self.resumed = False
         self._in_update = False
 
     # -- state ----------------------------------------------------------------------------
@@ -184,29 +211,61 @@ class Trainer:
                                          keep=self.run.train.keep_checkpoints)
         return self.last_good
 
-    def resume(self, path: Optional[os.PathLike] = None) -> bool:
-        """Restore the latest checkpoint under this variant's folder (or `path`); False if none."""
+    def resume(self, path: Optional[os.PathLike] = None, *, allow_config_change: bool = False) -> bool:
+        """Restore the newest complete checkpoint under this variant's folder (or `path`).
+
+        Returns False only when this variant has not started (no checkpoint and no metrics):
+        a variant with history but no usable checkpoint raises CheckpointError rather than
+        start again over it. Newer checkpoints that fail their checksums are skipped, with a
+        note on stderr naming them. A checkpoint saved under another config (learning rate,
+        sequence length, steps, model sizes …) is refused unless `allow_config_change`."""
         path = Path(path) if path is not None else self.ckpt_dir
+        notes: list = []
+        try:
+            if self.dist is not None:
+                found, notes = self.dist.resolve_checkpoint(path)
+            else:
+                if self.is_main:
+                    clean_stale(path)
+                found, notes = resolve_checkpoint(path)
+        except FileNotFoundError:
+            metrics = self.out_dir / "metrics.jsonl"
+            if metrics.exists() and metrics.stat().st_size > 0:
+                raise CheckpointError(
+                    f"cannot resume {self.variant!r}: {metrics} records a run but {path} holds no checkpoint; "
+                    f"nothing was changed (move {self.out_dir} away to train this variant from step 0)") from None
+            return False
+        for note in notes:
+            if self.is_main:
+                print(f"[{self.variant}] resume: {note}", file=sys.stderr, flush=True)
+        saved_cfg = (self.dist.load_checkpoint({"config": {}}, found)["config"] if self.dist is not None
+                     else read_config(found))
+        changes = config_changes({"model": saved_cfg.get("model", {}), **_sections(saved_cfg.get("run", {}))},
+                                 {"model": self.model_config.to_dict(), **_sections(self.run.to_dict())},
+                                 neutral=_RESUME_NEUTRAL)
+        if changes and not allow_config_change:
+            raise CheckpointError(
+                f"cannot resume {self.variant!r} from {found}: its config differs from this run's — "
+                + "; ".join(changes) + ". Pass --allow-config-change (allow_config_change=True) to continue "
+                "with the new settings.")
         if self.dist is not None:
-            try:
-                state = self.dist.load_checkpoint({"model": self.model, "optimizer": self.optimizer,
-                                                   "trainer_state": {}, "config": {}}, path)
-            except FileNotFoundError:
-                return False
+            state = self.dist.load_checkpoint({"model": self.model, "optimizer": self.optimizer,
+                                               "trainer_state": {}}, found)
             ts = state["trainer_state"]
         else:
-            found = latest_checkpoint(path)
-            if found is None:
-                return False
             ts = load_checkpoint(found, model=self.model, map_location=self.device)
             self.optimizer.load_state_dict(ts["optimizer"])
-            self.last_good = found
+        if self.is_main:
+            print(f"[{self.variant}] resuming from {found} (step {int(ts['step'])})"
+                  + (f" with changed settings: {'; '.join(changes)}" if changes else ""), file=sys.stderr, flush=True)
+        self.last_good = found
         self.step = int(ts["step"])
         self.sampler.load_state_dict(ts["sampler"])
         set_rng_state(ts["rng"])
         self.train_time = float(ts["train_time"])
         self.tokens_seen = int(ts["tokens_seen"])
         self.evals = list(ts["evals"])
+        self.resumed = True
         return True
 
     # -- loop -----------------------------------------------------------------------------
@@ -270,7 +329,7 @@ class Trainer:
         """
         tc = self.run.train
         end = tc.steps if stop_at_step is None else min(stop_at_step, tc.steps)
-        log = MetricsLogger(self.out_dir / "metrics.jsonl", resume_step=self.step if self.step > 0 else None,
+        log = MetricsLogger(self.out_dir / "metrics.jsonl", resume_step=self.step if self.resumed or self.step > 0 else None,
                             enabled=self.is_main)
         bar = Progress(tc.steps, start=self.step, label=self.variant, every=tc.log_every,
                        enabled=self.progress_enabled)
@@ -364,10 +423,15 @@ class Trainer:
                 "checkpoint": str(self.last_good) if self.last_good else None}
 
 
+def _sections(run: dict) -> dict:
+    return {k: run.get(k, {}) for k in ("data", "optim", "train")}
+
+
 def train_variant(run: RunConfig, variant: str, out_dir: os.PathLike, *, data=None, resume: bool = False,
-                  stop_at_step: Optional[int] = None, progress: bool = True) -> dict:
-    """Build a `Trainer`, optionally resume from its latest checkpoint, and fit."""
+                  stop_at_step: Optional[int] = None, progress: bool = True,
+                  allow_config_change: bool = False) -> dict:
+    """Build a `Trainer`, optionally resume from its newest complete checkpoint, and fit."""
     trainer = Trainer(run, variant, out_dir, data=data, progress=progress)
     if resume:
-        trainer.resume()
+        trainer.resume(allow_config_change=allow_config_change)
     return trainer.fit(stop_at_step=stop_at_step)
