@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from moekit import cli
+from moekit.layers import MoEConfig
 from moekit.models import TransformerConfig, TransformerLM
 from moekit.train import Trainer, read_metrics, run_experiment
 from moekit.train import checkpoint as ck
@@ -525,7 +526,7 @@ def test_samples_never_hold_the_unknown_character(seed):
     tok = CharTokenizer("abc \n")
     torch.manual_seed(seed)
     model = TransformerLM(TransformerConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2,
-                                            max_seq_len=32, num_experts=2, top_k=1)).eval()
+                                            max_seq_len=32, moe=MoEConfig(num_experts=2, top_k=1))).eval()
     bonus = torch.zeros(tok.vocab_size)
     bonus[tok.unknown_id] = 50.0                                  # the model all but insists on it
     model.lm_head.register_forward_hook(lambda m, i, o: o + bonus)
