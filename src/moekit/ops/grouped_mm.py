@@ -79,14 +79,42 @@ def _weight_grad_reference(x_NI, gy_NO, offs_E, num_experts):
     return gw
 
 
-def _fwd_torch(x, w, offs):
+def _grouped_mm_eager(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(x, w, offs=offs)
 
 
-def _wgrad_torch(x, gy, offs, num_experts):
+def _grouped_wgrad_eager(x: torch.Tensor, gy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     # Groups split the reduction (row) dimension: (I, N) x (N, O) -> (E, I, O). Experts with
     # no rows get zeros.
     return torch._grouped_mm(x.t(), gy, offs=offs)
+
+
+# `torch.compile` traces `torch._grouped_mm` through its meta function, which (torch 2.13)
+# accepts bf16 only, although the CPU kernel runs float32 exactly. Registered as custom ops
+# with their own shape functions, the two primitives are opaque to the compiler, which calls
+# the real kernel at run time: compile and export work for every dtype the kernel takes, with
+# no graph break (the sync-free layer compiles with fullgraph=True).
+if hasattr(torch, "library") and hasattr(torch.library, "custom_op") and has_torch_grouped_mm():
+    _fwd_op = torch.library.custom_op("moekit::grouped_mm", _grouped_mm_eager, mutates_args=())
+    _wgrad_op = torch.library.custom_op("moekit::grouped_mm_wgrad", _grouped_wgrad_eager, mutates_args=())
+
+    @_fwd_op.register_fake
+    def _(x, w, offs):
+        return x.new_empty(x.shape[0], w.shape[2])
+
+    @_wgrad_op.register_fake
+    def _(x, gy, offs):
+        return x.new_empty(offs.shape[0], x.shape[1], gy.shape[1])
+else:                                                  # torch < 2.4: no custom ops, eager only
+    _fwd_op, _wgrad_op = _grouped_mm_eager, _grouped_wgrad_eager
+
+
+def _fwd_torch(x, w, offs):
+    return _fwd_op(x, w, offs)
+
+
+def _wgrad_torch(x, gy, offs, num_experts):
+    return _wgrad_op(x, gy, offs)
 
 
 class _GroupedMM(torch.autograd.Function):
