@@ -23,7 +23,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 __all__ = ["check_int", "check_number", "check_bool", "check_choice", "check_instance", "check_tensor",
-           "check_probability", "range_text"]
+           "check_probability", "check_device", "range_text"]
 
 
 def range_text(min=None, max=None, *, min_open: bool = False, max_open: bool = False) -> str:
@@ -156,3 +156,29 @@ def check_tensor(name: str, value: Any, *, shape: Optional[Sequence[Optional[int
     if finite and value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} must hold only finite values (no NaN or inf)")
     return value
+
+
+def check_device(name: str, value: Any, *, allow_auto: bool = False) -> torch.device:
+    """A device that exists here: ``"cpu"``, ``"cuda"`` / ``"cuda:1"`` only with that GPU, ``"mps"``
+    only where available (``"auto"`` → cuda if available, else cpu, when `allow_auto`)."""
+    if allow_auto and value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(value, (str, torch.device)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a device name such as 'cpu' or 'cuda:0', got {_describe(value)}")
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{name} must be a device name such as 'cpu' or 'cuda:0', got {value!r} ({e})") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"{name}={str(value)!r} but CUDA is not available here; use 'cpu'"
+                             + (" or 'auto'" if allow_auto else ""))
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"{name}={str(value)!r} but this machine has {n} CUDA device(s)")
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(f"{name}={str(value)!r} but MPS is not available here; use 'cpu'")
+    elif dev.type == "meta":
+        raise ValueError(f"{name} must be a device that holds data, got 'meta'")
+    return dev

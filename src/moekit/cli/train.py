@@ -153,8 +153,6 @@ def cmd_generate(args) -> int:
 
     if args.prefetch and args.offload_cache is None:
         raise ValueError("--prefetch needs --offload-cache S")
-    if args.offload_cache is not None and args.offload_cache < 1:
-        raise ValueError(f"--offload-cache must be >= 1, got {args.offload_cache}")
     stats = {} if args.offload_cache is not None else None
     text = generate_text(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device,

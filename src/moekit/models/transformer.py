@@ -27,7 +27,7 @@ from torch import nn
 
 from moekit.experts import DenseFFN
 from moekit.layers import MoE, MoEConfig, default_hidden
-from moekit.validate import check_instance
+from moekit.validate import check_instance, check_int, check_number
 
 __all__ = ["TransformerConfig", "TransformerLM", "KVCache", "dense_twin", "param_counts", "flops_per_token",
            "experts_per_token", "check_causal_lm_router", "FLAT_MOE_KEYS"]
@@ -359,8 +359,9 @@ class TransformerLM(nn.Module):
         new tokens would then change what the model computes. Ids in `suppress_ids` (e.g. a
         tokenizer's unknown-character id) are never drawn.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        check_int("max_new_tokens", max_new_tokens, min=0)
+        check_number("temperature", temperature, min=0)
+        check_int("top_k", top_k, min=1, max=self.config.vocab_size, allow_none=True)
         if use_cache is None:
             use_cache = not any(_routes_across_tokens(b.ffn.router) for b in self.moe_blocks)
         cache = KVCache(len(self.blocks)) if use_cache else None

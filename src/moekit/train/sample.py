@@ -10,6 +10,7 @@ import torch
 from moekit.models.transformer import TransformerConfig, TransformerLM
 from moekit.train.checkpoint import CheckpointError, load_checkpoint, read_config, resolve_checkpoint
 from moekit.train.tokenizer import tokenizer_from_dict
+from moekit.validate import check_bool, check_device, check_int, check_number
 
 __all__ = ["load_model", "generate_text", "suppressed_ids"]
 
@@ -68,8 +69,13 @@ def generate_text(path: os.PathLike, prompt: str, *, max_new_tokens: int = 300, 
     """Sample from a checkpoint. With `offload_cache` S the experts stay in host memory with S
     per layer cached on `device` (`moekit.layers.offload_experts`, `prefetch` as there); the
     cache statistics are put into `offload_stats` when a dict is given."""
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_int("max_new_tokens", max_new_tokens, min=0)
+    check_number("temperature", temperature, min=0)
+    check_int("top_k", top_k, min=1, allow_none=True)
+    check_int("seed", seed)
+    check_int("offload_cache", offload_cache, min=1, allow_none=True)
+    check_bool("prefetch", prefetch)
+    device = str(check_device("device", device))
     if prefetch and offload_cache is None:
         raise ValueError("prefetch=True needs offload_cache")
     if offload_cache is None:

@@ -31,6 +31,7 @@ import torch
 import moekit
 from moekit.models.transformer import TransformerLM, flops_per_token, param_counts
 from moekit.optim import NonFiniteError, UpdateStep, build_optimizer, lr_at
+from moekit.validate import check_device
 from moekit.train.checkpoint import (CheckpointError, clean_stale, load_checkpoint, read_config, resolve_checkpoint,
                                      rng_state, save_checkpoint, set_rng_state)
 from moekit.train.config import RunConfig, variant_model_config
@@ -52,11 +53,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but CUDA is not available here; use 'cpu' or 'auto'")
-    return torch.device(name)
+    return check_device("train.device", name, allow_auto=True)
 
 
 def _flatten(d, prefix=""):
