@@ -1,11 +1,9 @@
 """M3oE (METHODS.md MT3): the layer against a row-by-row reference, its invariants, the multi-domain
-trainer, and the Census-Income age domains on the committed slice (no network)."""
-import csv
+models, and the bi-level update step against a hand-written reference (the Census-Income study is
+tests/projects/m3oe_census)."""
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,13 +11,8 @@ from torch import nn
 
 from moekit.layers import M3oE, MoELayer
 from moekit.layers.m3oe import STRUCTURE_NAMES, MLPGroup
-from moekit.models.multidomain import (ARCHS, MultiDomainConfig, MultiDomainModel, config_for_budget,
-                                       domain_task_auc, domain_task_bce, evaluate_cells, train_multidomain)
-from moekit.models.multitask import TabularEmbedding, binary_auc
-from moekit.train.census import (AGE_EDGES, age_domain_ids, age_domain_names, encode_census, read_census_csv,
-                                 with_age_domains)
-
-CENSUS = Path(__file__).parent / "data" / "census"
+from moekit.models.multidomain import ARCHS, BiLevelStep, MultiDomainConfig, domain_task_bce
+from moekit.optim import NonFiniteError
 
 
 def _m3oe(d_in=11, D=3, K=2, E=3, seed=0, **kw):
@@ -283,7 +276,7 @@ def test_bad_inputs_raise_with_expected_and_actual():
             M3oE(**args)
 
 
-# ---------------------------------------------------------------- the trainer, on synthetic data
+# ---------------------------------------------------------------- multi-domain models, on synthetic data
 def _synthetic(n, seed, D=3, K=2, R=6):
     """Domains whose tasks depend on the inputs in different directions (a shared part plus a per-domain part)."""
     gen = torch.Generator().manual_seed(seed)
@@ -303,32 +296,6 @@ def _small(arch, **kw):
     return cfg.build(vocab_sizes=[3], num_continuous=6, num_domains=3, num_tasks=2)
 
 
-def test_training_on_synthetic_domains_lowers_the_loss():
-    train, val, test = _synthetic(1200, 0), _synthetic(300, 1), _synthetic(300, 2)
-    torch.manual_seed(0)
-    m = _small("m3oe")
-    before = m.structure()
-    r = train_multidomain(m, train, val, test, epochs=4, batch_size=64, lr=1e-2, structure_lr=5e-2, patience=4)
-    losses = [h["train_loss"] for h in r.history]
-    assert losses[-1] < 0.6 * losses[0], losses
-    assert len(r.test_auc) == 3 and all(len(row) == 2 for row in r.test_auc)
-    assert min(a for row in r.test_auc for a in row) > 0.8, r.test_auc
-    assert r.test_auc == evaluate_cells(m, test)                          # the best epoch is restored
-    assert r.structure == m.structure() != before
-    # the structure weights move only through the structure optimiser, the rest only through the main one
-    torch.manual_seed(0)
-    frozen = _small("m3oe")
-    start = [p.detach().clone() for p in frozen.parameters()]
-    train_multidomain(frozen, train, val, epochs=1, batch_size=64, lr=1e-2, structure_lr=0.0)
-    assert torch.equal(frozen.backbone.structure_logits, start[[id(p) for p in frozen.parameters()].index(
-        id(frozen.backbone.structure_logits))])
-    torch.manual_seed(0)
-    only_s = _small("m3oe")
-    train_multidomain(only_s, train, val, epochs=1, batch_size=64, lr=0.0, weight_decay=0.0, structure_lr=5e-2)
-    moved = [not torch.equal(p, q) for p, q in zip(only_s.parameters(), start)]
-    assert [n for (n, _), mv in zip(only_s.named_parameters(), moved) if mv] == ["backbone.structure_logits"]
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_architecture_runs_and_uses_the_domain_as_designed(arch):
     data = _synthetic(64, 3)
@@ -345,61 +312,88 @@ def test_every_architecture_runs_and_uses_the_domain_as_designed(arch):
         m(cat, num, dom.clamp(max=0) + 3)
 
 
-def test_config_for_budget_and_cell_auc():
-    for arch in ARCHS:
-        cfg = config_for_budget(MultiDomainConfig(arch=arch), 20_000, d_in=135, num_domains=3, num_tasks=2)
-        n = cfg.build(vocab_sizes=[5] * 32, num_continuous=7, num_domains=3, num_tasks=2).backbone_parameters()
-        assert abs(n - 20_000) < 0.03 * 20_000, (arch, cfg.width, n)
-    with pytest.raises(ValueError, match="arch must be one of"):
-        MultiDomainConfig(arch="star")
-    s = torch.tensor([0.1, 0.9, 0.3, 0.2, 0.8, 0.4])
-    y = torch.tensor([[0, 1], [1, 1], [0, 1], [1, 0], [1, 1], [0, 0]])
-    ids = torch.tensor([0, 0, 0, 1, 1, 1])
-    auc = domain_task_auc(torch.stack([s, s], 1), y, ids, num_domains=3)
-    assert auc[0][0] == binary_auc(s[:3], y[:3, 0]) and math.isnan(auc[0][1])     # one class only
-    assert auc[1] == [binary_auc(s[3:], y[3:, 0]), binary_auc(s[3:], y[3:, 1])]
-    assert all(math.isnan(a) for a in auc[2])                                          # empty domain
+# ---------------------------------------------------------------- the bi-level update step
+def _batch_loss(m, data, idx):
+    cat, num, y, dom = (torch.as_tensor(a) for a in (data.cat, data.num, data.labels, data.domain_ids))
+    return domain_task_bce(m(cat[idx], num[idx], dom[idx]), y[idx], dom[idx], num_domains=3)
 
 
-# ---------------------------------------------------------------- Census-Income age domains (committed slice)
-@pytest.fixture(scope="module")
-def census():
-    raw = read_census_csv(CENSUS / "train.csv"), read_census_csv(CENSUS / "test.csv")
-    return with_age_domains(encode_census(*raw, val_fraction=0.2, seed=1))
-
-
-def test_census_age_domains_come_from_the_raw_age_column(census):
-    with open(CENSUS / "test.csv", newline="") as f:
-        ages = [int(r[0]) for r in csv.reader(f)]                 # an independent parse
-    np.testing.assert_array_equal(census.test.age, ages)
-    np.testing.assert_array_equal(census.test.domain_ids, [0 if a < 30 else 1 if a < 50 else 2 for a in ages])
-    for s in (census.train, census.val):                          # and the age input is the same person's
-        np.testing.assert_allclose(s.num[:, 0] * census.num_std[0] + census.num_mean[0], s.age, atol=1e-3)
-        assert s.domain_ids.dtype == np.int64 and set(np.unique(s.domain_ids)) == {0, 1, 2}
-    assert AGE_EDGES == (30, 50) and age_domain_names() == ("age<30", "30-49", "age>=50")
-    assert age_domain_names((18, 40, 65)) == ("age<18", "18-39", "40-64", "age>=65")
-    np.testing.assert_array_equal(age_domain_ids(np.array([0, 17, 18, 64, 65, 90]), (18, 65)), [0, 0, 1, 1, 2, 2])
-    with pytest.raises(ValueError, match="strictly increasing"):
-        age_domain_ids(np.array([1]), (50, 30))
-
-
-def test_m3oe_trains_on_the_census_slice(census):
-    """The data path end to end; 240 training rows are far too few for meaningful per-cell AUCs."""
+def test_bilevel_step_equals_the_hand_written_first_order_update():
+    """Two steps of BiLevelStep against the loop it replaced: AdamW on the model parameters with
+    the training loss, then Adam on the structure weights alone with the held-out loss."""
+    train, val = _synthetic(96, 0), _synthetic(64, 1)
     torch.manual_seed(0)
-    cfg = MultiDomainConfig(arch="m3oe", embed_dim=2, width=8, tower_hidden=4, num_shared_experts=2)
-    m = cfg.build(vocab_sizes=census.vocab_sizes, num_continuous=7, num_domains=3, num_tasks=2)
-    assert isinstance(m, MultiDomainModel) and isinstance(m.embedding, TabularEmbedding)
-    r = train_multidomain(m, census.train, census.val, census.test, epochs=6, batch_size=32, lr=1e-2, patience=6)
-    losses = [h["train_loss"] for h in r.history]
-    assert r.epochs_run == 6 and losses[-1] < 0.7 * losses[0], losses
-    # nobody under 30 in the slice's test rows earns > 50K: that cell has no AUC, every other one has
-    assert census.test.labels[census.test.domain_ids == 0, 0].sum() == 0
-    assert math.isnan(r.test_auc[0][0])
-    assert all(0 <= a <= 1 for d, row in enumerate(r.test_auc) for t, a in enumerate(row) if (d, t) != (0, 0))
-    assert math.isclose(r.test_mean, np.nanmean(np.array(r.test_auc)))
+    a = _small("m3oe")
+    b = _small("m3oe")
+    b.load_state_dict(a.state_dict())
+    step = BiLevelStep(a, lr=1e-2, weight_decay=1e-3, structure_lr=5e-2)
+    opt = torch.optim.AdamW(b.model_parameters(), lr=1e-2, weight_decay=1e-3)
+    s_opt = torch.optim.Adam(b.structure_parameters(), lr=5e-2)
+    batches = [torch.arange(0, 48), torch.arange(48, 96)]
+    held_out = [torch.arange(0, 32), torch.arange(32, 64)]
+    for i in range(2):
+        info = step(_batch_loss(a, train, batches[i]), lambda: _batch_loss(a, val, held_out[i]))
+        opt.zero_grad(set_to_none=True)
+        _batch_loss(b, train, batches[i]).backward()
+        opt.step()
+        grads = torch.autograd.grad(_batch_loss(b, val, held_out[i]), b.structure_parameters())
+        for p, g in zip(b.structure_parameters(), grads):
+            p.grad = g
+        s_opt.step()
+        assert info["structure_loss"] is not None and info["loss"] > 0
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+    assert step.step == 2
 
 
-def test_trainer_refuses_an_empty_validation_split():
-    empty = _synthetic(0, 1)
-    with pytest.raises(ValueError, match="train and val must hold at least one row, got 200 and 0"):
-        train_multidomain(_small("m3oe"), _synthetic(200, 0), empty, epochs=1)
+def test_bilevel_step_moves_each_group_only_through_its_own_optimiser():
+    train, val = _synthetic(96, 0), _synthetic(64, 1)
+    torch.manual_seed(0)
+    m = _small("m3oe")
+    start = {k: v.clone() for k, v in m.state_dict().items()}
+    # structure_lr = 0: the structure weights stay, everything else moves, no held-out loss is asked for
+    step = BiLevelStep(m, lr=1e-2, structure_lr=0.0)
+    assert step(_batch_loss(m, train, torch.arange(96)))["structure_loss"] is None
+    moved = {n for n, p in m.named_parameters() if not torch.equal(p, start[n])}
+    assert "backbone.structure_logits" not in moved and len(moved) == len(list(m.parameters())) - 1
+    # the same step with a structure update differs from it in the structure weights only
+    other = _small("m3oe")
+    other.load_state_dict(start)
+    info = BiLevelStep(other, lr=1e-2, structure_lr=5e-2)(_batch_loss(other, train, torch.arange(96)),
+                                                           lambda: _batch_loss(other, val, torch.arange(64)))
+    assert info["structure_loss"] is not None
+    differ = [n for (n, p), q in zip(m.named_parameters(), other.parameters()) if not torch.equal(p, q)]
+    assert differ == ["backbone.structure_logits"]
+    assert all(p.grad is None for p in other.parameters())    # no gradient is left behind
+
+
+def test_bilevel_step_structure_every_and_errors():
+    train, val = _synthetic(64, 0), _synthetic(32, 1)
+    torch.manual_seed(0)
+    m = _small("m3oe")
+    calls = []
+
+    def held_out():
+        calls.append(1)
+        return _batch_loss(m, val, torch.arange(32))
+
+    step = BiLevelStep(m, lr=1e-2, structure_every=2)
+    for _ in range(4):
+        step(_batch_loss(m, train, torch.arange(64)), held_out)
+    assert len(calls) == 2 and step.step == 4
+    step(_batch_loss(m, train, torch.arange(64)))                       # step 5: no structure update due
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(ValueError, match="held_out_loss is needed at step 6"):
+        step(_batch_loss(m, train, torch.arange(64)))
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before)) and step.step == 5
+    # a domain-blind model has no structure: no held-out loss is needed
+    plain = _small("mmoe")
+    assert BiLevelStep(plain, lr=1e-2)(_batch_loss(plain, train, torch.arange(64)))["structure_loss"] is None
+    with pytest.raises(ValueError, match="structure_every must be"):
+        BiLevelStep(m, lr=1e-2, structure_every=0)
+    with pytest.raises(ValueError, match="structure_lr must be"):
+        BiLevelStep(m, lr=1e-2, structure_lr=-1.0)
+    with pytest.raises(TypeError, match="model_parameters"):
+        BiLevelStep(nn.Linear(2, 2), lr=1e-2)
+    with pytest.raises(NonFiniteError):
+        BiLevelStep(m, lr=1e-2)(_batch_loss(m, train, torch.arange(64)) * float("nan"), held_out)

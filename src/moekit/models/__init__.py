@@ -7,11 +7,9 @@ from moekit.models.vision import ViTConfig, ViTMoE, active_param_counts, vit_den
 
 __all__ += ["ViTConfig", "ViTMoE", "active_param_counts", "vit_dense_twin"]
 
-from moekit.models.multitask import (MultiTaskConfig, MultiTaskModel, TabularEmbedding, binary_auc,  # noqa: E402
-                                     config_for_budget, train_multitask)
+from moekit.models.multitask import MultiTaskConfig, MultiTaskModel, TabularEmbedding  # noqa: E402
 
-__all__ += ["MultiTaskConfig", "MultiTaskModel", "TabularEmbedding", "binary_auc", "config_for_budget",
-            "train_multitask"]
+__all__ += ["MultiTaskConfig", "MultiTaskModel", "TabularEmbedding"]
 
 from moekit.models.continual import (GrowingTaskRouter, TaskIncrementalNet, accuracy_matrix, average_accuracy,  # noqa: E402
                                      average_forgetting, backward_transfer, dense_task_net, start_task, task_moe_net,
@@ -25,10 +23,9 @@ from moekit.models.rl import (ActorCritic, ActorCriticConfig, PPOConfig, actor_c
 
 __all__ += ["ActorCritic", "ActorCriticConfig", "PPOConfig", "actor_critic_dense_twin", "gae_advantages", "train_ppo"]
 
-from moekit.models.superres import (SRNet, bicubic_upsample, condconv_from_dense, downsample, evaluate_psnr, psnr,  # noqa: E402
-                                    sr_macs, train_sr)
+from moekit.models.superres import SRNet, bicubic_upsample, condconv_from_dense, downsample, psnr, sr_macs  # noqa: E402
 
-__all__ += ["SRNet", "bicubic_upsample", "condconv_from_dense", "downsample", "evaluate_psnr", "psnr", "sr_macs", "train_sr"]
+__all__ += ["SRNet", "bicubic_upsample", "condconv_from_dense", "downsample", "psnr", "sr_macs"]
 
 from moekit.models.fewshot import (Episode, EpisodeSampler, ProtoEmbedding, active_ffn_params, dense_proto_net,  # noqa: E402
                                    evaluate_episodes, meta_train, moe_proto_net, proto_logits, prototypes)
@@ -40,9 +37,9 @@ from moekit.models.expert_gate import ExpertGate, GatedAccuracy, gated_accuracy,
 
 __all__ += ["ExpertGate", "GatedAccuracy", "gated_accuracy", "gated_predict"]
 
-from moekit.models.multidomain import MultiDomainConfig, MultiDomainModel, train_multidomain  # noqa: E402  (METHODS.md MT3)
+from moekit.models.multidomain import BiLevelStep, MultiDomainConfig, MultiDomainModel, domain_task_bce  # noqa: E402  (METHODS.md MT3)
 
-__all__ += ["MultiDomainConfig", "MultiDomainModel", "train_multidomain"]
+__all__ += ["BiLevelStep", "MultiDomainConfig", "MultiDomainModel", "domain_task_bce"]
 
 from moekit.models.theory import (LatentClusterMoE, NormalizedGD, PatchCNN, PatchMoE, PatchSumRouter,  # noqa: E402
                                   dispatch_entropy, make_cluster_data, make_latent_cluster_data, router_purity,

@@ -27,6 +27,8 @@ from torch import nn
 
 from moekit.experts import DenseFFN
 from moekit.layers import MoE, aux_loss
+from moekit.optim import UpdateStep, build_optimizer
+from moekit.validate import check_int
 
 __all__ = ["Episode", "EpisodeSampler", "ProtoEmbedding", "active_ffn_params", "dense_proto_net",
            "evaluate_episodes", "meta_train", "moe_proto_net", "proto_logits", "prototypes"]
@@ -167,21 +169,22 @@ def _episode_loss(net: nn.Module, x_BX: torch.Tensor, ep: Episode, n_way: int) -
 
 def meta_train(net: nn.Module, x_BX: torch.Tensor, labels, classes: Sequence[int], *, n_way: int, shots: int,
                queries: int, steps: int, lr: float = 1e-3, seed: int = 0) -> list[float]:
-    """Episodic training (Snell et al. 2017, Algorithm 1) with Adam; adds `moekit.aux_loss`. Returns per-step losses."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    """Episodic training (Snell et al. 2017, Algorithm 1); returns the per-step query cross-entropies.
+
+    Each step samples one episode and minimises its query cross-entropy plus `moekit.aux_loss`
+    (the MoE balance loss is trained, not reported) with Adam (`moekit.optim.build_optimizer`),
+    the learning rate decayed from `lr` to 0 at the last step by a cosine (`moekit.optim.UpdateStep`).
+    """
+    check_int("steps", steps, min=1)
     sampler = EpisodeSampler(labels, classes, n_way=n_way, shots=shots, queries=queries, seed=seed)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    update = UpdateStep(net, build_optimizer(net, name="adam", lr=lr), lr=lr, total_steps=steps, schedule="cosine",
+                        min_lr_ratio=0.0)
     net.train()
     losses = []
     for _ in range(steps):
         loss, _ = _episode_loss(net, x_BX, sampler.sample(), n_way)
-        opt.zero_grad(set_to_none=True)
-        (loss + aux_loss(net)).backward()        # the MoE balance loss is trained, not reported
         losses.append(loss.item())
-        opt.step()
-        sched.step()
+        update(loss + aux_loss(net))
     return losses
 
 

