@@ -150,9 +150,17 @@ def cmd_report(args) -> int:
 
 def cmd_generate(args) -> int:
     from moekit.train.sample import generate_text
+    from moekit.validate import check_device, check_int, check_number
 
     if args.prefetch and args.offload_cache is None:
         raise ValueError("--prefetch needs --offload-cache S")
+    if args.offload_cache is not None and args.offload_cache < 1:
+        raise ValueError(f"--offload-cache must be >= 1, got {args.offload_cache}")
+    # The flags as the user typed them (argparse already made them ints / floats).
+    check_int("--max-new-tokens", args.max_new_tokens, min=0)
+    check_number("--temperature", args.temperature, min=0)
+    check_int("--top-k", args.top_k, min=1, allow_none=True)
+    check_device("--device", args.device)
     stats = {} if args.offload_cache is not None else None
     text = generate_text(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device,
