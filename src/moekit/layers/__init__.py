@@ -22,3 +22,7 @@ __all__ += ["offload_experts", "offload_stats", "restore_experts"]
 from moekit.layers.m3oe import M3oE  # noqa: E402  (METHODS.md MT3)
 
 __all__ += ["M3oE"]
+
+from moekit.layers.grow import add_experts, freeze_experts  # noqa: E402  (METHODS.md §7 (i), (ii))
+
+__all__ += ["add_experts", "freeze_experts"]

@@ -5,7 +5,7 @@ M tasks seen so far.
 
 Method (METHODS.md C2, a task-routed variant of Lifelong-MoE — Chen et al. 2023, "Lifelong
 Language Pretraining with Distribution-Specialized Experts", ICML): when task t arrives,
-`start_task` adds n experts and their router rows (`moekit.recipes.grow.add_experts`), gives
+`start_task` adds n experts and their router rows (`moekit.layers.grow.add_experts`), gives
 task t a new task embedding, and freezes every older expert and router row
 (`freeze_experts`). Routing is Task-MoE's (`moekit.routing.TaskRouter`, Kudugunta et al. 2021):
 ``g = TopK(softmax(W · emb(task)))``, K constant, so compute per example stays K experts.
@@ -33,7 +33,7 @@ from torch import nn
 
 from moekit.experts import DenseFFN
 from moekit.layers import MoE
-from moekit.recipes.grow import add_experts, freeze_experts
+from moekit.layers.grow import add_experts, freeze_experts
 from moekit.routing.task import TaskRouter
 
 __all__ = ["GrowingTaskRouter", "TaskIncrementalNet", "dense_task_net", "task_moe_net", "start_task",
