@@ -43,10 +43,3 @@ __all__ += ["ExpertGate", "GatedAccuracy", "gated_accuracy", "gated_predict"]
 from moekit.models.multidomain import MultiDomainConfig, MultiDomainModel, train_multidomain  # noqa: E402  (METHODS.md MT3)
 
 __all__ += ["MultiDomainConfig", "MultiDomainModel", "train_multidomain"]
-
-from moekit.models.theory import (LatentClusterMoE, NormalizedGD, PatchCNN, PatchMoE, PatchSumRouter,  # noqa: E402
-                                  dispatch_entropy, make_cluster_data, make_latent_cluster_data, router_purity,
-                                  run_r1, run_r7)  # (METHODS.md §15 R1, R7)
-
-__all__ += ["LatentClusterMoE", "NormalizedGD", "PatchCNN", "PatchMoE", "PatchSumRouter", "dispatch_entropy",
-            "make_cluster_data", "make_latent_cluster_data", "router_purity", "run_r1", "run_r7"]
