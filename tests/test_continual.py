@@ -1,5 +1,6 @@
-"""Continual learning: growing / freezing experts (`moekit.recipes.grow`), the task-routed
-growing MoE and the CL metrics (`moekit.models.continual`)."""
+"""Continual learning: growing / freezing experts (`moekit.layers.grow`, re-exported by
+`moekit.recipes`), the task-routed growing MoE and the CL metrics (`moekit.models.continual`).
+The Split Fashion-MNIST study is `projects/continual_split_fmnist` (tests in tests/projects/)."""
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 import moekit
 from moekit.models.continual import (GrowingTaskRouter, accuracy_matrix, average_accuracy, average_forgetting,
                                      backward_transfer, dense_task_net, start_task, task_moe_net, train_sequentially)
-from moekit.recipes.grow import add_experts, freeze_experts
+from moekit.layers.grow import add_experts, freeze_experts
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -81,6 +82,34 @@ def test_frozen_experts_do_not_change_and_stay_frozen_after_growth(opt_cls):
     now = [p.detach()[frozen] for p in (moe.experts.up_proj, moe.experts.down_proj, moe.router.weight)]
     assert all(torch.equal(a, b) for a, b in zip(snap, now))
     assert all(not torch.equal(a, b.detach()) for a, b in zip(start, moe.parameters()))   # the rest learns
+
+
+def test_recipes_reexport_the_layer_functions():
+    import moekit.layers
+    import moekit.recipes
+    import moekit.recipes.grow
+    assert moekit.recipes.add_experts is moekit.recipes.grow.add_experts is moekit.layers.add_experts is add_experts
+    assert moekit.recipes.freeze_experts is moekit.recipes.grow.freeze_experts is freeze_experts
+
+
+def test_train_task_uses_one_update_step_per_batch(monkeypatch):
+    """`train_task` trains through moekit.optim.UpdateStep: ceil(N / batch) updates per epoch."""
+    import moekit.models.continual as continual
+    calls = []
+    real = continual.UpdateStep
+
+    class Counting(real):
+        def __call__(self, loss=None, **kw):
+            calls.append(self.current_lr())
+            return super().__call__(loss, **kw)
+
+    monkeypatch.setattr(continual, "UpdateStep", Counting)
+    tasks, tc = _conflicting_tasks(T=1, n=50), [(0, 1)]
+    net = dense_task_net(d_in=10, d_hidden=4, num_classes=2, task_classes=tc)
+    continual.train_task(net, tasks[0][0], tasks[0][1], 0, epochs=3, batch_size=16, lr=1e-2)
+    assert calls == [1e-2] * (3 * 4)              # constant lr, 4 batches (16, 16, 16, 2) per epoch
+    with pytest.raises(ValueError, match="epochs"):
+        continual.train_task(net, tasks[0][0], tasks[0][1], 0, epochs=0, batch_size=16, lr=1e-2)
 
 
 def test_grow_and_freeze_refuse_bad_input():

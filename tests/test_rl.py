@@ -203,6 +203,34 @@ def test_multitask_env_and_training_runs():
     assert res.usage.shape == (2, 2, 4)
 
 
+def test_ppo_update_steps_through_update_step_with_clipping():
+    """Each minibatch is one moekit.optim.UpdateStep call: epochs × minibatches steps, the global
+    gradient norm clipped to max_grad_norm, and a raw optimizer refused."""
+    from moekit.models.rl import ppo_update
+    from moekit.optim import UpdateStep, build_optimizer
+    torch.manual_seed(0)
+    agent = ActorCriticConfig(torso="moe", **SMALL).build(obs_dim=4, num_actions=2)
+    rollout = RolloutCollector(CartPoleVecEnv(4), seed=0).collect(agent, 16)
+    opt = build_optimizer(agent, name="adam", lr=1e-3, eps=1e-5)
+    update = UpdateStep(agent, opt, lr=None, grad_clip=1e-3)
+    norms = []
+    real_step = opt.step
+
+    def step_after_clip(*a, **k):
+        norms.append(float(torch.linalg.vector_norm(torch.stack(
+            [p.grad.norm() for p in agent.parameters() if p.grad is not None]))))
+        return real_step(*a, **k)
+
+    opt.step = step_after_clip
+    cfg = PPOConfig(epochs=2, minibatches=3)
+    ppo_update(agent, update, rollout, config=cfg, generator=torch.Generator().manual_seed(0))
+    assert update.step == len(norms) == 2 * 3
+    assert all(n <= 1e-3 * (1 + 1e-5) for n in norms)
+    assert opt.param_groups[0]["lr"] == 1e-3                     # lr=None: the caller's lr is left alone
+    with pytest.raises(TypeError, match="UpdateStep"):
+        ppo_update(agent, opt, rollout, config=cfg)
+
+
 def test_errors():
     with pytest.raises(ValueError, match="torso must be one of"):
         ActorCriticConfig(torso="lstm")

@@ -35,3 +35,7 @@ from moekit.layers.lora import MoLoRALinear, MoVLinear  # noqa: E402
 from moekit.layers.smear import SMEAR  # noqa: E402
 
 __all__ += ["MixtureOfAttentionHeads", "CondConv2d", "MoLoRALinear", "MoVLinear", "SMEAR"]
+
+from moekit.layers.grow import add_experts, freeze_experts  # noqa: E402  (METHODS.md §7 (i), (ii))
+
+__all__ += ["add_experts", "freeze_experts"]

@@ -40,10 +40,3 @@ __all__ += ["ExpertGate", "GatedAccuracy", "gated_accuracy", "gated_predict"]
 from moekit.models.multidomain import BiLevelStep, MultiDomainConfig, MultiDomainModel, domain_task_bce  # noqa: E402  (METHODS.md MT3)
 
 __all__ += ["BiLevelStep", "MultiDomainConfig", "MultiDomainModel", "domain_task_bce"]
-
-from moekit.models.theory import (LatentClusterMoE, NormalizedGD, PatchCNN, PatchMoE, PatchSumRouter,  # noqa: E402
-                                  dispatch_entropy, make_cluster_data, make_latent_cluster_data, router_purity,
-                                  run_r1, run_r7)  # (METHODS.md §15 R1, R7)
-
-__all__ += ["LatentClusterMoE", "NormalizedGD", "PatchCNN", "PatchMoE", "PatchSumRouter", "dispatch_entropy",
-            "make_cluster_data", "make_latent_cluster_data", "router_purity", "run_r1", "run_r7"]

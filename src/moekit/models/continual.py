@@ -5,7 +5,7 @@ M tasks seen so far.
 
 Method (METHODS.md C2, a task-routed variant of Lifelong-MoE — Chen et al. 2023, "Lifelong
 Language Pretraining with Distribution-Specialized Experts", ICML): when task t arrives,
-`start_task` adds n experts and their router rows (`moekit.recipes.grow.add_experts`), gives
+`start_task` adds n experts and their router rows (`moekit.layers.grow.add_experts`), gives
 task t a new task embedding, and freezes every older expert and router row
 (`freeze_experts`). Routing is Task-MoE's (`moekit.routing.TaskRouter`, Kudugunta et al. 2021):
 ``g = TopK(softmax(W · emb(task)))``, K constant, so compute per example stays K experts.
@@ -33,8 +33,10 @@ from torch import nn
 
 from moekit.experts import DenseFFN
 from moekit.layers import MoE
-from moekit.recipes.grow import add_experts, freeze_experts
+from moekit.layers.grow import add_experts, freeze_experts
+from moekit.optim import UpdateStep, build_optimizer
 from moekit.routing.task import TaskRouter
+from moekit.validate import check_int
 
 __all__ = ["GrowingTaskRouter", "TaskIncrementalNet", "dense_task_net", "task_moe_net", "start_task",
            "train_task", "task_accuracy", "train_sequentially", "accuracy_matrix", "average_accuracy",
@@ -166,21 +168,23 @@ def start_task(net: TaskIncrementalNet, task_id: int, *, experts_per_task: int, 
 def train_task(net: TaskIncrementalNet, x_ND: torch.Tensor, y_N: torch.Tensor, task_id: Optional[int], *,
                epochs: int, batch_size: int, lr: float, seed: int = 0,
                task_ids_N: Optional[torch.Tensor] = None) -> float:
-    """Adam (fresh, no weight decay: frozen rows stay bit-identical) on shuffled epochs.
+    """Adam at a constant lr (fresh, no weight decay: frozen rows stay bit-identical) on
+    shuffled epochs, each step a `moekit.optim.UpdateStep`.
 
     Sequential training: ``task_id`` set, loss on that task's classes (`task_logits`). Joint
     training: ``task_id=None`` and a dense body, plain 10-way cross-entropy. Returns seconds.
     """
-    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
+    epochs = check_int("epochs", epochs, min=1)
+    batch_size = check_int("batch_size", batch_size, min=1)
+    opt = build_optimizer(net, name="adam", lr=lr)
+    update = UpdateStep(net, opt, lr=lr, total_steps=epochs * -(-len(y_N) // batch_size), schedule="constant")
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     net.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(y_N), generator=gen).split(batch_size):
             logits = net(x_ND[idx], 0) if task_id is None else net.task_logits(x_ND[idx], task_id)
-            F.cross_entropy(logits, y_N[idx]).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            update(F.cross_entropy(logits, y_N[idx]))
     return time.perf_counter() - t0
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.models.continual import TaskIncrementalNet
+from moekit.optim import UpdateStep, build_optimizer
 
 __all__ = ["TaskAutoencoder", "ExpertGate", "GatedAccuracy", "gated_predict", "gated_accuracy"]
 
@@ -62,7 +63,8 @@ class ExpertGate(nn.Module):
     """The gate of Expert Gate: one frozen `TaskAutoencoder` per task, added by `add_task`.
 
     d_in: D, the width of the inputs the gate reads. d_hidden: H < D. epochs, lr, batch_size:
-    how `add_task` trains each auto-encoder (Adam, shuffled epochs). seed: auto-encoder m is
+    how `add_task` trains each auto-encoder (Adam at a constant lr, shuffled epochs,
+    `moekit.optim.UpdateStep`). seed: auto-encoder m is
     initialised and shuffled from ``seed + m`` (the global RNG is left as it was).
     """
 
@@ -111,14 +113,14 @@ class ExpertGate(nn.Module):
             x_ND = x_ND.to(next(ae.parameters()))
         else:
             ae = ae.to(device=x_ND.device, dtype=x_ND.dtype)
-        opt = torch.optim.Adam(ae.parameters(), lr=self.lr)
+        opt = build_optimizer(ae, name="adam", lr=self.lr)
+        update = UpdateStep(ae, opt, lr=self.lr, total_steps=self.epochs * -(-len(x_ND) // self.batch_size),
+                            schedule="constant")
         gen = torch.Generator().manual_seed(self.seed + m)
         with torch.enable_grad():
             for _ in range(self.epochs):
                 for idx in torch.randperm(len(x_ND), generator=gen).split(self.batch_size):
-                    ae.errors(x_ND[idx.to(x_ND.device)]).mean().backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+                    update(ae.errors(x_ND[idx.to(x_ND.device)]).mean())
         self.autoencoders.append(ae.requires_grad_(False).eval())
         return m
 

@@ -11,9 +11,10 @@ dense baseline of the student's size.
 - `distillation_loss`: ``(1 − α)·CE(y, q_S) + α·τ²·H(p_T^τ, q_S^τ)``, a pure function.
 - `dense_student_from_moe`: the teacher's dense twin (same active parameters per token) with
   every non-expert weight copied; each MoE FFN becomes a dense FFN (``ffn_init``).
-- `distill`: the training loop. Its update is `moekit.train.Trainer`'s (AdamW, linear warmup
-  then cosine, global-norm clipping, MoE balancing loss and bias updates), so a student and a
-  baseline trained by the Trainer are compared like for like; a test checks the two agree.
+- `distill`: the training loop. Its update is `moekit.optim`'s, the one the LM trainer makes
+  (AdamW over `param_groups`, linear warmup then cosine, global-norm clipping, MoE balancing
+  loss and bias updates), so a student and a baseline trained by the trainer are compared like
+  for like; a test checks the two agree step for step.
 - `teacher_kl`: the mean KL(p_T ‖ p_S) per token, the distance distillation closes.
 """
 from __future__ import annotations
@@ -29,9 +30,9 @@ from torch import nn
 from moekit.experts.glu import GLUExperts
 from moekit.experts.mlp import MLPExperts
 from moekit.layers.moe import MoE, aux_loss
-from moekit.losses import update_router_biases
 from moekit.models.transformer import TransformerLM
 from moekit.layers.protocol import MoELayer
+from moekit.optim import UpdateStep, build_optimizer
 
 __all__ = ["distillation_loss", "dense_student_from_moe", "distill", "teacher_kl", "FFN_INITS"]
 
@@ -286,25 +287,6 @@ def _logits(out) -> torch.Tensor:
     return out.logits
 
 
-def _lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    # `moekit.train.lr_at`'s schedule; recipes sit above train in the layering, hence the copy
-    # (test_distill checks `distill` against the Trainer step for step).
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps - 1)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (and stacked expert weights); never norms, biases or the embedding."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _batch_source(batches) -> Callable[[], tuple]:
     if callable(batches):
         return batches
@@ -330,9 +312,9 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, batches: Union[Cal
     student trains in train mode. Each step: ``distillation_loss + moekit.aux_loss(student)``
     (the balancing loss is 0 for a dense student), global-norm clipping, AdamW with the
     learning rate of linear warmup then cosine decay to ``min_lr_ratio · lr``, and the
-    aux-loss-free bias update — `moekit.train.Trainer`'s step with one micro-batch, so
-    ``distill(..., **dataclasses.asdict(run.optim))`` trains as ``moekit train`` would, and with
-    ``alpha=0`` (``teacher=None``) it is that Trainer's plain training.
+    aux-loss-free bias update — one `moekit.optim.UpdateStep`, the LM trainer's step with one
+    micro-batch, so ``distill(..., **dataclasses.asdict(run.optim))`` trains as ``moekit train``
+    would, and with ``alpha=0`` (``teacher=None``) it is that trainer's plain training.
 
     Args:
         teacher: any model mapping ``x (B, S)`` to logits (a tensor, a tuple starting with them,
@@ -346,7 +328,8 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, batches: Union[Cal
         callback: called as ``callback(step, loss)`` after each step (1-based).
 
     Returns the loss of every step (distillation loss plus balancing loss). A non-finite loss
-    or gradient norm raises FloatingPointError before that step's update.
+    or gradient norm raises `moekit.optim.NonFiniteError` (a FloatingPointError) before that
+    step's update.
     """
     _check_coefs(alpha, temperature)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -363,7 +346,10 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, batches: Union[Cal
     if teacher is None and alpha > 0:
         raise ValueError(f"teacher=None is only plain training (alpha=0), got alpha={alpha}")
     device = next(student.parameters()).device
-    optimizer = torch.optim.AdamW(_param_groups(student, weight_decay), lr=lr, betas=(beta1, beta2), eps=eps)
+    optimizer = build_optimizer(student, name="adamw", lr=lr, weight_decay=weight_decay, betas=(beta1, beta2),
+                                eps=eps)
+    update = UpdateStep(student, optimizer, lr=lr, total_steps=steps, warmup_steps=warmup_steps,
+                        min_lr_ratio=min_lr_ratio, schedule="cosine", grad_clip=grad_clip)
     next_batch = _batch_source(batches)
     teacher_was_training = teacher.training if teacher is not None else False
     if teacher is not None:
@@ -372,9 +358,6 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, batches: Union[Cal
     losses = []
     try:
         for step in range(steps):
-            for g in optimizer.param_groups:
-                g["lr"] = _lr_at(step, lr=lr, warmup_steps=warmup_steps, total_steps=steps,
-                                 min_lr_ratio=min_lr_ratio)
             x_BS, y_BS = (t.to(device, non_blocking=True) for t in next_batch()[:2])
             t_logits = None
             if teacher is not None and alpha > 0:
@@ -382,17 +365,7 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, batches: Union[Cal
                     t_logits = _logits(teacher(x_BS))
             loss = distillation_loss(_logits(student(x_BS)), t_logits, y_BS, alpha=alpha,
                                      temperature=temperature, ignore_index=ignore_index)
-            loss = loss + aux_loss(student).float()
-            loss.backward()
-            params = [p for p in student.parameters() if p.grad is not None]
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip)) if grad_clip > 0 else 0.0
-            value = float(loss.detach())
-            if not (math.isfinite(value) and math.isfinite(gnorm)):
-                raise FloatingPointError(f"non-finite loss {value} or gradient norm {gnorm} at step {step + 1}; "
-                                         f"stopped before the update. Try a lower lr or grad_clip > 0.")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            update_router_biases(student)
+            value = update(loss + aux_loss(student).float())["loss"]
             losses.append(value)
             if callback is not None:
                 callback(step + 1, value)

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from moekit.layers.grow import slice_expert_rows as _slice_experts
 from moekit.layers.moe import MoE
 from moekit.routing.base import Router, Routing
 
@@ -55,18 +56,6 @@ def expert_usage(model: nn.Module, batches: Iterable, forward: Optional[Callable
         for h in handles:
             h.remove()
     return counts
-
-
-def _slice_experts(module: nn.Module, E: int, index: torch.Tensor) -> nn.Module:
-    """A copy of `module` whose per-expert tensors (leading dim E) keep only rows `index`."""
-    out = copy.deepcopy(module)
-    for mod in out.modules():
-        for store in (mod._parameters, mod._buffers):
-            for k, t in list(store.items()):
-                if t is not None and t.dim() >= 1 and t.shape[0] == E:
-                    new = t.detach()[index.to(t.device)].clone()
-                    store[k] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
-    return out
 
 
 def prune_experts(moe: MoE, keep: Sequence[int]) -> MoE:

@@ -13,10 +13,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch import nn
 
 from moekit.layers.moe import MoE, aux_loss, moe_layers
 from moekit.models.rl.network import ActorCritic
+from moekit.optim import UpdateStep, build_optimizer
+from moekit.validate import check_int
 
 __all__ = ["gae_advantages", "clipped_policy_loss", "Rollout", "RolloutCollector", "PPOConfig", "ppo_update",
            "RLTrainResult", "train_ppo", "expert_usage"]
@@ -150,14 +151,18 @@ class PPOConfig:
     max_grad_norm: float = 0.5
 
 
-def ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Rollout, *, config: PPOConfig,
+def ppo_update(agent: ActorCritic, update: UpdateStep, rollout: Rollout, *, config: PPOConfig,
                generator: Optional[torch.Generator] = None) -> dict:
     """One PPO update on a rollout: GAE, then ``epochs × minibatches`` steps on the valid rows.
 
     Loss: clipped policy loss + ``vf_coef``·½(V − R)² − ``ent_coef``·entropy + the MoE layers'
-    auxiliary (balancing) losses, each already scaled by its layer's ``aux_loss_coef``.
+    auxiliary (balancing) losses, each already scaled by its layer's ``aux_loss_coef``. Each
+    minibatch step is one call of `update` (a `moekit.optim.UpdateStep` over `agent`: clipping
+    to its ``grad_clip``, the non-finite check, the optimizer step and the bias update).
     Returns the mean of each term over the minibatches, and ``approx_kl`` / ``clip_fraction``.
     """
+    if not isinstance(update, UpdateStep):
+        raise TypeError(f"update must be a moekit.optim.UpdateStep, got {type(update).__name__}")
     c = config
     adv_TB, ret_TB = gae_advantages(rewards_TB=rollout.rewards_TB, values_TB=rollout.values_TB,
                                     last_value_B=rollout.last_value_B, terminated_TB=rollout.terminated_TB,
@@ -184,11 +189,7 @@ def ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, rollout: Ro
             vl = 0.5 * (value_B - ret_N[idx]).square().mean()
             ent = dist.entropy().mean()
             aux = aux_loss(agent)
-            loss = pl + c.vf_coef * vl - c.ent_coef * ent + aux
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(agent.parameters(), c.max_grad_norm)
-            optimizer.step()
+            update(pl + c.vf_coef * vl - c.ent_coef * ent + aux)
             with torch.no_grad():
                 log_ratio = logp_new - logp_N[idx]
                 # k3 estimator of KL(old ‖ new), unbiased and non-negative (Schulman 2020, "Approximating KL").
@@ -240,14 +241,17 @@ def train_ppo(agent: ActorCritic, envs, *, total_steps: int, config: PPOConfig =
               seed: int = 0) -> RLTrainResult:
     """Train `agent` with PPO on `envs` for about `total_steps` (valid) environment steps.
 
-    Adam (ε = 1e-5) with the learning rate annealed linearly to 0 when ``config.anneal_lr``.
-    ``usage`` is `expert_usage` on the last rollout's valid observations.
+    Adam (ε = 1e-5, `moekit.optim.build_optimizer`), every minibatch step a
+    `moekit.optim.UpdateStep` clipping to ``config.max_grad_norm``. The learning rate is set once
+    per rollout, annealed linearly to 0 over the environment steps when ``config.anneal_lr``
+    (so the update step leaves it alone, ``lr=None``). ``usage`` is `expert_usage` on the last
+    rollout's valid observations.
     """
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps!r}")
+    total_steps = check_int("total_steps", total_steps, min=1)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(agent.parameters(), lr=config.lr, eps=1e-5)
+    opt = build_optimizer(agent, name="adam", lr=config.lr, eps=1e-5)
+    update = UpdateStep(agent, opt, lr=None, grad_clip=config.max_grad_norm)
     collector = RolloutCollector(envs, seed=seed)
     t0 = time.perf_counter()
     updates, rollout = [], None
@@ -256,7 +260,7 @@ def train_ppo(agent: ActorCritic, envs, *, total_steps: int, config: PPOConfig =
             for g in opt.param_groups:
                 g["lr"] = config.lr * max(0.0, 1.0 - collector.env_steps / total_steps)
         rollout = collector.collect(agent, config.num_steps)
-        updates.append(ppo_update(agent, opt, rollout, config=config, generator=gen))
+        updates.append(ppo_update(agent, update, rollout, config=config, generator=gen))
     keep = rollout.valid_TB.reshape(-1)
     usage = expert_usage(agent, rollout.obs_TBO.reshape(-1, rollout.obs_TBO.shape[-1])[keep],
                          rollout.task_TB.reshape(-1)[keep])

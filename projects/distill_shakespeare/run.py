@@ -1,6 +1,6 @@
 """Distil a sparse MoE language model into a dense one on Shakespeare (Switch Transformer §5).
 
-    python examples/distill_shakespeare.py [--quick] [--seeds 0 1] [--ablations]
+    python -m projects.distill_shakespeare.run [--quick] [--seeds 0 1] [--ablations]
 
 About 11 minutes on 2 shared CPU cores for one seed (three models of 300 steps; 18 with
 ``--ablations``); ``--quick`` takes well under a minute (the "tiny" preset, 60 steps).

