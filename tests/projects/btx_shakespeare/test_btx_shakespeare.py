@@ -1,6 +1,7 @@
 """projects/btx_shakespeare: the Python domain, the mixed sampler and the training helper, on tiny inputs."""
 import torch
 
+from moekit.layers import MoEConfig
 from moekit.models.transformer import TransformerConfig, TransformerLM
 from projects.btx_shakespeare.data import PY_PACKAGES, Mixed, python_sources
 from projects.btx_shakespeare.run import train
@@ -30,7 +31,7 @@ def test_mixed_concatenates_one_part_per_domain():
 def test_train_runs_updates_and_skips_frozen_parameters():
     torch.manual_seed(0)
     model = TransformerLM(TransformerConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, max_seq_len=8,
-                                            num_experts=2, top_k=1, expert_hidden=8))
+                                            moe=MoEConfig(num_experts=2, top_k=1, d_hidden=8)))
     frozen = [p for n, p in model.named_parameters() if ".router." not in n]
     for p in frozen:
         p.requires_grad_(False)

@@ -1,6 +1,7 @@
 """projects/offload_hit_rates: the hit-rate sweep on a tiny random MoE LM (no checkpoint needed)."""
 import torch
 
+from moekit.layers import MoEConfig
 from moekit.models.transformer import TransformerConfig, TransformerLM
 from projects.offload_hit_rates.run import hit_rates, print_table
 
@@ -8,7 +9,7 @@ from projects.offload_hit_rates.run import hit_rates, print_table
 def test_hit_rates_sweep_generates_the_resident_tokens(capsys):
     torch.manual_seed(0)
     model = TransformerLM(TransformerConfig(vocab_size=17, d_model=32, n_layers=2, n_heads=2, max_seq_len=32,
-                                            num_experts=4, top_k=2, expert_hidden=16)).eval()
+                                            moe=MoEConfig(num_experts=4, top_k=2, d_hidden=16))).eval()
     ids = torch.randint(0, 17, (2, 5))
     rows, differ = hit_rates(model, ids, new_tokens=6, sizes=[1, 3])
     assert [(S, p) for S, p, _ in rows] == [(1, False), (1, True), (3, False), (3, True)]
