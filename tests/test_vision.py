@@ -1,4 +1,5 @@
 """Vision: the Fashion-MNIST loader's parsers (ar, .deb, idx) and the V-MoE ViT with its dense twin."""
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -16,7 +17,9 @@ import torch
 import moekit
 import moekit.train.fetch as fetch_mod
 import moekit.train.images as images
+from moekit.layers import MoEConfig
 from moekit.models import ViTConfig, ViTMoE, active_param_counts, vit_dense_twin
+from moekit.models.vision import VMOE_DEFAULTS
 from moekit.train.images import deb_data_tar, load_fashion_mnist, parse_idx, read_ar
 
 
@@ -167,10 +170,12 @@ def test_loader_refuses_wrong_shapes(tmp_path, monkeypatch):
 
 # -- the model --------------------------------------------------------------------------------
 def small(**kw):
-    base = dict(image_size=8, patch_size=2, d_model=16, n_layers=2, n_heads=2, num_experts=4, top_k=2,
-                mlp_hidden=24, num_classes=5)
+    moe_keys = {f.name for f in dataclasses.fields(MoEConfig)}
+    moe = dict(VMOE_DEFAULTS.to_dict(), num_experts=4, top_k=2)
+    moe.update({k: kw.pop(k) for k in list(kw) if k in moe_keys})
+    base = dict(image_size=8, patch_size=2, d_model=16, n_layers=2, n_heads=2, mlp_hidden=24, num_classes=5)
     base.update(kw)
-    return ViTConfig(**base)
+    return ViTConfig(**base, moe=MoEConfig.from_dict(moe))
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
@@ -207,7 +212,7 @@ def test_bad_inputs_and_configs_raise_value_errors_naming_values():
         small(patch_size=3)
     with pytest.raises(ValueError, match="pool must be one of"):
         small(pool="max")
-    with pytest.raises(ValueError, match="top_k must be <= num_experts=4, got 5"):
+    with pytest.raises(ValueError, match="top_k must be <= num_experts=4, got top_k=5"):
         small(top_k=5)
     with pytest.raises(ValueError, match="moe_every must be an int >= 0"):
         small(moe_every=-1)
@@ -237,16 +242,16 @@ def test_aux_loss_is_the_sum_over_moe_layers_with_grad():
 
 @pytest.mark.parametrize("expert_hidden,top_k", [(None, 2), (12, 1), (10, 3)])
 def test_dense_twin_has_the_active_parameters_minus_the_routers(expert_hidden, top_k):
-    cfg = small(n_layers=4, expert_hidden=expert_hidden, top_k=top_k)
+    cfg = small(n_layers=4, d_hidden=expert_hidden, top_k=top_k)
     moe, twin = ViTMoE(cfg), ViTMoE(vit_dense_twin(cfg))
     c_moe, c_twin = active_param_counts(moe), active_param_counts(twin)
     routers = sum(p.numel() for b in moe.moe_blocks for p in b.mlp.router.parameters())
-    assert routers == 2 * cfg.num_experts * cfg.d_model
+    assert routers == 2 * cfg.moe.num_experts * cfg.d_model
     assert c_moe["active"] - c_twin["active"] == routers
     assert c_twin["total"] == c_twin["active"] and not twin.moe_blocks
     # Independently: each MoE layer keeps K of its E experts, the twin's MLP is K experts wide.
     bank = sum(p.numel() for p in moe.blocks[1].mlp.experts.parameters())
-    assert c_moe["total"] - c_moe["active"] == 2 * bank * (cfg.num_experts - top_k) // cfg.num_experts
+    assert c_moe["total"] - c_moe["active"] == 2 * bank * (cfg.moe.num_experts - top_k) // cfg.moe.num_experts
     assert twin.blocks[1].mlp.down_proj.in_features == top_k * (expert_hidden or 24)
     assert twin.blocks[0].mlp.down_proj.in_features == 24 == cfg.mlp_width(0)
     assert moe.blocks[1].mlp.d_hidden == (expert_hidden or 24) == cfg.mlp_width(1)

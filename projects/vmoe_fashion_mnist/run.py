@@ -194,7 +194,7 @@ def run(data, args, *, config: ViTConfig | None = None) -> dict:
 
     vmoe = models["V-MoE"]
     r = results["V-MoE"]
-    print(f"\nV-MoE routing, seed {seed} (capacity factor {vmoe_cfg.capacity_factor}, BPR); drop fraction over the "
+    print(f"\nV-MoE routing, seed {seed} (capacity factor {vmoe_cfg.moe.capacity_factor}, BPR); drop fraction over the "
           f"last 50 training steps: {r['train_drop_fraction']:.4f}")
     for layer in r["layers"]:
         shares = " ".join(f"{s:.3f}" for s in layer["share_per_expert"])

@@ -6,7 +6,7 @@ token), D model dim, L classes, E experts, K experts per token.
 V-MoE (Riquelme et al. 2021, "Scaling Vision with Sparse Mixture of Experts", NeurIPS;
 METHODS.md CV1) is a ViT (Dosovitskiy et al. 2021) in which the MLP of every other block is a
 sparse MoE: ``g(x) = TOP_k(softmax(W x))`` — softmax before top-k and no renormalisation
-(``router_kwargs=(("norm", "raw"),)``), K = 2, a capacity ratio of about 1.05 in training, and
+(``router_kwargs={"norm": "raw"}``), K = 2, a capacity ratio of about 1.05 in training, and
 Batch Prioritised Routing (``drop_policy="probability"``): when an expert's buffer is short, the
 pairs with the larger routing weight in the whole batch are kept and the least confident
 (often background patches) dropped, so capacity can be cut at inference to trade accuracy for
@@ -26,18 +26,25 @@ active parameters the twin does not have; `active_param_counts` counts both).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moekit.experts import DenseFFN
-from moekit.layers import MoE, default_hidden, moe_layers
-from moekit.routing import available as available_routers
+from moekit.layers import MoEConfig, default_hidden, moe_layers
+from moekit.models.transformer import experts_per_token
+from moekit.validate import check_bool, check_choice, check_instance, check_int
 
-__all__ = ["ViTConfig", "ViTMoE", "vit_dense_twin", "active_param_counts"]
+__all__ = ["ViTConfig", "ViTMoE", "vit_dense_twin", "active_param_counts", "VMOE_DEFAULTS"]
+
+# V-MoE's layer: K = 2, softmax before top-k without renormalisation, capacity ratio 1.05 with
+# Batch Prioritised Routing.
+VMOE_DEFAULTS = MoEConfig(num_experts=8, top_k=2, router_kwargs={"norm": "raw"}, capacity_factor=1.05,
+                          drop_policy="probability")
 
 _POOLS = ("cls", "mean")
 
@@ -51,11 +58,10 @@ class ViTConfig:
     moe_every: block i's MLP is an MoE layer when ``(i + 1) % moe_every == 0`` — 2 is V-MoE's
         "every other" (blocks 1, 3, …); 1 every block; 0 none.
     sparse: False builds the dense twin: the MLPs at MoE positions are dense, of hidden
-        ``top_k · expert_hidden`` (see `vit_dense_twin`).
-    expert_hidden: F of each expert (None: ``mlp_hidden``; V-MoE's experts are ViT-sized MLPs).
-    capacity_factor, eval_capacity_factor, drop_policy: the MoE layers' capacity (``None``:
-        dropless; ``"same"``: eval as in training) and who is dropped (``"probability"`` = BPR).
-    router_kwargs: extra arguments of the router, as ``((name, value), ...)``.
+        ``K · F_expert`` (see `vit_dense_twin`).
+    moe: the MoE layers' settings (`moekit.MoEConfig`; a dict is accepted). Its ``expert``
+        defaults to ``mlp`` and its ``d_hidden`` (each expert's F) to ``mlp_hidden`` — V-MoE's
+        experts are ViT-sized MLPs. Default: `VMOE_DEFAULTS`.
     """
 
     image_size: int = 28
@@ -70,44 +76,24 @@ class ViTConfig:
     mlp_hidden: Optional[int] = None
     moe_every: int = 2
     sparse: bool = True
-    num_experts: int = 8
-    top_k: int = 2
-    expert_hidden: Optional[int] = None
-    router: str = "topk"
-    router_kwargs: tuple = (("norm", "raw"),)
-    capacity_factor: Optional[float] = 1.05
-    eval_capacity_factor: Union[float, str, None] = "same"
-    drop_policy: str = "probability"
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    backend: str = "auto"
+    moe: MoEConfig = VMOE_DEFAULTS
 
     def __post_init__(self):
-        for name in ("image_size", "patch_size", "in_channels", "num_classes", "d_model", "n_layers",
-                     "n_heads", "num_experts", "top_k"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("mlp_hidden", "expert_hidden"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+        for name in ("image_size", "patch_size", "in_channels", "num_classes", "d_model", "n_layers", "n_heads"):
+            check_int(name, getattr(self, name), min=1)
+        check_int("mlp_hidden", self.mlp_hidden, min=1, allow_none=True)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must split into n_heads={self.n_heads} equal heads")
-        if self.pool not in _POOLS:
-            raise ValueError(f"pool must be one of {_POOLS}, got {self.pool!r}")
-        if isinstance(self.moe_every, bool) or not isinstance(self.moe_every, int) or self.moe_every < 0:
-            raise ValueError(f"moe_every must be an int >= 0 (0: no MoE layer), got {self.moe_every!r}")
-        if not isinstance(self.sparse, bool):
-            raise ValueError(f"sparse must be a bool, got {self.sparse!r}")
-        if self.top_k > self.num_experts:
-            raise ValueError(f"top_k must be <= num_experts={self.num_experts}, got {self.top_k}")
-        if self.router not in available_routers():
-            raise ValueError(f"router must be one of {available_routers()}, got {self.router!r}")
-        if isinstance(self.router_kwargs, dict):       # accept a dict, store a hashable tuple
-            object.__setattr__(self, "router_kwargs", tuple(sorted(self.router_kwargs.items())))
+        check_choice("pool", self.pool, _POOLS)
+        check_int("moe_every", self.moe_every, min=0)
+        check_bool("sparse", self.sparse)
+        if isinstance(self.moe, dict):
+            object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))
+        check_instance("moe", self.moe, MoEConfig, what="a moekit.MoEConfig or a dict of its fields")
+        if any(self.is_moe_position(i) for i in range(self.n_layers)):
+            self.block_moe(next(i for i in range(self.n_layers) if self.is_moe_position(i))).check(self.d_model)
 
     @property
     def num_patches(self) -> int:
@@ -117,14 +103,29 @@ class ViTConfig:
         """Whether block i's MLP is sparse in this model (or, with ``sparse=False``, widened in its place)."""
         return self.moe_every > 0 and (i + 1) % self.moe_every == 0
 
+    @property
+    def dense_hidden(self) -> int:
+        return self.mlp_hidden if self.mlp_hidden is not None else default_hidden(self.d_model, self.mlp)
+
+    @property
+    def expert_hidden(self) -> int:
+        """F of each expert: ``moe.d_hidden``, else the dense MLP's."""
+        return self.moe.d_hidden if self.moe.d_hidden is not None else self.dense_hidden
+
+    def block_moe(self, i: int) -> MoEConfig:
+        """`moe` as block i builds it: experts of the MLP's kind and the expert width."""
+        return dataclasses.replace(self.moe, expert=self.moe.expert or self.mlp, d_hidden=self.expert_hidden)
+
     def mlp_width(self, i: int) -> int:
         """F of block i's MLP: each expert's at an MoE position (K times it in the dense twin),
-        else the dense MLP's."""
-        dense = self.mlp_hidden if self.mlp_hidden is not None else default_hidden(self.d_model, self.mlp)
+        else the dense MLP's. K of a router without a fixed count is its nominal count
+        (`moekit.models.transformer.experts_per_token`), rounded up."""
         if not self.is_moe_position(i):
-            return dense
-        expert = self.expert_hidden if self.expert_hidden is not None else dense
-        return expert if self.sparse else self.top_k * expert
+            return self.dense_hidden
+        if self.sparse:
+            return self.expert_hidden
+        k = experts_per_token(self.block_moe(i).check(self.d_model))
+        return int(math.ceil(k)) * self.expert_hidden
 
     @property
     def moe_layer_ids(self) -> list[int]:
@@ -151,11 +152,7 @@ class ViTBlock(nn.Module):
         self.mlp_norm = nn.LayerNorm(c.d_model, eps=1e-6)
         self.is_moe = c.sparse and c.is_moe_position(index)
         if self.is_moe:
-            self.mlp = MoE(d_model=c.d_model, num_experts=c.num_experts, top_k=c.top_k, d_hidden=c.mlp_width(index),
-                           router=c.router, expert=c.mlp, capacity_factor=c.capacity_factor,
-                           eval_capacity_factor=c.eval_capacity_factor, drop_policy=c.drop_policy,
-                           aux_loss_coef=c.aux_loss_coef, z_loss_coef=c.z_loss_coef, backend=c.backend,
-                           router_kwargs=dict(c.router_kwargs) or None)
+            self.mlp = c.block_moe(index).build(c.d_model)
         else:
             self.mlp = DenseFFN(c.d_model, c.mlp_width(index), expert=c.mlp)
 
@@ -221,11 +218,15 @@ class ViTMoE(nn.Module):
 def active_param_counts(model: nn.Module) -> dict:
     """``total`` and ``active`` (used per token) parameter counts of any model with MoE layers.
 
-    Active counts each MoE layer's expert bank at ``K/E`` of its size; routers are active.
+    Active counts each MoE layer's expert bank at ``K/E`` of its size (K: the nominal experts per
+    token, `moekit.models.transformer.experts_per_token`); routers are active.
     """
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
     for moe in moe_layers(model):
-        bank = sum(p.numel() for p in moe.experts.parameters())
-        inactive += bank - bank * moe.top_k // moe.num_experts
+        experts = getattr(moe, "experts", None)
+        if experts is None or not hasattr(moe, "router"):
+            continue
+        bank = sum(p.numel() for p in experts.parameters())
+        inactive += bank - int(bank * experts_per_token(moe) // moe.num_experts)
     return {"total": total, "active": total - inactive}

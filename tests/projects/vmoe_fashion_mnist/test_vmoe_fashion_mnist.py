@@ -1,5 +1,6 @@
 """The V-MoE study (projects/vmoe_fashion_mnist): its training loop on `moekit.optim` (schedule and
 clipping), the blank-patch map, the inference-capacity switch, and the run end to end on fake data."""
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -8,13 +9,14 @@ import torch
 
 import moekit
 from moekit.models import ViTConfig, ViTMoE
+from moekit.models.vision import VMOE_DEFAULTS
 from moekit.optim import lr_at
 from projects.vmoe_fashion_mnist import run as vmoe_run
 
 
 def tiny(**kw):
     return ViTConfig(**{"image_size": 8, "patch_size": 4, "d_model": 16, "n_heads": 2, "n_layers": 2,
-                        "num_classes": 4, "num_experts": 4, **kw})
+                        "num_classes": 4, "moe": dataclasses.replace(VMOE_DEFAULTS, num_experts=4), **kw})
 
 
 def test_train_follows_the_warmup_cosine_schedule_and_clips(monkeypatch):
@@ -52,7 +54,7 @@ def test_set_eval_capacity_changes_inference_only():
     model = ViTMoE(tiny())
     vmoe_run.set_eval_capacity(model, 0.5, "position")
     for moe in moekit.moe_layers(model):
-        assert moe.router.capacity_factor == tiny().capacity_factor
+        assert moe.router.capacity_factor == tiny().moe.capacity_factor
         assert moe.router.eval_capacity_factor == 0.5 and moe.router.drop_policy == "position"
 
 
