@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from moekit.layers.moe import MoE, aux_loss
+from moekit.layers import MoEConfig
 from moekit.models.rl import (ActorCriticConfig, CartPoleVecEnv, MultiTaskVecEnv, PPOConfig, ReachVecEnv,
                               RolloutCollector, actor_critic_dense_twin, clipped_policy_loss, gae_advantages,
                               make_gym_vec_env, train_ppo)
 
-SMALL = dict(d_model=16, num_layers=2, d_hidden=8, num_experts=4, top_k=2, num_tokens=4)
+SMALL = dict(d_model=16, num_layers=2, d_hidden=8, moe=MoEConfig(num_experts=4, top_k=2), num_tokens=4)
 
 
 def _gae(rewards, values, last, term, trunc, gamma, lam):
@@ -116,13 +117,13 @@ def test_dense_twin_has_the_active_parameters():
     moe_cfg = ActorCriticConfig(torso="moe", **SMALL)
     moe = moe_cfg.build(obs_dim=4, num_actions=2)
     twin = actor_critic_dense_twin(moe_cfg).build(obs_dim=4, num_actions=2)
-    E, K, L, D = moe_cfg.num_experts, moe_cfg.top_k, moe_cfg.num_layers, moe_cfg.d_model
+    E, K, L, D = moe_cfg.moe.num_experts, moe_cfg.moe.top_k, moe_cfg.num_layers, moe_cfg.d_model
     assert bank(twin) == bank(moe) * K // E
     assert total(twin) == total(moe) - bank(moe) * (E - K) // E - L * E * D      # minus the routers
     soft_cfg = ActorCriticConfig(torso="soft_moe", **SMALL)                     # P = 1: same params
     soft = soft_cfg.build(obs_dim=4, num_actions=2)
     soft_twin = actor_critic_dense_twin(soft_cfg)
-    assert soft_twin.d_hidden == soft_cfg.num_experts * soft_cfg.d_hidden // soft_cfg.num_tokens
+    assert soft_twin.d_hidden == soft_cfg.moe.num_experts * soft_cfg.d_hidden // soft_cfg.num_tokens
     assert bank(soft_twin.build(obs_dim=4, num_actions=2)) == bank(soft)
     assert actor_critic_dense_twin(soft_twin) == soft_twin
 
@@ -236,8 +237,8 @@ def test_errors():
         ActorCriticConfig(torso="lstm")
     with pytest.raises(ValueError, match="multiple of num_tokens"):
         ActorCriticConfig(torso="soft_moe", d_model=10, num_tokens=4)
-    with pytest.raises(ValueError, match="top_k=5 exceeds"):
-        ActorCriticConfig(torso="moe", num_experts=4, top_k=5)
+    with pytest.raises(ValueError, match="top_k must be <= num_experts=4, got top_k=5"):
+        ActorCriticConfig(torso="moe", moe=MoEConfig(num_experts=4, top_k=5))
     agent = ActorCriticConfig(torso="dense", **SMALL).build(obs_dim=4, num_actions=2)
     with pytest.raises(ValueError, match=r"obs must have shape \(B, 4\)"):
         agent(torch.randn(3, 5))

@@ -32,10 +32,12 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import torch
 
+from moekit.layers import MoEConfig
 from moekit.models.rl import ActorCriticConfig, PPOConfig, actor_critic_dense_twin, make_gym_vec_env, train_ppo
 
-MOE = ActorCriticConfig(torso="moe", d_model=64, num_layers=2, d_hidden=32, num_experts=8, top_k=2)
-SOFT = ActorCriticConfig(torso="soft_moe", d_model=64, num_layers=2, d_hidden=32, num_experts=8, num_tokens=4)
+MOE = ActorCriticConfig(torso="moe", d_model=64, num_layers=2, d_hidden=32, moe=MoEConfig(num_experts=8, top_k=2))
+SOFT = ActorCriticConfig(torso="soft_moe", d_model=64, num_layers=2, d_hidden=32, moe=MoEConfig(num_experts=8),
+                        num_tokens=4)
 METHODS = {"dense": actor_critic_dense_twin(MOE), "moe": MOE, "soft_moe": SOFT}
 
 

@@ -15,7 +15,7 @@ def test_curve_bins_episodes_by_the_step_they_finished():
 
 def test_dense_twin_has_the_moe_active_size():
     moe, dense = METHODS["moe"], METHODS["dense"]
-    assert dense.torso == "dense" and dense.d_hidden == moe.top_k * moe.d_hidden
+    assert dense.torso == "dense" and dense.d_hidden == moe.moe.top_k * moe.d_hidden
 
 
 def test_quick_run_of_one_method():

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from moekit.experts import MLPExperts
-from moekit.layers.moe import MoE
+from moekit.layers.config import MoEConfig
 from moekit.layers.soft_moe import SoftMoE
+from moekit.models.transformer import experts_per_token
+from moekit.validate import check_choice, check_instance, check_int
 
 __all__ = ["TORSOS", "ActorCriticConfig", "ActorCritic", "actor_critic_dense_twin"]
 
@@ -23,31 +25,42 @@ TORSOS = ("dense", "moe", "soft_moe")
 
 @dataclass(frozen=True)
 class ActorCriticConfig:
-    """Torso of the shared actor-critic network (see the module docstring for the kinds)."""
+    """Torso of the shared actor-critic network (see the module docstring for the kinds).
+
+    d_hidden: F of the dense torso's MLP and of each expert (unless ``moe.d_hidden`` is set).
+    moe: the top-k MoE torso's layer (`moekit.MoEConfig`, any router; a dict is accepted); the
+        Soft MoE torso takes its ``num_experts``. Its ``expert`` / ``activation`` default to an MLP
+        with this config's ``activation``.
+    """
 
     torso: str = "moe"
     d_model: int = 64
     num_layers: int = 2
     d_hidden: int = 32
-    num_experts: int = 8
-    top_k: int = 2
+    moe: MoEConfig = MoEConfig(num_experts=8, top_k=2)
     num_tokens: int = 4
     slots_per_expert: int = 1
     activation: str = "relu"
-    aux_loss_coef: float = 0.01
 
     def __post_init__(self):
-        if self.torso not in TORSOS:
-            raise ValueError(f"torso must be one of {TORSOS}, got {self.torso!r}")
-        for name in ("d_model", "num_layers", "d_hidden", "num_experts", "top_k", "num_tokens", "slots_per_expert"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.torso == "moe" and self.top_k > self.num_experts:
-            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        check_choice("torso", self.torso, TORSOS)
+        for name in ("d_model", "num_layers", "d_hidden", "num_tokens", "slots_per_expert"):
+            check_int(name, getattr(self, name), min=1)
+        if isinstance(self.moe, dict):
+            object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))
+        check_instance("moe", self.moe, MoEConfig, what="a moekit.MoEConfig or a dict of its fields")
+        if self.torso == "moe":
+            self.block_moe.check(self.d_model)
         if self.torso == "soft_moe" and self.d_model % self.num_tokens:
             raise ValueError(f"soft_moe splits d_model={self.d_model} into num_tokens={self.num_tokens} "
                              f"equal chunks; d_model must be a multiple of num_tokens")
+
+    @property
+    def block_moe(self) -> MoEConfig:
+        """`moe` as each torso block builds it (MLP experts of width ``d_hidden`` by default)."""
+        m = self.moe
+        return replace(m, expert=m.expert or "mlp", activation=m.activation or self.activation,
+                       d_hidden=m.d_hidden if m.d_hidden is not None else self.d_hidden)
 
     def build(self, *, obs_dim: int, num_actions: int | Sequence[int], num_tasks: int = 1) -> "ActorCritic":
         return ActorCritic(self, obs_dim=obs_dim, num_actions=num_actions, num_tasks=num_tasks)
@@ -58,8 +71,10 @@ def actor_critic_dense_twin(config: ActorCriticConfig) -> ActorCriticConfig:
     if config.torso == "dense":
         return config
     if config.torso == "moe":
-        return replace(config, torso="dense", d_hidden=config.top_k * config.d_hidden)
-    slot_hidden = config.num_experts * config.slots_per_expert * config.d_hidden
+        block = config.block_moe
+        k = experts_per_token(block.check(config.d_model))
+        return replace(config, torso="dense", d_hidden=int(round(k * block.d_hidden)))
+    slot_hidden = config.moe.num_experts * config.slots_per_expert * config.d_hidden
     if slot_hidden % config.num_tokens:
         raise ValueError(f"E·P·F = {slot_hidden} is not a multiple of num_tokens={config.num_tokens}; "
                          f"no dense width has the Soft MoE's FLOPs")
@@ -77,11 +92,11 @@ class _TorsoBlock(nn.Module):
         if c.torso == "dense":
             self.ffn = MLPExperts(1, c.d_model, c.d_hidden, activation=c.activation)
         elif c.torso == "moe":
-            self.ffn = MoE(d_model=c.d_model, num_experts=c.num_experts, top_k=c.top_k, d_hidden=c.d_hidden,
-                           router="topk", expert="mlp", activation=c.activation, aux_loss_coef=c.aux_loss_coef)
+            self.ffn = c.block_moe.build(c.d_model)
         else:
-            self.ffn = SoftMoE(d_model=c.d_model // c.num_tokens, num_experts=c.num_experts, slots_per_expert=c.slots_per_expert, d_hidden=c.d_hidden,
-                               expert="mlp", activation=c.activation)
+            self.ffn = SoftMoE(d_model=c.d_model // c.num_tokens, num_experts=c.moe.num_experts,
+                               slots_per_expert=c.slots_per_expert, d_hidden=c.d_hidden, expert="mlp",
+                               activation=c.activation)
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
         B, D = x_BD.shape
