@@ -65,6 +65,16 @@ class _AdapterBase(MoELayer):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension in_features={self.in_features}, got shape {tuple(x.shape)}")
 
+    def _route(self, x: torch.Tensor):
+        """Check x, flatten it to (T, I) and gate it; records the protocol's statistics."""
+        self._check(x)
+        x_TI = x.reshape(-1, self.in_features)
+        gates_TE = self.gates(x_TI)
+        self.last_gates = gates_TE.detach()
+        self.last_stats = mixture_stats(gates_TE)
+        self.aux_loss = torch.zeros((), device=x.device)
+        return x_TI, gates_TE
+
     def gates(self, x_TI: torch.Tensor) -> torch.Tensor:
         """(T, E) float32 gate values."""
         return soft_gate(F.linear(x_TI.float(), self.router.weight.float()), self.top_k)
@@ -111,12 +121,7 @@ class MoLoRALinear(_AdapterBase):
         return self.scaling * torch.einsum("ter,eor->to", h_TER, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        x_TI = x.reshape(-1, self.in_features)
-        gates_TE = self.gates(x_TI)
-        self.last_gates = gates_TE.detach()
-        self.last_stats = mixture_stats(gates_TE)
-        self.aux_loss = torch.zeros((), device=x.device)
+        x_TI, gates_TE = self._route(x)
         y_TO = self.base(x_TI) + self.delta(x_TI, gates_TE)
         return y_TO.reshape(*x.shape[:-1], self.out_features)
 
@@ -142,12 +147,7 @@ class MoVLinear(_AdapterBase):
         nn.init.normal_(self.router.weight, std=1.0 / math.sqrt(self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        x_TI = x.reshape(-1, self.in_features)
-        gates_TE = self.gates(x_TI)
-        self.last_gates = gates_TE.detach()
-        self.last_stats = mixture_stats(gates_TE)
-        self.aux_loss = torch.zeros((), device=x.device)
+        x_TI, gates_TE = self._route(x)
         scale_TO = gates_TE.to(x_TI.dtype) @ self.ia3.to(x_TI.dtype)       # Σ_e g_e l_e, one merge per token
         y_TO = scale_TO * self.base(x_TI)
         return y_TO.reshape(*x.shape[:-1], self.out_features)

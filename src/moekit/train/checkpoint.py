@@ -291,7 +291,7 @@ def verify_checkpoint(path: os.PathLike) -> Path:
     for name in FILES:
         f = path / name
         if name.endswith(".json"):
-            _read_json(f)
+            read_json(f)
         else:
             try:
                 with _safetensors().safe_open(str(f), framework="pt") as fh:
@@ -359,7 +359,8 @@ def latest_checkpoint(path: os.PathLike, *, verify: bool = True) -> Optional[Pat
         return None
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
+    """A JSON file's content; a file that is not JSON raises `CheckpointError` (a ValueError) naming it."""
     try:
         return json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as e:
@@ -368,7 +369,7 @@ def _read_json(path: Path):
 
 def read_config(ckpt: os.PathLike) -> dict:
     found, _ = resolve_checkpoint(ckpt)
-    return _read_json(found / "config.json")
+    return read_json(found / "config.json")
 
 
 def read_trainer_state(ckpt: os.PathLike, map_location="cpu") -> dict:
@@ -384,7 +385,7 @@ def _read_state(found: Path, map_location) -> dict:
         tensors = st.load_file(str(path), device=str(map_location))
     except Exception as e:          # safetensors' own error type: a file that is not safetensors
         raise CheckpointError(f"{path} is not a safetensors file ({type(e).__name__}: {e})") from None
-    data = _read_json(found / "trainer_state.json")
+    data = read_json(found / "trainer_state.json")
     try:
         return decode_tree(data, tensors)
     except (KeyError, TypeError, ValueError) as e:

@@ -9,12 +9,12 @@ Layout of a run folder::
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
+from moekit.train.checkpoint import read_json
 from moekit.train.compare import comparison_table
 from moekit.train.config import RunConfig, config_from_dict
 from moekit.train.data import build_corpus
@@ -27,16 +27,9 @@ def default_run_dir(run: RunConfig, root: os.PathLike = "runs") -> Path:
     return Path(root) / f"{run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); refused") from None
-
-
 def load_run_config(run_dir: os.PathLike) -> RunConfig:
     path = Path(run_dir) / "config.json"
-    d = _read_json(path)
+    d = read_json(path)
     if not isinstance(d, dict):
         raise ValueError(f"{path} holds a {type(d).__name__}, not a run config")
     return config_from_dict(d)
@@ -51,7 +44,7 @@ def load_results(run_dir: os.PathLike) -> list[dict]:
     for n in names:
         p = run_dir / n / "result.json"
         if p.exists():
-            out.append(_read_json(p))
+            out.append(read_json(p))
     return out
 
 
