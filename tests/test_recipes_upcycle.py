@@ -195,17 +195,6 @@ def test_errors():
         upcycle(tiny_llama(), 2, 1, layers=[5])
 
 
-def test_bias_experts_is_a_deprecated_alias():
-    """`BiasMLPExperts` is now ``MLPExperts(bias=True)`` (its own test: tests/test_experts_zoo.py)."""
-    from moekit.recipes.bias_experts import BiasMLPExperts
-
-    with pytest.warns(DeprecationWarning, match="bias=True"):
-        old = BiasMLPExperts(4, 20, 12, activation="relu")
-    new = moekit.MLPExperts(4, 20, 12, activation="relu", bias=True)
-    assert isinstance(old, moekit.MLPExperts) and old.activation == "relu"
-    assert {k: v.shape for k, v in old.state_dict().items()} == {k: v.shape for k, v in new.state_dict().items()}
-
-
 def test_shared_experts_of_sparse_blocks_are_not_dense_ffns():
     cfg = tf.Qwen2MoeConfig(vocab_size=50, hidden_size=32, intermediate_size=40, moe_intermediate_size=24,
                             shared_expert_intermediate_size=20, num_hidden_layers=2, num_attention_heads=4,

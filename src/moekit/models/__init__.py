@@ -1,4 +1,6 @@
-"""Models built from moekit layers: the decoder-only transformer LM (more model families in later modules)."""
+"""Reusable networks built from moekit layers and the paradigm methods that train them: the decoder-only
+transformer LM, the V-MoE ViT, multi-task / multi-domain towers, continual learning (task-routed nets,
+Expert Gate), PPO actor-critic torsos, CondConv super-resolution nets, Prototypical Networks."""
 from moekit.models.transformer import KVCache, TransformerConfig, TransformerLM, dense_twin, flops_per_token, param_counts
 
 __all__ = ["TransformerConfig", "TransformerLM", "KVCache", "dense_twin", "flops_per_token", "param_counts"]
