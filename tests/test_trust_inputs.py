@@ -138,3 +138,26 @@ def test_non_finite_input_is_not_silently_a_number(value):
     x[1, 2] = value
     y = moe(x)
     assert torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all() and not math.isfinite(float(y[1].sum()))
+
+
+_ROUTER_KW = {"stable_moe": {"vocab_size": 3}, "task": {"num_tasks": 3}}
+
+
+@pytest.mark.parametrize("name", moekit.available_routers())
+def test_every_router_keeps_float64_end_to_end(name):
+    torch.manual_seed(0)
+    moe = MoE(d_model=8, num_experts=4, router=name, z_loss_coef=1e-3, router_kwargs=_ROUTER_KW.get(name)).double()
+    extra = {_EXTRA_INPUTS[name]: torch.randint(0, 3, (6,))} if name in _EXTRA_INPUTS else {}
+    y = moe(torch.randn(6, 8, dtype=torch.float64), **extra)
+    assert y.dtype == torch.float64 and moe.aux_loss.dtype == torch.float64
+    routing = moe.last_routing
+    # Routers whose weights are the constant 1 (hash, random, THOR) keep them exact in float32.
+    assert routing.weights.dtype == torch.float64 or bool((routing.weights == 1).all())
+    assert routing.logits is None or routing.logits.dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", ["topk", "sigmoid", "switch", "noisy_topk"])
+def test_float32_layer_keeps_float32_losses(name):
+    moe = MoE(d_model=8, num_experts=4, router=name, z_loss_coef=1e-3)
+    moe(torch.randn(6, 8))
+    assert moe.aux_loss.dtype == torch.float32

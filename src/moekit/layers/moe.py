@@ -244,7 +244,7 @@ class MoE(MoELayer):
         mask_T = None if mask is None else mask.reshape(-1)
         ids_T = None if token_ids is None else token_ids.reshape(-1)
         if T == 0:
-            self.aux_loss = x.new_zeros((), dtype=torch.float32)
+            self.aux_loss = x.new_zeros((), dtype=torch.promote_types(torch.float32, x_TD.dtype))
             self.last_stats, self.last_routing = None, None
             return x.clone()
 
@@ -270,7 +270,8 @@ class MoE(MoELayer):
         # take part now); without one they wait until read. The mask is copied (a device copy,
         # no sync) so a caller reusing its buffer cannot change them.
         sums = self._sufficient_stats(routing, mask_T, seq_len, T, statistics=self.stats_reducer is not None)
-        self.aux_loss = self._aux_loss_from(sums)
+        aux = self._aux_loss_from(sums)
+        self.aux_loss = aux.to(torch.promote_types(aux.dtype, x_TD.dtype))      # float64 layers: float64
         self._stats = None
         self._stats_inputs = sums if sums.has_statistics else (routing, None if mask_T is None else mask_T.clone(), T)
         self.last_routing = routing

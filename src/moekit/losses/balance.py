@@ -58,15 +58,20 @@ def check_ids(name: str, ids_TK: torch.Tensor, T: int, of: str) -> torch.Tensor:
 
 
 # -- sums over the valid tokens ------------------------------------------------------------
+def acc(x: torch.Tensor) -> torch.Tensor:
+    """The accumulation dtype of the losses: float32 at least, float64 stays float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def masked_row_sum(x_TE: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """(E,) float32 ``Σ_t mask_t · x_te`` (differentiable)."""
-    x = x_TE.float()
+    """(E,) float32 (float64 for float64 input) ``Σ_t mask_t · x_te`` (differentiable)."""
+    x = acc(x_TE)
     return x.sum(0) if mask is None else (x * mask.unsqueeze(-1).to(x.dtype)).sum(0)
 
 
 def masked_sum(x_T: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """0-d float32 ``Σ_t mask_t · x_t`` (differentiable)."""
-    x = x_T.float()
+    """0-d float32 (float64 for float64 input) ``Σ_t mask_t · x_t`` (differentiable)."""
+    x = acc(x_T)
     return x.sum() if mask is None else (x * mask.to(x.dtype)).sum()
 
 
@@ -79,12 +84,12 @@ def num_valid(T: int, mask: Optional[torch.Tensor], device) -> torch.Tensor:
 
 def logsumexp_sq(logits_TE: torch.Tensor) -> torch.Tensor:
     """(T,) ``(logsumexp_e logits)²`` in float32."""
-    return torch.logsumexp(logits_TE.float(), dim=-1).square()
+    return torch.logsumexp(acc(logits_TE), dim=-1).square()
 
 
 def entropy_rows(probs_TE: torch.Tensor) -> torch.Tensor:
     """(T,) ``−Σ_e p log p`` in float32 (nats; 0·log 0 = 0)."""
-    p = probs_TE.float()
+    p = acc(probs_TE)
     return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
 
 
@@ -100,15 +105,15 @@ def sequence_sums(probs_TE: torch.Tensor, topk_ids_TK: torch.Tensor, seq_len: in
         1, topk_ids_TK.long(), torch.ones(topk_ids_TK.shape, device=probs_TE.device)) * m_T.unsqueeze(-1)
     n_B = m_T.view(B, seq_len).sum(1)                                               # (B,)
     f_BE = onehot_TE.view(B, seq_len, E).sum(1) * (E / (K * n_B.clamp_min(1))).unsqueeze(-1)
-    P_BE = (probs_TE.float() * m_T.unsqueeze(-1)).view(B, seq_len, E).sum(1) / n_B.clamp_min(1).unsqueeze(-1)
+    P_BE = (acc(probs_TE) * m_T.unsqueeze(-1)).view(B, seq_len, E).sum(1) / n_B.clamp_min(1).unsqueeze(-1)
     has_tokens_B = (n_B > 0).float()
     return ((f_BE * P_BE).sum(-1) * has_tokens_B).sum(), has_tokens_B.sum()
 
 
 # -- losses from sums (the one place each formula lives) -----------------------------------
 def mean_from_sums(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """``total / count`` as float32, 0 when count is 0."""
-    return (total / count.clamp_min(1)).float()
+    """``total / count`` as float32 (float64 when `total` is), 0 when count is 0."""
+    return acc(total / count.to(total.dtype).clamp_min(1))
 
 
 def switch_from_sums(prob_sum_E: torch.Tensor, counts_E: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
@@ -117,15 +122,15 @@ def switch_from_sums(prob_sum_E: torch.Tensor, counts_E: torch.Tensor, n_valid: 
     counts = counts_E.to(prob_sum_E.dtype)
     f_E = counts / counts.sum().clamp_min(1)
     P_E = prob_sum_E / n_valid.to(prob_sum_E.dtype).clamp_min(1)
-    return (E * (f_E * P_E).sum()).float()
+    return acc(E * (f_E * P_E).sum())
 
 
 def cv_squared_from_sums(x_E: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """Squared coefficient of variation ``var / mean²`` (population variance); 0 if uniform."""
     if x_E.numel() <= 1:
         return x_E.new_zeros((), dtype=torch.float32)
-    x = x_E if x_E.dtype == torch.float64 else x_E.float()
-    return (x.var(unbiased=False) / (x.mean().square() + eps)).float()
+    x = acc(x_E)
+    return x.var(unbiased=False) / (x.mean().square() + eps)
 
 
 # -- public functions ----------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from moekit.losses.balance import (check_ids, check_mask, cv_squared_from_sums, entropy_rows,
+from moekit.losses.balance import (acc, check_ids, check_mask, cv_squared_from_sums, entropy_rows,
                                    logsumexp_sq, masked_row_sum, masked_sum, mean_from_sums, num_valid,
                                    sequence_sums, switch_from_sums)
 from moekit.ops.counting import count_ids
@@ -101,7 +101,8 @@ class BalanceStats:
                              f"got {type(out).__name__ if not isinstance(out, torch.Tensor) else tuple(out.shape)}")
         values, i = {}, 0
         for n, p in zip(names, parts):
-            values[n] = out[i:i + p.numel()].reshape(p.shape)
+            # Back to each sum's own dtype: the float64 packing keeps counts exact, not the result.
+            values[n] = out[i:i + p.numel()].reshape(p.shape).to(p.dtype)
             i += p.numel()
         return replace(self, **values)
 
@@ -175,7 +176,7 @@ def balance_stats(routing, mask: Optional[torch.Tensor] = None, *, balance: str 
     if router_terms and routing.aux_losses:
         if T is None:
             raise ValueError("num_tokens is needed: the routing has router terms but no per-token tensor")
-        total = sum(v.float() for v in routing.aux_losses.values())
+        total = sum(acc(v) for v in routing.aux_losses.values())
         out["router_terms_sum"] = total * out["n_valid"]
     if statistics:
         if T is None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.routing.base import Router, Routing, check_no_top_k
+from moekit.routing.base import Router, Routing, check_no_top_k, router_float
 from moekit.routing.pairs import no_drops
 from moekit.routing.topk import init_router_weight
 
@@ -109,7 +109,7 @@ class BaseLayerRouter(Router):
 
     def forward(self, x_TD, *, mask=None) -> Routing:
         self.check_input(x_TD, mask)
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        logits_TE = F.linear(router_float(x_TD), router_float(self.weight))
         T, E = logits_TE.shape
         token_T = torch.arange(T, device=x_TD.device) if mask is None else mask.nonzero()[:, 0]
         if self.training:

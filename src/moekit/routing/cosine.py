@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.ops.topk import topk_stable
-from moekit.routing.base import TokenChoiceRouter
+from moekit.routing.base import TokenChoiceRouter, router_float
 from moekit.routing.topk import normalise
 
 __all__ = ["CosineRouter"]
@@ -52,8 +52,8 @@ class CosineRouter(TokenChoiceRouter):
         return self.log_temperature.exp().clamp_min(self.min_temperature)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        h_TR = F.normalize(F.linear(x_TD.float(), self.proj.weight.float()), dim=-1)
-        u_ER = F.normalize(self.expert_embed.float(), dim=-1)
+        h_TR = F.normalize(F.linear(router_float(x_TD), router_float(self.proj.weight)), dim=-1)
+        u_ER = F.normalize(router_float(self.expert_embed), dim=-1)
         return (h_TR @ u_ER.t()) / self.temperature
 
     def select(self, logits_TE: torch.Tensor):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.routing.base import Router, Routing
+from moekit.routing.base import Router, Routing, router_float
 from moekit.routing.pairs import no_drops, pairs_from_selection
 
 __all__ = ["DSelectKRouter", "smooth_step"]
@@ -74,13 +74,13 @@ class DSelectKRouter(Router):
     def forward(self, x_TD, *, mask=None) -> Routing:
         self.check_input(x_TD, mask)
         T, K, B, E = x_TD.shape[0], self.top_k, self.code_bits, self.num_experts
-        x = x_TD.float()
+        x = router_float(x_TD)
         if self.per_token:
-            codes_TKB = F.linear(x, self.code_proj.weight.float(), self.code_proj.bias.float()).view(T, K, B)
-            mix_TK = F.linear(x, self.mix_proj.weight.float(), self.mix_proj.bias.float())
+            codes_TKB = F.linear(x, router_float(self.code_proj.weight), router_float(self.code_proj.bias)).view(T, K, B)
+            mix_TK = F.linear(x, router_float(self.mix_proj.weight), router_float(self.mix_proj.bias))
         else:
-            codes_TKB = self.codes_KB.float().expand(T, K, B)
-            mix_TK = self.mix_K.float().expand(T, K)
+            codes_TKB = router_float(self.codes_KB).expand(T, K, B)
+            mix_TK = router_float(self.mix_K).expand(T, K)
         r_TKL = self.selector_probs(codes_TKB)
         q_TL = (torch.softmax(mix_TK, dim=-1).unsqueeze(-1) * r_TKL).sum(1)
         q_TE = q_TL[:, :E]

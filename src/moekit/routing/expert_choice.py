@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.ops.topk import topk_stable
-from moekit.routing.base import Router, Routing, _check_capacity_factor
+from moekit.routing.base import Router, Routing, _check_capacity_factor, router_float
 from moekit.routing.capacity import capacity_for
 from moekit.routing.pairs import no_drops, pairs_from_selection
 from moekit.routing.topk import init_router_weight
@@ -89,7 +89,7 @@ class ExpertChoiceRouter(Router):
 
     def forward(self, x_TD, *, mask=None) -> Routing:
         self.check_input(x_TD, mask)
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        logits_TE = F.linear(router_float(x_TD), router_float(self.weight))
         probs_TE = torch.softmax(logits_TE, dim=-1)
         T, E = probs_TE.shape
         if self.causal and not self.training:

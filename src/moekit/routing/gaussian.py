@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from moekit.ops.topk import topk_stable
-from moekit.routing.base import TokenChoiceRouter
+from moekit.routing.base import TokenChoiceRouter, router_float
 from moekit.routing.topk import normalise
 
 __all__ = ["GaussianRouter"]
@@ -43,7 +43,7 @@ class GaussianRouter(TokenChoiceRouter):
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """(T, E) ``log α_e + log N(x_t; m_e, diag σ_e²)``."""
-        x = x_TD.float()
+        x = router_float(x_TD)
         var_ED = self.variances()
         diff2_TED = (x.unsqueeze(1) - self.means.float().unsqueeze(0)).square()
         log_n_TE = -0.5 * ((diff2_TED / var_ED).sum(-1) + var_ED.log().sum(-1) + x.shape[-1] * math.log(2 * math.pi))
@@ -67,7 +67,7 @@ class GaussianRouter(TokenChoiceRouter):
         if x_TD.shape != (T, self.d_model) or E != self.num_experts:
             raise ValueError(f"need x (T, {self.d_model}) and resp (T, {self.num_experts}), "
                              f"got {tuple(x_TD.shape)} and {tuple(resp_TE.shape)}")
-        x, h = x_TD.float(), resp_TE.float()
+        x, h = router_float(x_TD), router_float(resp_TE)
         n_E = h.sum(0).clamp_min(1e-12)
         means = (h.t() @ x) / n_E.unsqueeze(-1)
         var = (h.t() @ x.square()) / n_E.unsqueeze(-1) - means.square()

@@ -23,7 +23,7 @@ from torch import nn
 
 from moekit.losses import load_balancing_loss, selection_counts
 from moekit.ops.topk import topk_stable
-from moekit.routing.base import Router, Routing
+from moekit.routing.base import Router, Routing, router_float
 from moekit.routing.pairs import no_drops
 from moekit.routing.topk import init_router_weight
 
@@ -47,7 +47,7 @@ class NullExpertsRouter(Router):
     def forward(self, x_TD, *, mask=None) -> Routing:
         self.check_input(x_TD, mask)
         E = self.num_experts
-        logits_TA = F.linear(x_TD.float(), self.weight.float())            # A = E + M
+        logits_TA = F.linear(router_float(x_TD), router_float(self.weight))            # A = E + M
         probs_TA = torch.softmax(logits_TA, dim=-1)
         top_p_TK, topk_ids_TK = topk_stable(probs_TA, self.top_k)
         weights_TK = top_p_TK / top_p_TK.sum(-1, keepdim=True)

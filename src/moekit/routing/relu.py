@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.routing.base import Router, Routing
+from moekit.routing.base import Router, Routing, router_float
 from moekit.routing.pairs import no_drops, pairs_from_selection
 from moekit.routing.topk import init_router_weight
 
@@ -51,7 +51,7 @@ class ReLURouter(Router):
 
     def forward(self, x_TD, *, mask=None) -> Routing:
         self.check_input(x_TD, mask)
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        logits_TE = F.linear(router_float(x_TD), router_float(self.weight))
         gates_TE = torch.relu(logits_TE)
         active_TE = gates_TE > 0
         m_T1 = torch.ones_like(gates_TE[:, :1]) if mask is None else mask.float().unsqueeze(-1)

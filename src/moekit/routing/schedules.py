@@ -24,7 +24,7 @@ from torch import nn
 
 from moekit.ops.topk import topk_stable
 from moekit.validate import check_int
-from moekit.routing.base import Router, Routing, check_no_top_k
+from moekit.routing.base import Router, Routing, check_no_top_k, router_float
 from moekit.routing.pairs import check_token_input, no_drops, pairs_from_selection
 from moekit.routing.topk import init_router_weight
 
@@ -97,7 +97,7 @@ class DenseToSparseRouter(Router):
 
     def forward(self, x_TD, *, mask=None) -> Routing:
         self.check_input(x_TD, mask)
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        logits_TE = F.linear(router_float(x_TD), router_float(self.weight))
         probs_TE = torch.softmax(logits_TE, dim=-1)
         step = int(self.step)
         if self.schedule.finished(step):
@@ -186,7 +186,7 @@ class StableMoERouter(Router):
         self.check_input(x_TD, mask)
         T = x_TD.shape[0]
         ids = check_token_input("token_ids", token_ids, T, self.vocab_size).to(x_TD.device)
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        logits_TE = F.linear(router_float(x_TD), router_float(self.weight))
         distilled_TE = self.distilled_logits(ids)
         aux = {}
         if self.stage == 1:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.ops.topk import topk_stable
-from moekit.routing.base import TokenChoiceRouter
+from moekit.routing.base import TokenChoiceRouter, router_float
 from moekit.validate import check_int
 from moekit.routing.pairs import check_token_input
 from moekit.routing.topk import init_router_weight, normalise
@@ -46,8 +46,8 @@ class TaskRouter(TokenChoiceRouter):
         init_router_weight(self.weight.data, scale=1.0)
 
     def task_logits(self) -> torch.Tensor:
-        """(M, E) float32 logits of every task."""
-        return F.linear(self.task_embed.weight.float(), self.weight.float())
+        """(M, E) float32 logits of every task (float64 for a float64 router)."""
+        return F.linear(router_float(self.task_embed.weight), router_float(self.weight))
 
     def select(self, logits_TE: torch.Tensor):
         probs_TE = torch.softmax(logits_TE, dim=-1)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.losses import router_entropy
-from moekit.routing.base import Router, Routing, check_no_top_k
+from moekit.routing.base import Router, Routing, check_no_top_k, router_float
 from moekit.routing.pairs import no_drops, pairs_from_selection
 from moekit.routing.topk import init_router_weight
 
@@ -69,7 +69,7 @@ class TopPRouter(Router):
 
     def forward(self, x_TD, *, mask=None) -> Routing:
         self.check_input(x_TD, mask)
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        logits_TE = F.linear(router_float(x_TD), router_float(self.weight))
         probs_TE = torch.softmax(logits_TE, dim=-1)
         selected_TE = top_p_selection(probs_TE, self.p, self.max_experts)
         token_ids, expert_ids, weights = pairs_from_selection(selected_TE, probs_TE, mask)
