@@ -85,7 +85,7 @@ class MoLoRALinear(_AdapterBase):
         super().__init__()
         self._setup(base, num_experts, top_k)
         check_int("rank", rank, min=1)
-        check_number("alpha", alpha, allow_none=True)
+        check_number("alpha", alpha, min=0, min_open=True, allow_none=True)
         check_number("dropout", dropout, min=0, max=1, max_open=True)
         self.rank = rank
         self.scaling = (rank if alpha is None else float(alpha)) / rank

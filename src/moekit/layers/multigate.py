@@ -279,6 +279,7 @@ class CGC(PLE):
     def __init__(self, *, d_model: int, num_tasks: int, num_shared_experts: int, num_specific_experts: int,
                  d_hidden: int, tower_hidden: Optional[int] = None, d_out: int = 1,
                  activation: str = "relu"):
+        check_int("d_hidden", d_hidden, min=1)          # one level: one width
         super().__init__(d_model=d_model, num_tasks=num_tasks, num_shared_experts=num_shared_experts,
                          num_specific_experts=num_specific_experts, d_hidden=d_hidden, num_levels=1,
                          tower_hidden=tower_hidden, d_out=d_out, activation=activation)

@@ -54,7 +54,7 @@ class SinkhornRouter(TopKRouter):
                  norm: Optional[str] = None, capacity_factor=None, eval_capacity_factor="same",
                  drop_policy: str = "position"):
         # S-BASE is top-1 with the raw softmax gate (as Switch); top-k > 1 renormalises by default.
-        norm = norm or ("raw" if top_k == 1 else "renorm")
+        norm = ("raw" if top_k == 1 else "renorm") if norm is None else norm
         super().__init__(d_model, num_experts, top_k, norm=norm, capacity_factor=capacity_factor,
                          eval_capacity_factor=eval_capacity_factor, drop_policy=drop_policy)
         check_int("num_iters", num_iters, min=1)
