@@ -73,7 +73,9 @@ class ExpertChoiceRouter(Router):
         if eval_capacity_factor == "same":
             eval_capacity_factor = capacity_factor
         for name, v in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
-            check_number(name, v, min=0, max=num_experts, min_open=True)
+            check_number(name, v, min=0, min_open=True)
+            if v > num_experts:            # c is the mean number of experts per token
+                raise ValueError(f"{name} must be in (0, num_experts={num_experts}], got {v!r}")
         self.capacity_factor, self.eval_capacity_factor = float(capacity_factor), float(eval_capacity_factor)
         self.causal = bool(causal)
         # Instance override: with the fallback, eval routing of a token looks at that token only.
