@@ -124,5 +124,5 @@ ckpt_every = 3
     assert cli.main(["generate", str(out / "moe"), "--prefetch"]) == 2
     assert "--prefetch needs --offload-cache S" in capsys.readouterr().err
     assert cli.main(["generate", str(out / "moe"), "--offload-cache", "0"]) == 2
-    assert "--offload-cache must be >= 1, got 0" in capsys.readouterr().err
+    assert "--offload-cache must be a positive int or None, got 0" in capsys.readouterr().err
     assert cli.main(["generate", str(tmp_path / "nothing")]) == 2

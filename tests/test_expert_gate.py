@@ -179,7 +179,7 @@ def test_bad_inputs_raise(gate):
         ExpertGate(8, d_hidden=8)
     with pytest.raises(ValueError, match="d_in must be a positive int, got 0"):
         ExpertGate(0)
-    with pytest.raises(ValueError, match="lr must be > 0"):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got 0.0"):
         ExpertGate(8, d_hidden=2, lr=0.0)
     empty = ExpertGate(20, d_hidden=4)
     with pytest.raises(ValueError, match="no tasks yet"):
@@ -197,7 +197,7 @@ def test_bad_inputs_raise(gate):
     assert empty.num_tasks == 0
     with pytest.raises(ValueError, match=r"shape \(B, 20\), got \(3, 7\)"):
         gate.predict_task(torch.zeros(3, 7))
-    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got 0"):
         gate.probs(torch.zeros(3, 20), temperature=0)
     with pytest.raises(ValueError, match=r"task must be an int in \[-3, 3\), got 3"):
         gate.relatedness(torch.zeros(3, 20), task=3)

@@ -70,5 +70,5 @@ def test_clear_errors():
         downsample(torch.rand(1, 1, 7, 8))
     with pytest.raises(ValueError, match="num_experts"):
         SRNet(num_experts=-1)
-    with pytest.raises(ValueError, match="num_experts must be an int ≥ 2"):
+    with pytest.raises(ValueError, match="num_experts must be an int >= 2, got 1"):
         condconv_from_dense(net, 1)

@@ -356,5 +356,5 @@ def test_fsdp_needs_a_torchrun_job(data, tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ValueError, match="train.fsdp=true .* single process"):
         Trainer(tiny(train={"fsdp": True}), "moe", tmp_path / "f", data=data, progress=False)
-    with pytest.raises(ValueError, match="train.fsdp must be true or false"):
+    with pytest.raises(TypeError, match=r"train.fsdp must be a bool \(True or False\), got 'yes'"):
         tiny(train={"fsdp": "yes"})

@@ -39,7 +39,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         rc = args.func(args)
-    except (ValueError, OSError) as e:      # OSError: a missing file, no space left, permissions
+    # TypeError: a setting of the wrong kind (`--set train.steps=true`); OSError: a missing file,
+    # no space left, permissions.
+    except (ValueError, TypeError, OSError) as e:
         print(f"moekit {args.command}: error: {e}", file=sys.stderr)
         return 2
     return int(rc or 0)

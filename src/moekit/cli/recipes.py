@@ -60,11 +60,26 @@ def _recipe(args, layers, num_experts, top_k, granularity):
                 router="topk", router_kwargs=None)
 
 
+def _check_upcycle_flags(args) -> None:
+    """The flags as typed, before any checkpoint is read (argparse already made them numbers)."""
+    from moekit.validate import check_int, check_number, check_probability
+
+    check_int("-E/--num-experts", args.num_experts, min=1)
+    check_int("-k/--top-k", args.top_k, min=1)
+    if args.top_k > args.num_experts:
+        raise ValueError(f"-k/--top-k must be <= -E/--num-experts={args.num_experts}, got {args.top_k}")
+    check_int("--granularity", args.granularity, min=1)
+    check_number("--noise", args.noise, min=0)
+    check_probability("--reinit-fraction", args.reinit_fraction)
+    check_int("--every", args.every, min=1)
+
+
 def _upcycle(args) -> int:
     from moekit.recipes import find_dense_ffns, upcycle
     from moekit.recipes.io import save_surgery
     from moekit.recipes.upcycle import select_sites
 
+    _check_upcycle_flags(args)
     dense = _load_dense(args.src, args.auto_class)
     ids = _probe_ids(dense)
     ref = _out(dense, ids)
@@ -86,6 +101,9 @@ def _merge(args) -> int:
     from moekit.recipes import btx, find_dense_ffns
     from moekit.recipes.io import save_surgery
 
+    from moekit.validate import check_int
+
+    check_int("-k/--top-k", args.top_k, min=1)
     base = _load_dense(args.base, args.auto_class)
     branches = [_load_dense(p, args.auto_class) for p in args.experts]
     merged = btx(base, branches, top_k=args.top_k, include_base=args.include_base, seed=args.seed).eval()

@@ -154,8 +154,7 @@ def cmd_generate(args) -> int:
 
     if args.prefetch and args.offload_cache is None:
         raise ValueError("--prefetch needs --offload-cache S")
-    if args.offload_cache is not None and args.offload_cache < 1:
-        raise ValueError(f"--offload-cache must be >= 1, got {args.offload_cache}")
+    check_int("--offload-cache", args.offload_cache, min=1, allow_none=True)
     # The flags as the user typed them (argparse already made them ints / floats).
     check_int("--max-new-tokens", args.max_new_tokens, min=0)
     check_number("--temperature", args.temperature, min=0)

@@ -21,6 +21,7 @@ from torch import nn
 
 from moekit.ops.backends import resolve_backend
 from moekit.ops.grouped_mm import offsets_from_counts
+from moekit.validate import check_choice, check_int
 
 __all__ = ["ExpertBank", "ExpertView", "StackedFFNExperts", "ACTIVATIONS", "activation_fn", "uniform_init_"]
 
@@ -36,8 +37,7 @@ ACTIVATIONS = {
 
 
 def activation_fn(name: str):
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    check_choice("activation", name, sorted(ACTIVATIONS))
     return ACTIVATIONS[name]
 
 
@@ -58,10 +58,8 @@ class ExpertBank(nn.Module):
 
     def __init__(self, num_experts: int, d_model: int):
         super().__init__()
-        if not isinstance(num_experts, int) or num_experts <= 0:
-            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-        if not isinstance(d_model, int) or d_model <= 0:
-            raise ValueError(f"d_model must be a positive int, got {d_model!r}")
+        check_int("num_experts", num_experts, min=1)
+        check_int("d_model", d_model, min=1)
         self.num_experts = num_experts
         self.d_model = d_model
 
@@ -109,8 +107,7 @@ class StackedFFNExperts(ExpertBank):
 
     def __init__(self, num_experts: int, d_model: int, d_hidden: int, *, activation: str):
         super().__init__(num_experts, d_model)
-        if not isinstance(d_hidden, int) or d_hidden <= 0:
-            raise ValueError(f"d_hidden must be a positive int, got {d_hidden!r}")
+        check_int("d_hidden", d_hidden, min=1)
         self.d_hidden = d_hidden
         self.activation = activation
         self.act = activation_fn(activation)

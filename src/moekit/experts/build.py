@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from moekit.validate import check_int
+from moekit.validate import check_choice, check_int
 from moekit.experts.base import ExpertBank
 from moekit.experts.glu import GLU_ACTIVATIONS, GLUExperts
 from moekit.experts.mlp import MLPExperts
@@ -14,11 +14,12 @@ __all__ = ["build_experts", "resolve_experts"]
 def build_experts(expert: str, *, num_experts: int, d_model: int, d_hidden: int,
                   activation: Optional[str] = None) -> ExpertBank:
     """A bank by name: ``"mlp"`` (activation default gelu) or a GLU variant (``"swiglu"`` …)."""
+    check_choice("expert", expert, ("mlp", *sorted(GLU_ACTIVATIONS)))
+    if activation is None:
+        activation = "gelu" if expert == "mlp" else GLU_ACTIVATIONS[expert]
     if expert == "mlp":
-        return MLPExperts(num_experts, d_model, d_hidden, activation=activation or "gelu")
-    if expert in GLU_ACTIVATIONS:
-        return GLUExperts(num_experts, d_model, d_hidden, activation=activation or GLU_ACTIVATIONS[expert])
-    raise ValueError(f"expert must be 'mlp' or one of {sorted(GLU_ACTIVATIONS)}, got {expert!r}")
+        return MLPExperts(num_experts, d_model, d_hidden, activation=activation)
+    return GLUExperts(num_experts, d_model, d_hidden, activation=activation)
 
 
 def resolve_experts(experts: Optional[ExpertBank], *, expert: Optional[str], d_hidden: Optional[int],
@@ -38,7 +39,7 @@ def resolve_experts(experts: Optional[ExpertBank], *, expert: Optional[str], d_h
             raise ValueError(f"experts instance has num_experts={experts.num_experts}, d_model="
                              f"{experts.d_model}; the layer has {num_experts}, {d_model}")
         return experts
-    expert = expert or default_expert
+    expert = default_expert if expert is None else expert
     check_int("d_hidden", d_hidden, min=1, allow_none=True)
     d_hidden = d_hidden if d_hidden is not None else default_hidden(d_model, expert)
     return build_experts(expert, num_experts=num_experts, d_model=d_model, d_hidden=d_hidden,

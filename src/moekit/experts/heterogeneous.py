@@ -30,6 +30,7 @@ from torch import nn
 
 from moekit.experts.base import ExpertBank, activation_fn, uniform_init_
 from moekit.experts.glu import GLU_ACTIVATIONS
+from moekit.validate import check_choice, check_instance, check_int
 
 __all__ = ["HeterogeneousExperts"]
 
@@ -59,14 +60,11 @@ class HeterogeneousExperts(ExpertBank):
 
     def __init__(self, d_model: int, d_hiddens: Sequence[int], *, expert: str = "mlp",
                  activation: Optional[str] = None):
-        d_hiddens = list(d_hiddens)
+        check_instance("d_hiddens", d_hiddens, (list, tuple), what="a list of positive ints, one per expert")
+        d_hiddens = [check_int(f"d_hiddens[{i}]", f, min=1) for i, f in enumerate(d_hiddens)]
         if not d_hiddens:
             raise ValueError("d_hiddens must list one hidden size per expert, got an empty list")
-        for i, f in enumerate(d_hiddens):
-            if isinstance(f, bool) or not isinstance(f, int) or f <= 0:
-                raise ValueError(f"d_hiddens[{i}] must be a positive int, got {f!r}")
-        if expert != "mlp" and expert not in GLU_ACTIVATIONS:
-            raise ValueError(f"expert must be 'mlp' or one of {sorted(GLU_ACTIVATIONS)}, got {expert!r}")
+        check_choice("expert", expert, ("mlp", *sorted(GLU_ACTIVATIONS)))
         super().__init__(len(d_hiddens), d_model)
         self.d_hiddens = d_hiddens
         self.expert = expert

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from moekit.experts.base import StackedFFNExperts, uniform_init_
+from moekit.validate import check_bool
 
 __all__ = ["MLPExperts"]
 
@@ -23,8 +24,7 @@ __all__ = ["MLPExperts"]
 class MLPExperts(StackedFFNExperts):
     def __init__(self, num_experts: int, d_model: int, d_hidden: int, *, activation: str = "gelu",
                  bias: bool = False):
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {bias!r}")
+        check_bool("bias", bias)
         super().__init__(num_experts, d_model, d_hidden, activation=activation)
         self.up_proj = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
         self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from moekit.experts.base import ExpertBank
+from moekit.validate import check_int
 
 __all__ = ["ModuleExperts"]
 
@@ -60,8 +61,7 @@ class ModuleExperts(ExpertBank):
                 raise TypeError(f"modules[{i}] must be an nn.Module, got {type(m).__name__}")
         super().__init__(len(modules), d_model)
         d_out = d_model if d_out is None else d_out
-        if not isinstance(d_out, int) or d_out <= 0:
-            raise ValueError(f"d_out must be a positive int, got {d_out!r}")
+        check_int("d_out", d_out, min=1)
         self.d_out = d_out
         self.expert_modules = nn.ModuleList(modules)
 

@@ -30,6 +30,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 
 from moekit.experts.base import ExpertBank, StackedFFNExperts
+from moekit.validate import check_bool, check_int
 
 __all__ = ["OffloadedExperts", "CacheStats"]
 
@@ -81,7 +82,8 @@ def check_offloadable(bank, cache_size) -> None:
     if not isinstance(bank, StackedFFNExperts):
         raise TypeError(f"OffloadedExperts wraps an MLP / GLU bank (StackedFFNExperts), got {type(bank).__name__}")
     E = bank.num_experts
-    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or not 1 <= cache_size <= E:
+    check_int("cache_size", cache_size)
+    if not 1 <= cache_size <= E:
         raise ValueError(f"cache_size must be an int in [1, num_experts={E}], got {cache_size!r}")
     for name, p in bank.named_parameters():
         if p.dim() == 0 or p.shape[0] != E:
@@ -129,7 +131,7 @@ class OffloadedExperts(ExpertBank):
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.cache_size = cache_size
         self.d_hidden, self.activation = bank.d_hidden, bank.activation
-        self.pin = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
+        self.pin = self.device.type == "cuda" if pin_memory is None else check_bool("pin_memory", pin_memory)
         self.bank_requires_grad = {n: p.requires_grad for n, p in bank.named_parameters()}   # for unwrap
 
         self.bank = bank.requires_grad_(False)

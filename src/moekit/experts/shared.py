@@ -14,7 +14,7 @@ from torch import nn
 
 from moekit.experts.base import activation_fn
 from moekit.experts.glu import GLU_ACTIVATIONS
-from moekit.validate import check_bool, check_int
+from moekit.validate import check_bool, check_choice, check_int
 
 __all__ = ["SharedExperts", "DenseFFN"]
 
@@ -24,11 +24,12 @@ class DenseFFN(nn.Module):
 
     def __init__(self, d_model: int, d_hidden: int, *, expert: str = "swiglu", activation: str | None = None):
         super().__init__()
+        check_int("d_model", d_model, min=1)
+        check_int("d_hidden", d_hidden, min=1)
+        check_choice("expert", expert, ("mlp", *sorted(GLU_ACTIVATIONS)))
         self.glu = expert in GLU_ACTIVATIONS
-        if not self.glu and expert != "mlp":
-            raise ValueError(f"expert must be 'mlp' or one of {sorted(GLU_ACTIVATIONS)}, got {expert!r}")
         self.expert = expert
-        act_name = activation or (GLU_ACTIVATIONS[expert] if self.glu else "gelu")
+        act_name = activation if activation is not None else (GLU_ACTIVATIONS[expert] if self.glu else "gelu")
         self.act = activation_fn(act_name)
         if self.glu:
             self.gate_up_proj = nn.Linear(d_model, 2 * d_hidden, bias=False)
@@ -47,6 +48,7 @@ class SharedExperts(nn.Module):
     def __init__(self, d_model: int, d_hidden: int, num_shared: int = 1, *, expert: str = "swiglu",
                  activation: str | None = None, gate: bool = False):
         super().__init__()
+        check_int("d_model", d_model, min=1)
         check_int("num_shared", num_shared, min=1)
         check_int("d_hidden", d_hidden, min=1)
         check_bool("gate", gate)

@@ -36,6 +36,7 @@ from moekit.experts.base import uniform_init_
 from moekit.losses import load_balancing_loss, z_loss
 from moekit.ops.topk import topk_stable
 from moekit.layers.protocol import LayerStats, MoELayer
+from moekit.validate import check_bool, check_int, check_number
 
 __all__ = ["MixtureOfAttentionHeads"]
 
@@ -65,16 +66,14 @@ class MixtureOfAttentionHeads(MoELayer):
                  causal: bool = False, aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0):
         super().__init__()
         for name, v in (("d_model", d_model), ("num_experts", num_experts), ("top_k", top_k)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_int(name, v, min=1)
         if top_k > num_experts:
             raise ValueError(f"top_k must be <= num_experts={num_experts}, got top_k={top_k}")
         head_dim = max(1, d_model // top_k) if head_dim is None else head_dim
-        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
-            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+        check_int("head_dim", head_dim, min=1)
         for name, v in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
-            if not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+            check_number(name, v, min=0)
+        check_bool("causal", causal)
         self.d_model, self.num_experts, self.top_k, self.head_dim = d_model, num_experts, top_k, head_dim
         self.causal = bool(causal)
         self.aux_loss_coef, self.z_loss_coef = float(aux_loss_coef), float(z_loss_coef)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.layers.protocol import MoELayer, mixture_stats
+from moekit.validate import check_bool, check_int, check_number
 from torch.nn.modules.utils import _pair
 
 __all__ = ["CondConv2d"]
@@ -45,8 +46,15 @@ class CondConv2d(MoELayer):
         super().__init__()
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
                         ("num_experts", num_experts), ("groups", groups)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_int(name, v, min=1)
+        for name, v, low in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0),
+                             ("dilation", dilation, 1)):
+            for i, vi in enumerate(v if isinstance(v, (tuple, list)) else (v,)):
+                check_int(name if isinstance(v, int) else f"{name}[{i}]", vi, min=low)
+            if isinstance(v, (tuple, list)) and len(v) != 2:
+                raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+        check_bool("bias", bias)
+        check_number("routing_dropout", routing_dropout, min=0, max=1, max_open=True)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible "
                              f"by groups={groups}")

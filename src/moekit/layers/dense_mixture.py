@@ -30,6 +30,7 @@ from moekit.experts.build import resolve_experts
 from moekit.layers.moe import default_hidden
 from moekit.ops.backends import check_backend_name
 from moekit.layers.protocol import MixtureStats, MoELayer
+from moekit.validate import check_bool, check_instance, check_int, check_number
 
 __all__ = ["DenseMoE", "StackedDenseMoE"]
 
@@ -53,10 +54,8 @@ class DenseMoE(MoELayer):
                  activation: Optional[str] = None, temperature: float = 1.0, backend: str = "auto"):
         super().__init__()
         for name, v in (("d_model", d_model), ("num_experts", num_experts)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+            check_int(name, v, min=1)
+        check_number("temperature", temperature, min=0, min_open=True)
         check_backend_name(backend)
         self.d_model, self.num_experts = d_model, num_experts
         self.temperature, self.backend = float(temperature), backend
@@ -110,9 +109,11 @@ class StackedDenseMoE(nn.Module):
 
     def __init__(self, *, d_model: int, num_experts: Sequence[int], residual: bool = False, **layer_kwargs):
         super().__init__()
-        num_experts = list(num_experts)
+        check_instance("num_experts", num_experts, (list, tuple), what="a list of expert counts, one per layer")
+        num_experts = [check_int(f"num_experts[{i}]", e, min=1) for i, e in enumerate(num_experts)]
         if not num_experts:
             raise ValueError("num_experts must list the experts of at least one layer, got []")
+        check_bool("residual", residual)
         if "experts" in layer_kwargs:
             raise ValueError("StackedDenseMoE builds one bank per layer; experts= is not accepted")
         self.residual = bool(residual)

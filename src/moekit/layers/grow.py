@@ -28,6 +28,7 @@ from moekit.layers.moe import MoE
 from moekit.routing.dense import DenseRouter
 from moekit.routing.task import TaskRouter
 from moekit.routing.topk import TopKRouter
+from moekit.validate import check_int, check_number
 
 __all__ = ["add_experts", "freeze_experts", "slice_expert_rows"]
 
@@ -84,8 +85,8 @@ def add_experts(moe: MoE, n: int, *, router_rows: Optional[torch.Tensor] = None,
     with `freeze_experts` stay frozen.
     """
     _check_growable(moe)
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_int("n", n, min=1)
+    check_number("router_bias", router_bias)
     E, router = moe.num_experts, moe.router
     R = router.weight.shape[1]
     if router_rows is None:

@@ -29,6 +29,7 @@ from torch import nn
 
 from moekit.ops.topk import topk_stable
 from moekit.layers.protocol import MoELayer, mixture_stats
+from moekit.validate import check_int, check_number
 
 __all__ = ["MoLoRALinear", "MoVLinear", "soft_gate"]
 
@@ -46,11 +47,8 @@ class _AdapterBase(MoELayer):
     def _setup(self, base: nn.Linear, num_experts: int, top_k: Optional[int]) -> None:
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
-            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                                  or not 1 <= top_k <= num_experts):
-            raise ValueError(f"top_k must be None (dense) or an int in [1, {num_experts}], got {top_k!r}")
+        check_int("num_experts", num_experts, min=1)
+        check_int("top_k", top_k, min=1, max=num_experts, allow_none=True)        # None: dense
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -96,10 +94,9 @@ class MoLoRALinear(_AdapterBase):
                  alpha: Optional[float] = None, dropout: float = 0.0):
         super().__init__()
         self._setup(base, num_experts, top_k)
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_int("rank", rank, min=1)
+        check_number("alpha", alpha, min=0, min_open=True, allow_none=True)
+        check_number("dropout", dropout, min=0, max=1, max_open=True)
         self.rank = rank
         self.scaling = (rank if alpha is None else float(alpha)) / rank
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features))   # (E, R, I)

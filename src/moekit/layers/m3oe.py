@@ -52,15 +52,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.layers.protocol import MoELayer, mixture_stats
+from moekit.validate import check_bool, check_instance, check_int, check_number
 
 __all__ = ["M3oE", "MLPGroup", "STRUCTURE_NAMES"]
 
 STRUCTURE_NAMES = ("a_domain", "a_task", "b_domain", "b_task")
-
-
-def _pos_int(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
 class MLPGroup(nn.Module):
@@ -73,12 +69,10 @@ class MLPGroup(nn.Module):
 
     def __init__(self, num_members: int, dims: Sequence[int]):
         super().__init__()
-        _pos_int("num_members", num_members)
-        dims = [int(d) for d in dims]
+        check_int("num_members", num_members, min=1)
+        dims = [check_int(f"dims[{i}]", d, min=1) for i, d in enumerate(dims)]
         if len(dims) < 2:
             raise ValueError(f"dims must hold an input and at least one output width, got {dims}")
-        for d in dims:
-            _pos_int("MLP width", d)
         self.num_members, self.dims = num_members, tuple(dims)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -141,17 +135,15 @@ class M3oE(MoELayer):
         for name, v in (("d_model", d_in), ("num_domains", num_domains), ("num_tasks", num_tasks),
                         ("num_shared_experts", num_shared_experts), ("star_dim", star_dim),
                         ("bottom_dim", bottom_dim)):
-            _pos_int(name, v)
-        expert_dims = tuple(expert_dims)
+            check_int(name, v, min=1)
+        check_instance("expert_dims", expert_dims, (list, tuple), what="a sequence of positive ints")
+        expert_dims = tuple(check_int(f"expert_dims[{i}]", v, min=1) for i, v in enumerate(expert_dims))
         if not expert_dims:
             raise ValueError("expert_dims must hold at least one width, got ()")
-        for v in expert_dims:
-            _pos_int("expert_dims entry", v)
         d_out = expert_dims[-1]
-        tower_hidden = d_out if tower_hidden is None else tower_hidden
-        _pos_int("tower_hidden", tower_hidden)
-        if not math.isfinite(structure_init):
-            raise ValueError(f"structure_init must be finite, got {structure_init}")
+        tower_hidden = d_out if tower_hidden is None else check_int("tower_hidden", tower_hidden, min=1)
+        structure_init = check_number("structure_init", structure_init)
+        check_bool("detach_gate_input", detach_gate_input)
         D, K, E = num_domains, num_tasks, num_shared_experts
         self.d_in = self.d_model = d_in
         self.num_domains, self.num_tasks, self.num_experts = D, K, E
@@ -209,8 +201,7 @@ class M3oE(MoELayer):
         for name, v in values.items():
             if name not in STRUCTURE_NAMES:
                 raise ValueError(f"structure weight must be one of {STRUCTURE_NAMES}, got {name!r}")
-            if v is not None and not 0.0 <= float(v) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1] (a sigmoid's range) or None, got {v}")
+            check_number(name, v, min=0, max=1, allow_none=True)      # a sigmoid's range
             with torch.no_grad():
                 self.structure_fixed[STRUCTURE_NAMES.index(name)] = float("nan") if v is None else float(v)
 

@@ -33,14 +33,10 @@ from torch import nn
 from moekit.layers.checks import check_float_input
 from moekit.experts.base import activation_fn
 from moekit.layers.protocol import LayerStats, MoELayer
+from moekit.validate import check_bool, check_int, check_number
 
 __all__ = ["MMoE", "SharedBottom", "CGC", "PLE", "ExtractionLevel", "ExpertGroup", "TaskTower",
            "GateStats", "MMoESynthetic", "make_mmoe_synthetic"]
-
-
-def _pos_int(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
 def _check_x(x: torch.Tensor, d_in: int) -> None:
@@ -52,9 +48,9 @@ class ExpertGroup(nn.Module):
 
     def __init__(self, num_experts: int, d_in: int, d_out: int, *, activation: str = "relu"):
         super().__init__()
-        _pos_int("num_experts", num_experts)
-        _pos_int("d_in", d_in)
-        _pos_int("d_out", d_out)
+        check_int("num_experts", num_experts, min=1)
+        check_int("d_in", d_in, min=1)
+        check_int("d_out", d_out, min=1)
         self.num_experts, self.d_in, self.d_out = num_experts, d_in, d_out
         self.activation = activation
         self.act = activation_fn(activation)
@@ -77,10 +73,12 @@ class TaskTower(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, hidden: Optional[int] = None):
         super().__init__()
+        check_int("d_in", d_in, min=1)
+        check_int("d_out", d_out, min=1)
+        check_int("tower_hidden", hidden, min=1, allow_none=True)
         if hidden is None:
             self.net = nn.Linear(d_in, d_out)
         else:
-            _pos_int("tower_hidden", hidden)
             self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -109,9 +107,12 @@ def _gate_stats(gates: Sequence[torch.Tensor]) -> GateStats:
 class _TaskModel(nn.Module):
     """Shared bits: flattening ``(..., I)``, the zero aux loss, gate statistics."""
 
-    def _init_common(self, d_in: int, num_tasks: int) -> None:
-        _pos_int("d_model", d_in)
-        _pos_int("num_tasks", num_tasks)
+    def _init_common(self, d_in: int, num_tasks: int, *, d_out: int, tower_hidden: Optional[int]) -> None:
+        """Check the settings every task model shares, under their public names."""
+        check_int("d_model", d_in, min=1)
+        check_int("num_tasks", num_tasks, min=1)
+        check_int("d_out", d_out, min=1)
+        check_int("tower_hidden", tower_hidden, min=1, allow_none=True)
         self.d_in = self.d_model = d_in
         self.num_tasks = num_tasks
         self.aux_loss: torch.Tensor = torch.zeros(())
@@ -136,7 +137,8 @@ class SharedBottom(_TaskModel):
                  d_out: int = 1, activation: str = "relu"):
         super().__init__()
         d_in, bottom_hidden = d_model, d_hidden
-        self._init_common(d_in, num_tasks)
+        self._init_common(d_in, num_tasks, d_out=d_out, tower_hidden=tower_hidden)
+        check_int("d_hidden", bottom_hidden, min=1)
         self.bottom = ExpertGroup(1, d_in, bottom_hidden, activation=activation)
         self.towers = nn.ModuleList(TaskTower(bottom_hidden, d_out, tower_hidden) for _ in range(num_tasks))
 
@@ -164,8 +166,10 @@ class MMoE(MoELayer, _TaskModel):
                  activation: str = "relu"):
         d_in, expert_hidden = d_model, d_hidden
         super().__init__()
-        self._init_common(d_in, num_tasks)
-        self.num_experts, self.shared_gate = num_experts, bool(shared_gate)
+        self._init_common(d_in, num_tasks, d_out=d_out, tower_hidden=tower_hidden)
+        check_int("num_experts", num_experts, min=1)
+        check_int("d_hidden", expert_hidden, min=1)
+        self.num_experts, self.shared_gate = num_experts, check_bool("shared_gate", shared_gate)
         self.experts = ExpertGroup(num_experts, d_in, expert_hidden, activation=activation)
         self.gates = nn.ModuleList(nn.Linear(d_in, num_experts) for _ in range(1 if shared_gate else num_tasks))
         self.towers = nn.ModuleList(TaskTower(expert_hidden, d_out, tower_hidden) for _ in range(num_tasks))
@@ -194,10 +198,9 @@ class ExtractionLevel(nn.Module):
     def __init__(self, d_in: int, num_tasks: int, num_shared: int, num_specific: int, expert_hidden: int, *,
                  shared_gate: bool, activation: str = "relu"):
         super().__init__()
-        _pos_int("num_tasks", num_tasks)
-        _pos_int("num_shared_experts", num_shared)
-        if isinstance(num_specific, bool) or not isinstance(num_specific, int) or num_specific < 0:
-            raise ValueError(f"num_specific_experts must be an int >= 0, got {num_specific!r}")
+        check_int("num_tasks", num_tasks, min=1)
+        check_int("num_shared_experts", num_shared, min=1)
+        check_int("num_specific_experts", num_specific, min=0)
         self.num_tasks, self.num_shared, self.num_specific = num_tasks, num_shared, num_specific
         self.shared = ExpertGroup(num_shared, d_in, expert_hidden, activation=activation)
         self.specific = nn.ModuleList(ExpertGroup(num_specific, d_in, expert_hidden, activation=activation)
@@ -243,14 +246,19 @@ class PLE(MoELayer, _TaskModel):
                  tower_hidden: Optional[int] = None, d_out: int = 1, activation: str = "relu"):
         d_in, expert_hidden = d_model, d_hidden
         super().__init__()
-        self._init_common(d_in, num_tasks)
-        _pos_int("num_levels", num_levels)
-        hidden = [expert_hidden] * num_levels if isinstance(expert_hidden, int) else list(expert_hidden)
-        if len(hidden) != num_levels:
-            raise ValueError(f"expert_hidden must be an int or a list of num_levels={num_levels} ints, "
-                             f"got {len(hidden)} values")
-        for h in hidden:
-            _pos_int("expert_hidden", h)
+        self._init_common(d_in, num_tasks, d_out=d_out, tower_hidden=tower_hidden)
+        check_int("num_levels", num_levels, min=1)
+        check_int("num_shared_experts", num_shared_experts, min=1)
+        check_int("num_specific_experts", num_specific_experts, min=0)
+        if isinstance(expert_hidden, (list, tuple)):
+            hidden = list(expert_hidden)
+            if len(hidden) != num_levels:
+                raise ValueError(f"d_hidden must be an int or a list of num_levels={num_levels} ints, "
+                                 f"got {len(hidden)} values")
+            for i, h in enumerate(hidden):
+                check_int(f"d_hidden[{i}]", h, min=1)
+        else:
+            hidden = [check_int("d_hidden", expert_hidden, min=1)] * num_levels
         widths = [d_in] + hidden
         self.levels = nn.ModuleList(
             ExtractionLevel(widths[i], num_tasks, num_shared_experts, num_specific_experts, widths[i + 1],
@@ -271,6 +279,7 @@ class CGC(PLE):
     def __init__(self, *, d_model: int, num_tasks: int, num_shared_experts: int, num_specific_experts: int,
                  d_hidden: int, tower_hidden: Optional[int] = None, d_out: int = 1,
                  activation: str = "relu"):
+        check_int("d_hidden", d_hidden, min=1)          # one level: one width
         super().__init__(d_model=d_model, num_tasks=num_tasks, num_shared_experts=num_shared_experts,
                          num_specific_experts=num_specific_experts, d_hidden=d_hidden, num_levels=1,
                          tower_hidden=tower_hidden, d_out=d_out, activation=activation)
@@ -296,16 +305,13 @@ def make_mmoe_synthetic(num_samples: int, *, correlation: float, d: int = 100, c
     ``y_j = w_jᵀx + Σ_{i=1..m} sin(α_i w_jᵀx + β_i) + ε_j`` with ``α_i, β_i ~ N(0, 1)`` drawn once
     and shared by both tasks, ``ε_j ~ N(0, noise_std²)`` (R4: variance 0.01). Deterministic in `seed`.
     """
-    _pos_int("num_samples", num_samples)
-    _pos_int("d", d)
-    if d < 2:
-        raise ValueError(f"d must be >= 2 (two orthogonal directions), got {d}")
-    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
-        raise ValueError(f"m must be an int >= 0, got {m!r}")
-    if not -1.0 <= float(correlation) <= 1.0:
-        raise ValueError(f"correlation must be in [-1, 1], got {correlation}")
-    if noise_std < 0:
-        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    check_int("num_samples", num_samples, min=1)
+    check_int("d", d, min=2)                  # two orthogonal directions
+    check_int("m", m, min=0)
+    check_number("correlation", correlation, min=-1.0, max=1.0)
+    check_number("c", c)
+    check_number("noise_std", noise_std, min=0)
+    check_int("seed", seed)
     gen = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(d, 2, generator=gen, dtype=torch.float64))
     u1, u2 = q[:, 0], q[:, 1]

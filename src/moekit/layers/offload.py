@@ -29,6 +29,7 @@ from moekit.experts.offload import CacheStats, OffloadedExperts, check_offloadab
 from moekit.layers.moe import MoE
 from moekit.ops.dispatch import LocalDispatcher
 from moekit.routing.base import TokenChoiceRouter
+from moekit.validate import check_bool
 
 __all__ = ["offload_experts", "restore_experts", "offload_stats", "OffloadedExperts", "CacheStats"]
 
@@ -56,8 +57,9 @@ def offload_experts(model: nn.Module, *, cache_size: int, device=None, prefetch:
     Returns `model`, changed in place; nothing changes when an argument is refused: sync-free
     and expert-parallel layers (ValueError), other expert banks (TypeError).
     """
-    if not isinstance(prefetch, bool):
-        raise TypeError(f"prefetch must be a bool, got {prefetch!r}")
+    check_bool("prefetch", prefetch)
+    if pin_memory is not None:
+        check_bool("pin_memory", pin_memory)
     layers = _moe_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no moekit.MoE layer to offload")

@@ -29,6 +29,7 @@ from torch import nn
 
 from moekit.experts.shared import DenseFFN
 from moekit.layers.moe import MoE, default_hidden
+from moekit.validate import check_bool, check_instance, check_int
 
 __all__ = ["ResidualMoE", "PyramidMoE"]
 
@@ -53,6 +54,9 @@ class ResidualMoE(nn.Module):
         super().__init__()
         if "experts" in moe_kwargs:
             raise ValueError("ResidualMoE builds its own expert bank; experts= is not accepted")
+        check_int("d_model", d_model, min=1)
+        check_int("mlp_d_hidden", mlp_d_hidden, min=1, allow_none=True)
+        check_bool("coefficient", coefficient)
         d_hidden = default_hidden(d_model, expert) if d_hidden is None else d_hidden
         self.moe = MoE(d_model=d_model, num_experts=num_experts, top_k=top_k, d_hidden=d_hidden, expert=expert,
                        **moe_kwargs)
@@ -91,7 +95,10 @@ class PyramidMoE(nn.Module):
     def __init__(self, *, d_model: int, num_experts: Sequence[int], residual_mlp: bool = True,
                  allow_any_order: bool = False, **layer_kwargs):
         super().__init__()
-        counts = list(num_experts)
+        check_instance("num_experts", num_experts, (list, tuple), what="a list of expert counts, one per layer")
+        counts = [check_int(f"num_experts[{i}]", e, min=1) for i, e in enumerate(num_experts)]
+        check_bool("residual_mlp", residual_mlp)
+        check_bool("allow_any_order", allow_any_order)
         if not counts:
             raise ValueError("num_experts must list one expert count per layer, got []")
         if not allow_any_order and any(a > b for a, b in zip(counts, counts[1:])):

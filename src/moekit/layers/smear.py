@@ -30,6 +30,7 @@ from torch import nn
 
 from moekit.experts.base import activation_fn, uniform_init_
 from moekit.layers.protocol import MoELayer, mixture_stats
+from moekit.validate import check_choice, check_int
 
 __all__ = ["SMEAR"]
 
@@ -49,10 +50,8 @@ class SMEAR(MoELayer):
                  activation: str = "gelu"):
         super().__init__()
         for name, v in (("d_model", d_model), ("num_experts", num_experts)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if expert not in ("mlp", "linear"):
-            raise ValueError(f"expert must be 'mlp' or 'linear', got {expert!r}")
+            check_int(name, v, min=1)
+        check_choice("expert", expert, ("mlp", "linear"))
         if expert == "linear" and d_hidden is not None:
             raise ValueError(f"d_hidden applies to expert='mlp' only, got d_hidden={d_hidden} with 'linear'")
         self.d_model, self.num_experts, self.expert = d_model, num_experts, expert
@@ -63,8 +62,7 @@ class SMEAR(MoELayer):
             self.bias = nn.Parameter(torch.empty(num_experts, d_model).uniform_(-bound, bound))
         else:
             d_hidden = 4 * d_model if d_hidden is None else d_hidden
-            if isinstance(d_hidden, bool) or not isinstance(d_hidden, int) or d_hidden <= 0:
-                raise ValueError(f"d_hidden must be a positive int, got {d_hidden!r}")
+            check_int("d_hidden", d_hidden, min=1)
             self.d_hidden, self.activation = d_hidden, activation
             self.act = activation_fn(activation)
             self.up_proj = nn.Parameter(uniform_init_(torch.empty(num_experts, d_hidden, d_model)))  # (E, F, D)

@@ -48,6 +48,7 @@ from moekit.experts import ExpertBank
 from moekit.experts.build import resolve_experts
 from moekit.ops.backends import check_backend_name
 from moekit.layers.protocol import LayerStats, MoELayer
+from moekit.validate import check_bool, check_int
 
 __all__ = ["SoftMoE", "SoftMoEStats"]
 
@@ -101,10 +102,8 @@ class SoftMoE(MoELayer):
                  normalize: bool = True, backend: str = "auto"):
         super().__init__()
         for name, v in (("d_model", d_model), ("num_experts", num_experts), ("slots_per_expert", slots_per_expert)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+            check_int(name, v, min=1)
+        check_bool("normalize", normalize)
         check_backend_name(backend)
         self.d_model, self.num_experts, self.slots_per_expert = d_model, num_experts, slots_per_expert
         self.num_slots = num_experts * slots_per_expert

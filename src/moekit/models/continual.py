@@ -36,7 +36,7 @@ from moekit.layers import MoE
 from moekit.layers.grow import add_experts, freeze_experts
 from moekit.optim import UpdateStep, build_optimizer
 from moekit.routing.task import TaskRouter
-from moekit.validate import check_int
+from moekit.validate import check_bool, check_int, check_number
 
 __all__ = ["GrowingTaskRouter", "TaskIncrementalNet", "dense_task_net", "task_moe_net", "start_task",
            "train_task", "task_accuracy", "train_sequentially", "accuracy_matrix", "average_accuracy",
@@ -67,9 +67,8 @@ class GrowingTaskRouter(TaskRouter):
         prefer/margin: raise the new task's logits of experts `prefer` by `margin` (its fresh
         experts), so it starts on them rather than on frozen ones; training may move it.
         """
-        prefer = [int(e) for e in prefer]
-        if any(not 0 <= e < self.num_experts for e in prefer):
-            raise ValueError(f"prefer must list experts in [0, {self.num_experts}), got {prefer}")
+        prefer = [check_int(f"prefer[{i}]", e, min=0, max=self.num_experts - 1) for i, e in enumerate(prefer)]
+        margin = check_number("margin", margin)
         old = self.task_embed
         emb_1R = torch.randn(1, self.d_task, device=old.weight.device, dtype=old.weight.dtype)
         self.task_embed = nn.Embedding(self.num_tasks + 1, self.d_task).to(old.weight)
@@ -92,7 +91,9 @@ class TaskIncrementalNet(nn.Module):
 
     def __init__(self, body: nn.Module, *, d_in: int, num_classes: int, task_classes: Sequence[Sequence[int]]):
         super().__init__()
-        classes = [c for cs in task_classes for c in cs]
+        check_int("d_in", d_in, min=1)
+        check_int("num_classes", num_classes, min=1)
+        classes = [check_int("task_classes entry", c) for cs in task_classes for c in cs]
         if sorted(classes) != sorted(set(classes)) or any(not 0 <= c < num_classes for c in classes):
             raise ValueError(f"task_classes must be disjoint class ids in [0, {num_classes}), got {task_classes}")
         self.body, self.d_in = body, d_in
@@ -141,7 +142,8 @@ def task_moe_net(*, d_in: int, d_expert: int, num_experts: int, top_k: int, num_
     growing: a `GrowingTaskRouter` that starts with one task (grow with `start_task`); else a
     plain `TaskRouter` for all tasks of `task_classes` from the start (Task-MoE).
     """
-    router = (GrowingTaskRouter(d_in, num_experts, top_k, d_task=d_task) if growing else
+    check_int("d_expert", d_expert, min=1)
+    router = (GrowingTaskRouter(d_in, num_experts, top_k, d_task=d_task) if check_bool("growing", growing) else
               TaskRouter(d_in, num_experts, top_k, num_tasks=len(task_classes), d_task=d_task))
     # One routing decision per task: a balancing loss would only push tasks apart at random.
     moe = MoE(d_model=d_in, num_experts=num_experts, router=router, expert="mlp", d_hidden=d_expert,
@@ -152,6 +154,8 @@ def task_moe_net(*, d_in: int, d_expert: int, num_experts: int, top_k: int, num_
 def start_task(net: TaskIncrementalNet, task_id: int, *, experts_per_task: int, freeze: bool = True) -> list[int]:
     """Before training task `task_id` ≥ 1 of a growing MoE net: add experts and the task, freeze
     the old experts (if `freeze`). Returns the new expert ids. Build the optimizer after this."""
+    check_int("experts_per_task", experts_per_task, min=1)
+    check_bool("freeze", freeze)
     router = net.body.router
     if not isinstance(router, GrowingTaskRouter):
         raise ValueError(f"start_task needs a net from task_moe_net(growing=True), got router {type(router).__name__}")

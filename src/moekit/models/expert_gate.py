@@ -34,6 +34,7 @@ from torch import nn
 
 from moekit.models.continual import TaskIncrementalNet
 from moekit.optim import UpdateStep, build_optimizer
+from moekit.validate import check_int, check_number
 
 __all__ = ["TaskAutoencoder", "ExpertGate", "GatedAccuracy", "gated_predict", "gated_accuracy"]
 
@@ -54,11 +55,6 @@ class TaskAutoencoder(nn.Module):
         return (self(x_BD) - x_BD).square().mean(-1)
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 class ExpertGate(nn.Module):
     """The gate of Expert Gate: one frozen `TaskAutoencoder` per task, added by `add_task`.
 
@@ -72,11 +68,11 @@ class ExpertGate(nn.Module):
                  batch_size: int = 128, seed: int = 0):
         super().__init__()
         for name, value in (("d_in", d_in), ("d_hidden", d_hidden), ("epochs", epochs), ("batch_size", batch_size)):
-            _check_positive_int(name, value)
+            check_int(name, value, min=1)
         if d_hidden >= d_in:
             raise ValueError(f"the auto-encoder must be under-complete: need d_hidden < d_in = {d_in}, got {d_hidden}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        lr = check_number("lr", lr, min=0, min_open=True)
+        check_int("seed", seed)
         self.d_in, self.d_hidden, self.epochs, self.lr, self.batch_size, self.seed = (
             d_in, d_hidden, epochs, lr, batch_size, seed)
         self.autoencoders = nn.ModuleList()
@@ -134,8 +130,7 @@ class ExpertGate(nn.Module):
 
     def probs(self, x_BD: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
         """(B, M) ``softmax(−er / t)`` over tasks; t = 2 in the paper (for its error scale)."""
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_number("temperature", temperature, min=0, min_open=True)
         return torch.softmax(-self.reconstruction_errors(x_BD) / temperature, dim=-1)
 
     def predict_task(self, x_BD: torch.Tensor) -> torch.Tensor:
@@ -148,7 +143,8 @@ class ExpertGate(nn.Module):
         (the paper uses its validation split) and ``er_a`` is auto-encoder a's mean error on it.
         Entry k is exactly 1; the old task with the largest value is the most related."""
         self._check_tasks()
-        if isinstance(task, bool) or not isinstance(task, int) or not -self.num_tasks <= task < self.num_tasks:
+        check_int("task", task)
+        if not -self.num_tasks <= task < self.num_tasks:
             raise ValueError(f"task must be an int in [-{self.num_tasks}, {self.num_tasks}), got {task!r}")
         er_M = self.reconstruction_errors(x_ND).double().mean(0)
         er_k = er_M[task]
@@ -197,7 +193,7 @@ def gated_accuracy(net: TaskIncrementalNet, gate: ExpertGate, x_BD: torch.Tensor
     """Evaluate ``net`` without task ids: each input goes to the gate's task (`gated_predict`).
     The true task of an input is the task owning its label in ``net.task_classes``; labels of
     tasks the gate has not seen are an error."""
-    _check_positive_int("batch_size", batch_size)
+    check_int("batch_size", batch_size, min=1)
     if y_B.dim() != 1 or y_B.shape[0] != x_BD.shape[0]:
         raise ValueError(f"y must have shape ({x_BD.shape[0]},), got {tuple(y_B.shape)}")
     L = net.head.out_features

@@ -28,7 +28,7 @@ from torch import nn
 from moekit.experts import DenseFFN
 from moekit.layers import MoE, aux_loss
 from moekit.optim import UpdateStep, build_optimizer
-from moekit.validate import check_int
+from moekit.validate import check_int, check_number
 
 __all__ = ["Episode", "EpisodeSampler", "ProtoEmbedding", "active_ffn_params", "dense_proto_net",
            "evaluate_episodes", "meta_train", "moe_proto_net", "proto_logits", "prototypes"]
@@ -65,8 +65,8 @@ class EpisodeSampler:
         if len(set(classes)) != len(classes):
             raise ValueError(f"classes must be distinct, got {classes}")
         for name, v in (("n_way", n_way), ("shots", shots), ("queries", queries)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_int(name, v, min=1)
+        check_int("seed", seed)
         if n_way > len(classes):
             raise ValueError(f"n_way={n_way} exceeds the {len(classes)} allowed classes {classes}")
         self.pools = []
@@ -141,6 +141,9 @@ def dense_proto_net(*, in_features: int, d_model: int = 64, d_hidden: int = 256)
 def moe_proto_net(*, in_features: int, d_model: int = 64, d_hidden: int = 256, num_experts: int = 8,
                   top_k: int = 2, aux_loss_coef: float = 0.01) -> ProtoEmbedding:
     """The MoE twin of `dense_proto_net`: E GELU experts of hidden ``F / K``, top-K, dropless."""
+    for name, v in (("in_features", in_features), ("d_model", d_model), ("d_hidden", d_hidden),
+                    ("num_experts", num_experts), ("top_k", top_k)):
+        check_int(name, v, min=1)
     if d_hidden % top_k:
         raise ValueError(f"d_hidden={d_hidden} must be a multiple of top_k={top_k} for equal active params")
     ffn = MoE(d_model=d_model, num_experts=num_experts, top_k=top_k, d_hidden=d_hidden // top_k,
@@ -176,6 +179,7 @@ def meta_train(net: nn.Module, x_BX: torch.Tensor, labels, classes: Sequence[int
     the learning rate decayed from `lr` to 0 at the last step by a cosine (`moekit.optim.UpdateStep`).
     """
     check_int("steps", steps, min=1)
+    check_number("lr", lr, min=0, min_open=True)
     sampler = EpisodeSampler(labels, classes, n_way=n_way, shots=shots, queries=queries, seed=seed)
     update = UpdateStep(net, build_optimizer(net, name="adam", lr=lr), lr=lr, total_steps=steps, schedule="cosine",
                         min_lr_ratio=0.0)
@@ -192,8 +196,7 @@ def meta_train(net: nn.Module, x_BX: torch.Tensor, labels, classes: Sequence[int
 def evaluate_episodes(net: nn.Module, x_BX: torch.Tensor, labels, classes: Sequence[int], *, n_way: int,
                       shots: int, queries: int, episodes: int, seed: int = 0) -> tuple[float, float, np.ndarray]:
     """Mean query accuracy over `episodes` test episodes, its 95% CI half-width (1.96·sd/√n), and the per-episode accuracies."""
-    if episodes < 2:
-        raise ValueError(f"episodes must be >= 2 for a confidence interval, got {episodes}")
+    check_int("episodes", episodes, min=2)              # a confidence interval needs two
     sampler = EpisodeSampler(labels, classes, n_way=n_way, shots=shots, queries=queries, seed=seed)
     net.eval()
     accs = np.array([_episode_loss(net, x_BX, sampler.sample(), n_way)[1].item() for _ in range(episodes)])

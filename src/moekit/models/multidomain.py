@@ -37,7 +37,7 @@ from moekit.layers.m3oe import M3oE
 from moekit.layers.multigate import MMoE, SharedBottom
 from moekit.models.multitask import TabularEmbedding
 from moekit.optim import UpdateStep, build_optimizer
-from moekit.validate import check_instance, check_int, check_number
+from moekit.validate import check_bool, check_choice, check_instance, check_int, check_number
 
 __all__ = ["ARCHS", "MultiDomainConfig", "MultiDomainModel", "domain_task_bce", "BiLevelStep"]
 
@@ -59,8 +59,8 @@ class MultiDomainModel(nn.Module):
         if backbone.d_in != embedding.d_out:
             raise ValueError(f"backbone d_in={backbone.d_in} does not match the embedding's output width "
                              f"{embedding.d_out}")
-        if num_domains < 1:
-            raise ValueError(f"num_domains must be >= 1, got {num_domains}")
+        check_int("num_domains", num_domains, min=1)
+        check_bool("domain_feature", domain_feature)
         if isinstance(backbone, M3oE) and backbone.num_domains != num_domains:
             raise ValueError(f"M3oE has num_domains={backbone.num_domains}, the model {num_domains}")
         self.embedding, self.backbone = embedding, backbone
@@ -115,8 +115,10 @@ class MultiDomainConfig:
     detach_gate_input: bool = True
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        check_choice("arch", self.arch, ARCHS)
+        for name in ("embed_dim", "width", "tower_hidden", "num_experts", "num_shared_experts"):
+            check_int(name, getattr(self, name), min=1)
+        check_bool("detach_gate_input", self.detach_gate_input)
 
     @property
     def domain_feature(self) -> bool:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from moekit.layers.multigate import MMoE, PLE, SharedBottom
+from moekit.validate import check_choice, check_int
 
 __all__ = ["ARCHS", "TabularEmbedding", "MultiTaskConfig", "MultiTaskModel"]
 
@@ -34,11 +35,11 @@ class TabularEmbedding(nn.Module):
 
     def __init__(self, vocab_sizes: Sequence[int], num_continuous: int, embed_dim: int):
         super().__init__()
-        sizes = [int(v) for v in vocab_sizes]
-        if not sizes or min(sizes) < 1:
+        sizes = [check_int(f"vocab_sizes[{i}]", v, min=1) for i, v in enumerate(vocab_sizes)]
+        if not sizes:
             raise ValueError(f"vocab_sizes must be a non-empty list of positive ints, got {list(vocab_sizes)}")
-        if num_continuous < 0 or embed_dim < 1:
-            raise ValueError(f"need num_continuous >= 0 and embed_dim >= 1, got {num_continuous} and {embed_dim}")
+        check_int("num_continuous", num_continuous, min=0)
+        check_int("embed_dim", embed_dim, min=1)
         self.num_continuous, self.embed_dim = num_continuous, embed_dim
         self.d_out = len(sizes) * embed_dim + num_continuous
         self.table = nn.Embedding(sum(sizes), embed_dim)
@@ -75,8 +76,11 @@ class MultiTaskConfig:
     num_levels: int = 2
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        check_choice("arch", self.arch, ARCHS)
+        for name in ("embed_dim", "expert_hidden", "num_experts", "num_shared_experts", "num_levels"):
+            check_int(name, getattr(self, name), min=1)
+        check_int("num_specific_experts", self.num_specific_experts, min=0)
+        check_int("tower_hidden", self.tower_hidden, min=1, allow_none=True)
 
     def build_backbone(self, d_in: int, num_tasks: int) -> nn.Module:
         common = dict(tower_hidden=self.tower_hidden, d_out=1)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.layers.condconv import CondConv2d
+from moekit.validate import check_int, check_number
 
 __all__ = ["SRNet", "bicubic_upsample", "condconv_from_dense", "downsample", "psnr", "sr_macs"]
 
@@ -70,8 +71,7 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, *, max_val: float = 1.0) -> t
                          f"{getattr(pred, 'shape', type(pred))} and {getattr(target, 'shape', type(target))}")
     if pred.dim() < 2 or pred.shape[0] == 0:
         raise ValueError(f"pred must be (B, ...) with B ≥ 1 and at least one value per image, got {tuple(pred.shape)}")
-    if not max_val > 0:
-        raise ValueError(f"max_val must be positive, got {max_val!r}")
+    max_val = check_number("max_val", max_val, min=0, min_open=True)
     mse_B = (pred.double() - target.double()).pow(2).flatten(1).mean(dim=1)
     return (10 * torch.log10(max_val ** 2 / mse_B)).mean()
 
@@ -92,8 +92,7 @@ class SRNet(nn.Module):
         super().__init__()
         for name, v, low in (("channels", channels, 1), ("scale", scale, 1), ("width", width, 1),
                              ("num_mid", num_mid, 0), ("num_experts", num_experts, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an int ≥ {low}, got {v!r}")
+            check_int(name, v, min=low)
         self.channels, self.scale, self.width, self.num_experts = channels, scale, width, num_experts
         self.head = nn.Conv2d(channels, width, 3, padding=1)
         self.mid = nn.ModuleList(
@@ -124,8 +123,7 @@ def condconv_from_dense(dense: SRNet, num_experts: int) -> SRNet:
     """
     if dense.num_experts:
         raise ValueError(f"dense must be a dense SRNet (num_experts=0), got num_experts={dense.num_experts}")
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 2:
-        raise ValueError(f"num_experts must be an int ≥ 2, got {num_experts!r}")
+    check_int("num_experts", num_experts, min=2)
     moe = SRNet(channels=dense.channels, scale=dense.scale, width=dense.width, num_mid=len(dense.mid),
                 num_experts=num_experts).to(dense.head.weight.dtype)
     moe.head.load_state_dict(dense.head.state_dict())

@@ -65,7 +65,7 @@ def check_backend_name(name: str) -> None:
     if name == "auto":
         return
     _load_lazy()
-    if name not in _BACKENDS:
+    if not isinstance(name, str) or name not in _BACKENDS:
         hint = " (install the 'triton' extra)" if name == "triton" else ""
         raise ValueError(f"backend must be one of {available_backends()}, got {name!r}{hint}")
 

@@ -33,7 +33,7 @@ AUTO_MAX_K, AUTO_MAX_E = 16, 1024
 
 
 def check_fused_option(fused) -> None:
-    if fused not in ("auto", True, False):
+    if not (isinstance(fused, bool) or fused == "auto"):      # 1 and 0 are not switches
         raise ValueError(f"fused_gate must be 'auto', True or False, got {fused!r}")
 
 

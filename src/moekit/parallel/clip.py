@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moekit.parallel.sharding import is_dtensor, expert_shard_of
+from moekit.validate import check_number
 
 __all__ = ["clip_grad_norm_", "grad_norm"]
 
@@ -24,6 +25,7 @@ __all__ = ["clip_grad_norm_", "grad_norm"]
 @torch.no_grad()
 def grad_norm(parameters: Union[nn.Module, Iterable[torch.Tensor]], norm_type: float = 2.0) -> torch.Tensor:
     """The global gradient norm (float32 scalar) over replicated parameters and expert shards."""
+    norm_type = check_number("norm_type", norm_type, min=0, min_open=True, allow_inf=True)
     params = list(parameters.parameters() if isinstance(parameters, nn.Module) else parameters)
     grads = [(p.grad, expert_shard_of(p)) for p in params if p.grad is not None]
     if not grads:
@@ -66,6 +68,7 @@ def clip_grad_norm_(parameters: Union[nn.Module, Iterable[torch.Tensor]], max_no
                     norm_type: float = 2.0) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_` for expert-parallel models: same arguments, returns the
     global norm before clipping; every rank applies the same coefficient."""
+    max_norm = check_number("max_norm", max_norm, min=0)
     params = list(parameters.parameters() if isinstance(parameters, nn.Module) else parameters)
     total = grad_norm(params, norm_type)
     coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)

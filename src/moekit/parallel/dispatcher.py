@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from moekit.ops.dispatch import DispatchMeta, LocalDispatcher
 from moekit.parallel.comm import all_to_all_single, resolve_group
+from moekit.validate import check_int
 
 __all__ = ["ExpertParallelDispatcher", "ExpertParallelMeta"]
 
@@ -50,7 +51,8 @@ class ExpertParallelDispatcher(LocalDispatcher):
         self.group = resolve_group(group)
         self.world_size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
-        if not isinstance(num_experts, int) or num_experts <= 0 or num_experts % self.world_size:
+        check_int("num_experts", num_experts, min=1)
+        if num_experts % self.world_size:
             raise ValueError(f"num_experts must be a positive multiple of the expert-parallel group size "
                              f"{self.world_size}, got num_experts={num_experts!r}")
         self.num_experts = num_experts

@@ -25,6 +25,7 @@ from torch import nn
 
 from moekit.parallel.comm import resolve_group
 from moekit.parallel.sharding import is_dtensor, expert_shard_of
+from moekit.validate import check_choice
 
 __all__ = ["GradientSync", "sync_gradients", "broadcast_model", "GRAD_SYNC_MODES"]
 
@@ -54,8 +55,7 @@ class GradientSync:
     """
 
     def __init__(self, model: nn.Module, *, world_group=None, expert_data_group=None, mode: str = "hooks"):
-        if mode not in GRAD_SYNC_MODES:
-            raise ValueError(f"mode must be one of {GRAD_SYNC_MODES}, got {mode!r}")
+        check_choice("mode", mode, GRAD_SYNC_MODES)
         self.world_group = resolve_group(world_group)
         self.expert_data_group = None if expert_data_group is None else resolve_group(expert_data_group)
         if self.expert_data_group is not None and dist.get_world_size(self.expert_data_group) == 1:

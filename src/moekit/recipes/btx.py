@@ -24,6 +24,7 @@ from moekit.experts.glu import GLUExperts
 from moekit.experts.mlp import MLPExperts
 from moekit.layers.moe import MoE
 from moekit.recipes.dense_ffn import DenseWeights, find_dense_ffns
+from moekit.validate import check_bool, check_int
 
 __all__ = ["btx", "average_models", "moe_from_ffns"]
 
@@ -118,7 +119,10 @@ def btx(base: nn.Module, experts: Sequence[nn.Module], *, top_k: int = 2, includ
     branches = ([base] if include_base else []) + list(experts)
     if len(branches) < 2:
         raise ValueError(f"need at least 2 branches to mix, got {len(branches)}")
-    if not isinstance(top_k, int) or not 1 <= top_k <= len(branches):
+    check_int("top_k", top_k, min=1)
+    check_bool("include_base", include_base)
+    check_int("seed", seed)
+    if top_k > len(branches):
         raise ValueError(f"top_k must be an int in [1, {len(branches)}] (the number of branches), got {top_k!r}")
     _check_same_architecture([base] + list(experts))
     merged = copy.deepcopy(base)

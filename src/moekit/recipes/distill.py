@@ -20,7 +20,6 @@ dense baseline of the student's size.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Iterable, Optional, Union
 
 import torch
@@ -33,6 +32,7 @@ from moekit.layers.moe import MoE, aux_loss
 from moekit.models.transformer import TransformerLM
 from moekit.layers.protocol import MoELayer
 from moekit.optim import UpdateStep, build_optimizer
+from moekit.validate import check_int, check_number, check_probability
 
 __all__ = ["distillation_loss", "dense_student_from_moe", "distill", "teacher_kl", "FFN_INITS"]
 
@@ -40,13 +40,9 @@ FFN_INITS = ("random", "mean", "top")
 
 
 def _check_coefs(alpha, temperature, ignore_index=-100) -> None:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha (the teacher's weight) must be a number in [0, 1], got {alpha!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_int("ignore_index", ignore_index)
+    check_number("alpha", alpha, min=0, max=1)          # the teacher's weight
+    check_number("temperature", temperature, min=0, min_open=True)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], labels: torch.Tensor,
@@ -331,18 +327,15 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, batches: Union[Cal
     or gradient norm raises `moekit.optim.NonFiniteError` (a FloatingPointError) before that
     step's update.
     """
-    _check_coefs(alpha, temperature)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"lr must be a number > 0, got {lr!r}")
-    for name, v in (("warmup_steps", warmup_steps), ("weight_decay", weight_decay), ("grad_clip", grad_clip),
-                    ("eps", eps)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+    _check_coefs(alpha, temperature, ignore_index)
+    check_int("steps", steps, min=1)
+    check_number("lr", lr, min=0, min_open=True)
+    check_int("warmup_steps", warmup_steps, min=0)
+    check_probability("min_lr_ratio", min_lr_ratio)
+    for name, v in (("weight_decay", weight_decay), ("grad_clip", grad_clip), ("eps", eps)):
+        check_number(name, v, min=0)
     for name, v in (("beta1", beta1), ("beta2", beta2)):
-        if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+        check_number(name, v, min=0, max=1, max_open=True)
     if teacher is None and alpha > 0:
         raise ValueError(f"teacher=None is only plain training (alpha=0), got alpha={alpha}")
     device = next(student.parameters()).device

@@ -25,6 +25,7 @@ from torch import nn
 from moekit.layers.grow import slice_expert_rows as _slice_experts
 from moekit.layers.moe import MoE
 from moekit.routing.base import Router, Routing
+from moekit.validate import check_int, check_number
 
 __all__ = ["expert_usage", "prune_experts", "prune_model", "merge_experts", "similar_expert_groups",
            "GroupedRouter"]
@@ -63,7 +64,7 @@ def prune_experts(moe: MoE, keep: Sequence[int]) -> MoE:
     if not isinstance(moe, MoE):
         raise TypeError(f"moe must be a moekit MoE, got {type(moe).__name__}")
     E = moe.num_experts
-    keep = [int(i) for i in keep]
+    keep = [check_int(f"keep[{j}]", i) for j, i in enumerate(keep)]
     if not keep or len(set(keep)) != len(keep) or any(not 0 <= i < E for i in keep):
         raise ValueError(f"keep must be distinct expert indices in [0, {E}), got {keep}")
     if getattr(moe.router, "num_groups", 1) > 1:
@@ -107,7 +108,8 @@ def prune_model(model: nn.Module, usage: dict[str, torch.Tensor], keep: Union[in
     for name, counts in usage.items():
         moe = model.get_submodule(name)
         E = moe.num_experts
-        n = keep if isinstance(keep, int) else int(round(keep * E))
+        n = check_int("keep", keep) if isinstance(keep, int) and not isinstance(keep, bool) \
+            else int(round(check_number("keep", keep, min=0, max=1) * E))
         if not 1 <= n <= E:
             raise ValueError(f"keep must give between 1 and {E} experts, got {keep!r} -> {n}")
         order = sorted(range(E), key=lambda e: (-int(counts[e]), e))
@@ -163,6 +165,7 @@ def similar_expert_groups(moe: MoE, num_groups: int) -> list[list[int]]:
     """Agglomerative grouping of experts by cosine similarity of their flattened weights
     (average linkage) into `num_groups` groups."""
     E = moe.num_experts
+    check_int("num_groups", num_groups)
     if not 1 <= num_groups <= E:
         raise ValueError(f"num_groups must be in [1, {E}], got {num_groups}")
     flat = torch.cat([p.detach().reshape(E, -1).float() for p in moe.experts.parameters() if p.shape[0] == E], 1)

@@ -39,23 +39,20 @@ from moekit.experts.mlp import MLPExperts
 from moekit.layers.moe import MoE
 from moekit.recipes.dense_ffn import DenseWeights, find_dense_ffns
 from moekit.routing.base import Router
+from moekit.validate import check_int, check_number, check_probability
 
 __all__ = ["upcycle", "upcycle_weights", "select_sites"]
 
 
 def _check(num_experts, top_k, granularity, noise, reinit_fraction, every):
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
-    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+    check_int("num_experts", num_experts, min=1)
+    check_int("top_k", top_k, min=1)
+    if top_k > num_experts:
         raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
-    if not isinstance(granularity, int) or granularity < 1:
-        raise ValueError(f"granularity must be an int >= 1, got {granularity!r}")
-    if not isinstance(noise, (int, float)) or noise < 0:
-        raise ValueError(f"noise must be a number >= 0, got {noise!r}")
-    if not isinstance(reinit_fraction, (int, float)) or not 0 <= reinit_fraction <= 1:
-        raise ValueError(f"reinit_fraction must be in [0, 1], got {reinit_fraction!r}")
-    if not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be an int >= 1, got {every!r}")
+    check_int("granularity", granularity, min=1)
+    check_number("noise", noise, min=0)
+    check_probability("reinit_fraction", reinit_fraction)
+    check_int("every", every, min=1)
 
 
 def _tile(slices_mXY: torch.Tensor, copies: int) -> torch.Tensor:

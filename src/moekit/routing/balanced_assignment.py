@@ -27,6 +27,7 @@ from torch import nn
 from moekit.routing.base import Router, Routing, check_no_top_k, router_float
 from moekit.routing.pairs import no_drops
 from moekit.routing.topk import init_router_weight
+from moekit.validate import check_int
 
 __all__ = ["BaseLayerRouter", "balanced_assignment", "balanced_capacities"]
 
@@ -99,8 +100,7 @@ class BaseLayerRouter(Router):
                  group_size: Optional[int] = None):
         check_no_top_k("base", top_k, 1)
         super().__init__(d_model, num_experts, None)
-        if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
-            raise ValueError(f"group_size must be None or a positive int, got {group_size!r}")
+        check_int("group_size", group_size, min=1, allow_none=True)
         # Balance within groups of this many consecutive real tokens (None: the whole batch);
         # the exact solver costs O(S² E) per group of S tokens.
         self.group_size = group_size

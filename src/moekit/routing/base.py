@@ -9,7 +9,6 @@ one format, so the dispatcher, the losses and the statistics never look inside a
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from moekit.ops.counting import count_ids
-from moekit.validate import check_int
+from moekit.validate import check_choice, check_int, check_number
 from moekit.routing.capacity import (DROP_POLICIES, apply_capacity, apply_capacity_static, capacity_for,
                                      capacity_tensor)
 
@@ -110,12 +109,7 @@ def check_no_top_k(router_name: str, top_k: Optional[int], natural: Optional[int
 
 
 def _check_capacity_factor(name: str, value: Optional[float]) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be None (dropless) or a finite number > 0, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be None (dropless) or a finite number > 0, got {value!r}")
+    check_number(name, value, min=0, min_open=True, allow_none=True)        # None: dropless
 
 
 class Router(nn.Module):
@@ -189,8 +183,7 @@ class TokenChoiceRouter(Router):
             eval_capacity_factor = capacity_factor
         _check_capacity_factor("capacity_factor", capacity_factor)
         _check_capacity_factor("eval_capacity_factor", eval_capacity_factor)
-        if drop_policy not in DROP_POLICIES:
-            raise ValueError(f"drop_policy must be one of {sorted(DROP_POLICIES)}, got {drop_policy!r}")
+        check_choice("drop_policy", drop_policy, DROP_POLICIES)
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.drop_policy = drop_policy

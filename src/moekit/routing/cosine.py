@@ -20,6 +20,7 @@ from torch import nn
 from moekit.ops.topk import topk_stable
 from moekit.routing.base import TokenChoiceRouter, router_float
 from moekit.routing.topk import normalise
+from moekit.validate import check_choice, check_int, check_number
 
 __all__ = ["CosineRouter"]
 
@@ -30,12 +31,10 @@ class CosineRouter(TokenChoiceRouter):
                  capacity_factor=None, eval_capacity_factor="same", drop_policy: str = "position"):
         super().__init__(d_model, num_experts, top_k, capacity_factor=capacity_factor,
                          eval_capacity_factor=eval_capacity_factor, drop_policy=drop_policy)
-        if not isinstance(d_route, int) or d_route <= 0:
-            raise ValueError(f"d_route must be a positive int, got {d_route!r}")
-        if not 0 < min_temperature <= init_temperature:
-            raise ValueError(f"need 0 < min_temperature <= init_temperature, got {min_temperature}, {init_temperature}")
-        if norm not in ("renorm", "raw"):
-            raise ValueError(f"norm must be 'renorm' or 'raw', got {norm!r}")
+        check_int("d_route", d_route, min=1)
+        check_number("min_temperature", min_temperature, min=0, min_open=True)
+        check_number("init_temperature", init_temperature, min=min_temperature)
+        check_choice("norm", norm, ("renorm", "raw"))
         self.d_route, self.norm, self.min_temperature = d_route, norm, float(min_temperature)
         self.proj = nn.Linear(d_model, d_route, bias=False)
         self.expert_embed = nn.Parameter(torch.empty(num_experts, d_route))

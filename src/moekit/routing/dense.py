@@ -23,6 +23,7 @@ import torch
 
 from moekit.routing.base import check_no_top_k
 from moekit.routing.topk import TopKRouter
+from moekit.validate import check_bool, check_number
 
 __all__ = ["DenseRouter", "competitive_loss", "competitive_responsibilities"]
 
@@ -32,8 +33,7 @@ def _log_scores(logits_TE, expert_out_TEO, target_TO, sigma):
             or target_TO.shape != (expert_out_TEO.shape[0], expert_out_TEO.shape[2]):
         raise ValueError(f"need logits (T, E), expert outputs (T, E, O), targets (T, O); got "
                          f"{tuple(logits_TE.shape)}, {tuple(expert_out_TEO.shape)}, {tuple(target_TO.shape)}")
-    if not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma!r}")
+    check_number("sigma", sigma, min=0, min_open=True)
     sq_TE = (target_TO.unsqueeze(1) - expert_out_TEO).square().sum(-1)
     return torch.log_softmax(logits_TE, -1) - sq_TE / (2 * sigma ** 2)
 
@@ -57,8 +57,8 @@ class DenseRouter(TopKRouter):
                  temperature: float = 1.0, bias: bool = False):
         check_no_top_k("dense", top_k, num_experts)
         super().__init__(d_model, num_experts, num_experts, norm="raw", bias=bias)
-        if not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        check_number("temperature", temperature, min=0, min_open=True)
+        check_bool("bias", bias)
         self.temperature = float(temperature)
 
     def set_capacity(self, capacity_factor, eval_capacity_factor="same", drop_policy: str = "position") -> None:

@@ -25,6 +25,7 @@ from torch import nn
 
 from moekit.routing.base import Router, Routing, router_float
 from moekit.routing.pairs import no_drops, pairs_from_selection
+from moekit.validate import check_bool, check_number
 
 __all__ = ["DSelectKRouter", "smooth_step"]
 
@@ -43,10 +44,9 @@ class DSelectKRouter(Router):
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *, gamma: float = 1.0,
                  entropy_coef: float = 1e-3, per_token: bool = True):
         super().__init__(d_model, num_experts, top_k)
-        if not gamma > 0:
-            raise ValueError(f"gamma must be > 0, got {gamma!r}")
-        if not isinstance(entropy_coef, (int, float)) or entropy_coef < 0:
-            raise ValueError(f"entropy_coef must be a number >= 0, got {entropy_coef!r}")
+        check_number("gamma", gamma, min=0, min_open=True)
+        check_number("entropy_coef", entropy_coef, min=0)
+        check_bool("per_token", per_token)
         self.gamma, self.entropy_coef, self.per_token = float(gamma), float(entropy_coef), bool(per_token)
         self.code_bits = max(1, math.ceil(math.log2(num_experts)))
         L, B, K = 2 ** self.code_bits, self.code_bits, top_k

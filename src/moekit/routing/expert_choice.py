@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.ops.topk import topk_stable
-from moekit.routing.base import Router, Routing, _check_capacity_factor, router_float
+from moekit.routing.base import Router, Routing, router_float
 from moekit.routing.capacity import capacity_for
 from moekit.routing.pairs import no_drops, pairs_from_selection
 from moekit.routing.topk import init_router_weight
+from moekit.validate import check_bool, check_int, check_number
 
 __all__ = ["ExpertChoiceRouter"]
 
@@ -62,8 +63,8 @@ class ExpertChoiceRouter(Router):
         if causal and top_k is None:
             top_k = 2
         super().__init__(d_model, num_experts, top_k)
-        if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
-            raise ValueError(f"group_size must be None or a positive int, got {group_size!r}")
+        check_int("group_size", group_size, min=1, allow_none=True)
+        check_bool("causal", causal)
         self.group_size = group_size
         if capacity_factor is None:
             raise ValueError("expert choice needs a capacity factor c (mean experts per token), got None")
@@ -72,8 +73,8 @@ class ExpertChoiceRouter(Router):
         if eval_capacity_factor == "same":
             eval_capacity_factor = capacity_factor
         for name, v in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
-            _check_capacity_factor(name, v)
-            if v is None or v > num_experts:
+            check_number(name, v, min=0, min_open=True)
+            if v > num_experts:            # c is the mean number of experts per token
                 raise ValueError(f"{name} must be in (0, num_experts={num_experts}], got {v!r}")
         self.capacity_factor, self.eval_capacity_factor = float(capacity_factor), float(eval_capacity_factor)
         self.causal = bool(causal)

@@ -22,6 +22,7 @@ from torch import nn
 from moekit.ops.topk import topk_stable
 from moekit.routing.base import TokenChoiceRouter, router_float
 from moekit.routing.topk import normalise
+from moekit.validate import check_number
 
 __all__ = ["GaussianRouter"]
 
@@ -31,8 +32,7 @@ class GaussianRouter(TokenChoiceRouter):
                  capacity_factor=None, eval_capacity_factor="same", drop_policy: str = "position"):
         super().__init__(d_model, num_experts, top_k, capacity_factor=capacity_factor,
                          eval_capacity_factor=eval_capacity_factor, drop_policy=drop_policy)
-        if not min_var > 0:
-            raise ValueError(f"min_var must be > 0, got {min_var!r}")
+        check_number("min_var", min_var, min=0, min_open=True)
         self.min_var = float(min_var)
         self.means = nn.Parameter(torch.randn(num_experts, d_model))
         self.log_var = nn.Parameter(torch.zeros(num_experts, d_model))

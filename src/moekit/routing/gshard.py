@@ -29,6 +29,7 @@ import torch
 from moekit.routing.base import Routing
 from moekit.routing.capacity import capacity_for, rank_within_expert
 from moekit.routing.topk import TopKRouter
+from moekit.validate import check_bool, check_int
 
 __all__ = ["GShardRouter"]
 
@@ -42,8 +43,8 @@ class GShardRouter(TopKRouter):
             raise ValueError(f"GShard gating is top-2, got top_k={top_k}")
         if num_experts < 2:
             raise ValueError(f"GShard gating needs num_experts >= 2, got {num_experts}")
-        if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
-            raise ValueError(f"group_size must be None or a positive int, got {group_size!r}")
+        check_int("group_size", group_size, min=1, allow_none=True)
+        check_bool("random_routing", random_routing)
         super().__init__(d_model, num_experts, 2, norm="renorm", capacity_factor=capacity_factor,
                          eval_capacity_factor=eval_capacity_factor, drop_policy=drop_policy)
         self.group_size = group_size

@@ -21,6 +21,7 @@ import torch
 
 from moekit.routing.base import Router, Routing, check_no_top_k
 from moekit.routing.pairs import check_token_input, no_drops
+from moekit.validate import check_int
 
 __all__ = ["HashRouter", "balanced_hash_table"]
 
@@ -54,8 +55,8 @@ class HashRouter(Router):
                  vocab_size: Optional[int] = None, seed: int = 0):
         check_no_top_k("hash", top_k, 1)
         super().__init__(d_model, num_experts, None)
-        if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size <= 0):
-            raise ValueError(f"vocab_size must be None or a positive int, got {vocab_size!r}")
+        check_int("vocab_size", vocab_size, min=1, allow_none=True)
+        check_int("seed", seed)
         self.vocab_size, self.seed = vocab_size, int(seed)
         # Drawn on the CPU generator's device whatever the default device is (e.g. meta).
         g = torch.Generator().manual_seed(self.seed)

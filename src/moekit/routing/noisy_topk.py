@@ -20,6 +20,7 @@ from torch import nn
 
 from moekit.ops.topk import topk_stable
 from moekit.routing.base import TokenChoiceRouter, router_float
+from moekit.validate import check_number
 
 __all__ = ["NoisyTopKRouter"]
 
@@ -31,8 +32,7 @@ class NoisyTopKRouter(TokenChoiceRouter):
                  capacity_factor=None, eval_capacity_factor="same", drop_policy: str = "position"):
         super().__init__(d_model, num_experts, top_k, capacity_factor=capacity_factor,
                          eval_capacity_factor=eval_capacity_factor, drop_policy=drop_policy)
-        if min_noise_std < 0:
-            raise ValueError(f"min_noise_std must be >= 0, got {min_noise_std}")
+        check_number("min_noise_std", min_noise_std, min=0)
         self.min_noise_std = float(min_noise_std)
         self.weight = nn.Parameter(torch.zeros(num_experts, d_model))
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_model))

@@ -26,6 +26,7 @@ from moekit.ops.topk import topk_stable
 from moekit.routing.base import Router, Routing, router_float
 from moekit.routing.pairs import no_drops
 from moekit.routing.topk import init_router_weight
+from moekit.validate import check_int, check_number
 
 __all__ = ["NullExpertsRouter"]
 
@@ -36,10 +37,8 @@ class NullExpertsRouter(Router):
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *, num_null_experts: int = 1,
                  balance_coef: float = 1e-2):
         super().__init__(d_model, num_experts, top_k)
-        if not isinstance(num_null_experts, int) or num_null_experts < 0:
-            raise ValueError(f"num_null_experts must be an int >= 0, got {num_null_experts!r}")
-        if not isinstance(balance_coef, (int, float)) or balance_coef < 0:
-            raise ValueError(f"balance_coef must be a number >= 0, got {balance_coef!r}")
+        check_int("num_null_experts", num_null_experts, min=0)
+        check_number("balance_coef", balance_coef, min=0)
         self.num_null_experts, self.balance_coef = num_null_experts, float(balance_coef)
         self.weight = nn.Parameter(torch.empty(num_experts + num_null_experts, d_model))
         init_router_weight(self.weight.data)

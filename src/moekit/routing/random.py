@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from moekit.routing.base import TokenChoiceRouter
+from moekit.validate import check_int
 
 __all__ = ["RandomRouter"]
 
@@ -24,7 +25,7 @@ class RandomRouter(TokenChoiceRouter):
                  capacity_factor=None, eval_capacity_factor="same", drop_policy: str = "position"):
         super().__init__(d_model, num_experts, top_k, capacity_factor=capacity_factor,
                          eval_capacity_factor=eval_capacity_factor, drop_policy=drop_policy)
-        self.seed = int(seed)
+        self.seed = check_int("seed", seed)
 
     def set_capacity(self, capacity_factor, eval_capacity_factor="same", drop_policy: str = "position") -> None:
         if drop_policy == "reroute":

@@ -24,6 +24,7 @@ from torch import nn
 from moekit.routing.base import Router, Routing, router_float
 from moekit.routing.pairs import no_drops, pairs_from_selection
 from moekit.routing.topk import init_router_weight
+from moekit.validate import check_bool, check_number
 
 __all__ = ["ReLURouter"]
 
@@ -36,10 +37,10 @@ class ReLURouter(Router):
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *, l1_init: float = 1e-8,
                  l1_growth: float = 1.2, load_balanced: bool = True, adapt: bool = True):
         super().__init__(d_model, num_experts, top_k)
-        if not l1_init > 0:
-            raise ValueError(f"l1_init must be > 0, got {l1_init!r}")
-        if not l1_growth > 1:
-            raise ValueError(f"l1_growth (ζ) must be > 1, got {l1_growth!r}")
+        check_number("l1_init", l1_init, min=0, min_open=True)
+        check_number("l1_growth", l1_growth, min=1, min_open=True)      # ζ
+        check_bool("load_balanced", load_balanced)
+        check_bool("adapt", adapt)
         self.l1_growth, self.load_balanced, self.adapt = float(l1_growth), bool(load_balanced), bool(adapt)
         self.register_buffer("l1_coef", torch.tensor(float(l1_init)))
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))

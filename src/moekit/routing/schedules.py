@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.ops.topk import topk_stable
-from moekit.validate import check_int
+from moekit.validate import check_int, check_number
 from moekit.routing.base import Router, Routing, check_no_top_k, router_float
 from moekit.routing.pairs import check_token_input, no_drops, pairs_from_selection
 from moekit.routing.topk import init_router_weight
@@ -45,10 +45,9 @@ class TemperatureSchedule:
     steps: int = 1000
 
     def __post_init__(self):
-        if not (self.start > 0 and self.end > 0 and self.start >= self.end):
-            raise ValueError(f"need start >= end > 0, got start={self.start}, end={self.end}")
-        if not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"steps must be an int >= 0, got {self.steps!r}")
+        check_number("end", self.end, min=0, min_open=True)
+        check_number("start", self.start, min=self.end)        # τ only falls
+        check_int("steps", self.steps, min=0)
 
     def __call__(self, step: int) -> float:
         if self.steps == 0 or step >= self.steps:
@@ -81,8 +80,14 @@ class DenseToSparseRouter(Router):
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *, start_temperature: float = 2.0,
                  end_temperature: float = 0.3, anneal_steps: int = 1000, threshold: Optional[float] = None):
         super().__init__(d_model, num_experts, top_k)
+        for name, v in (("start_temperature", start_temperature), ("end_temperature", end_temperature)):
+            check_number(name, v, min=0, min_open=True)
+        if start_temperature < end_temperature:
+            raise ValueError(f"start_temperature must be >= end_temperature={end_temperature} (τ only falls), "
+                             f"got {start_temperature}")
+        check_int("anneal_steps", anneal_steps, min=0)
         self.schedule = TemperatureSchedule(start_temperature, end_temperature, anneal_steps)
-        threshold = 0.5 / num_experts if threshold is None else threshold
+        threshold = 0.5 / num_experts if threshold is None else check_number("threshold", threshold)
         if not 0 <= threshold < 1.0 / num_experts:
             raise ValueError(f"threshold must be in [0, 1/E = {1 / num_experts:.4g}) so training starts dense, "
                              f"got {threshold}")
@@ -158,10 +163,8 @@ class StableMoERouter(Router):
                              "for): pass it through router_kwargs, e.g. MoE(router='stable_moe', "
                              "router_kwargs={'vocab_size': V})")
         check_int("vocab_size", vocab_size, min=1)
-        if not isinstance(d_distill, int) or d_distill <= 0:
-            raise ValueError(f"d_distill must be a positive int, got {d_distill!r}")
-        if distill_coef < 0:
-            raise ValueError(f"distill_coef must be >= 0, got {distill_coef!r}")
+        check_int("d_distill", d_distill, min=1)
+        check_number("distill_coef", distill_coef, min=0)
         self.vocab_size, self.distill_coef = vocab_size, float(distill_coef)
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))          # centroids w_e
         init_router_weight(self.weight.data)
@@ -232,8 +235,7 @@ class RoutingDropout(Router):
             raise TypeError(f"router must be a moekit Router, got {type(router).__name__}")
         super().__init__(router.d_model, router.num_experts, router.top_k)
         for name, v in (("token_rate", token_rate), ("pair_rate", pair_rate)):
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+            check_number(name, v, min=0, max=1, max_open=True)
         self.inner, self.token_rate, self.pair_rate = router, float(token_rate), float(pair_rate)
         self.default_balance_loss = router.default_balance_loss
         self.causal_safe = router.causal_safe

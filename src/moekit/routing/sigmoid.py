@@ -27,6 +27,7 @@ from moekit.ops.gate import check_fused_option, gate_weights_probs, topk_gate
 from moekit.ops.topk import topk_stable
 from moekit.routing.base import TokenChoiceRouter, router_float
 from moekit.routing.topk import init_router_weight
+from moekit.validate import check_bool, check_int, check_number
 
 __all__ = ["SigmoidRouter"]
 
@@ -40,14 +41,17 @@ class SigmoidRouter(TokenChoiceRouter):
                  drop_policy: str = "position", fused_gate="auto"):
         super().__init__(d_model, num_experts, top_k, capacity_factor=capacity_factor,
                          eval_capacity_factor=eval_capacity_factor, drop_policy=drop_policy)
-        if num_groups < 1 or num_experts % num_groups:
+        check_int("num_groups", num_groups, min=1)
+        if num_experts % num_groups:
             raise ValueError(f"num_groups must divide num_experts={num_experts}, got {num_groups}")
-        if not 1 <= topk_groups <= num_groups:
+        check_int("topk_groups", topk_groups, min=1)
+        if topk_groups > num_groups:
             raise ValueError(f"topk_groups must be in [1, num_groups={num_groups}], got {topk_groups}")
         if top_k > topk_groups * (num_experts // num_groups):
             raise ValueError(f"top_k={top_k} exceeds the experts in {topk_groups} of {num_groups} groups")
-        if bias_update_rate < 0:
-            raise ValueError(f"bias_update_rate must be >= 0, got {bias_update_rate}")
+        check_number("bias_update_rate", bias_update_rate, min=0)
+        check_number("route_scale", route_scale, min=0, min_open=True)
+        check_bool("renorm", renorm)
         self.num_groups, self.topk_groups = num_groups, topk_groups
         self.route_scale, self.renorm = float(route_scale), bool(renorm)
         self.bias_update_rate = float(bias_update_rate)

@@ -19,6 +19,7 @@ import torch
 
 from moekit.ops.topk import topk_stable
 from moekit.routing.topk import TopKRouter, normalise
+from moekit.validate import check_int
 
 __all__ = ["SinkhornRouter", "sinkhorn_balance"]
 
@@ -53,11 +54,10 @@ class SinkhornRouter(TopKRouter):
                  norm: Optional[str] = None, capacity_factor=None, eval_capacity_factor="same",
                  drop_policy: str = "position"):
         # S-BASE is top-1 with the raw softmax gate (as Switch); top-k > 1 renormalises by default.
-        norm = norm or ("raw" if top_k == 1 else "renorm")
+        norm = ("raw" if top_k == 1 else "renorm") if norm is None else norm
         super().__init__(d_model, num_experts, top_k, norm=norm, capacity_factor=capacity_factor,
                          eval_capacity_factor=eval_capacity_factor, drop_policy=drop_policy)
-        if not isinstance(num_iters, int) or num_iters < 1:
-            raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
+        check_int("num_iters", num_iters, min=1)
         self.num_iters = num_iters
 
     def select(self, logits_TE: torch.Tensor, mask: Optional[torch.Tensor] = None):

@@ -10,6 +10,7 @@ import torch
 
 from moekit.routing.base import router_float
 from moekit.routing.topk import TopKRouter
+from moekit.validate import check_number
 
 __all__ = ["SwitchRouter"]
 
@@ -20,8 +21,7 @@ class SwitchRouter(TopKRouter):
                  fused_gate="auto"):
         if top_k != 1:
             raise ValueError(f"Switch routing is top-1, got top_k={top_k}")
-        if not 0.0 <= jitter < 1.0:
-            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+        check_number("jitter", jitter, min=0, max=1, max_open=True)
         super().__init__(d_model, num_experts, 1, norm="raw", capacity_factor=capacity_factor,
                          eval_capacity_factor=eval_capacity_factor, drop_policy=drop_policy,
                          fused_gate=fused_gate)

@@ -19,7 +19,7 @@ from torch import nn
 
 from moekit.ops.topk import topk_stable
 from moekit.routing.base import TokenChoiceRouter, router_float
-from moekit.validate import check_int
+from moekit.validate import check_choice, check_int
 from moekit.routing.pairs import check_token_input
 from moekit.routing.topk import init_router_weight, normalise
 
@@ -36,10 +36,8 @@ class TaskRouter(TokenChoiceRouter):
             raise ValueError("router 'task' needs num_tasks (how many task ids it routes): pass it through "
                              "router_kwargs, e.g. MoE(router='task', router_kwargs={'num_tasks': N})")
         check_int("num_tasks", num_tasks, min=1)
-        if not isinstance(d_task, int) or d_task <= 0:
-            raise ValueError(f"d_task must be a positive int, got {d_task!r}")
-        if norm not in ("renorm", "raw"):
-            raise ValueError(f"norm must be 'renorm' or 'raw', got {norm!r}")
+        check_int("d_task", d_task, min=1)
+        check_choice("norm", norm, ("renorm", "raw"))
         self.num_tasks, self.d_task, self.norm = num_tasks, d_task, norm
         self.task_embed = nn.Embedding(num_tasks, d_task)
         self.weight = nn.Parameter(torch.empty(num_experts, d_task))

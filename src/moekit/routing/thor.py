@@ -22,6 +22,7 @@ import torch
 
 from moekit.routing.base import Router, Routing, check_no_top_k
 from moekit.routing.pairs import no_drops
+from moekit.validate import check_choice, check_int
 
 __all__ = ["ThorRouter", "consistency_loss"]
 
@@ -50,12 +51,9 @@ class ThorRouter(Router):
                  granularity: str = "batch", eval_mode: str = "ensemble", eval_expert: int = 0):
         check_no_top_k("thor", top_k, 1)
         super().__init__(d_model, num_experts, None)
-        if granularity not in ("batch", "token"):
-            raise ValueError(f"granularity must be 'batch' or 'token', got {granularity!r}")
-        if eval_mode not in ("ensemble", "fixed"):
-            raise ValueError(f"eval_mode must be 'ensemble' or 'fixed', got {eval_mode!r}")
-        if not 0 <= eval_expert < num_experts:
-            raise ValueError(f"eval_expert must be in [0, {num_experts}), got {eval_expert}")
+        check_choice("granularity", granularity, ("batch", "token"))
+        check_choice("eval_mode", eval_mode, ("ensemble", "fixed"))
+        check_int("eval_expert", eval_expert, min=0, max=num_experts - 1)
         self.granularity, self.eval_mode, self.eval_expert = granularity, eval_mode, eval_expert
 
     def forward(self, x_TD, *, mask=None) -> Routing:

@@ -29,6 +29,7 @@ from moekit.losses import router_entropy
 from moekit.routing.base import Router, Routing, check_no_top_k, router_float
 from moekit.routing.pairs import no_drops, pairs_from_selection
 from moekit.routing.topk import init_router_weight
+from moekit.validate import check_int, check_number, check_probability
 
 __all__ = ["TopPRouter", "top_p_selection"]
 
@@ -57,12 +58,9 @@ class TopPRouter(Router):
                  dynamic_loss_coef: float = 1e-4, max_experts: Optional[int] = None):
         check_no_top_k("top_p", top_k, None)
         super().__init__(d_model, num_experts, None)
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
-            raise ValueError(f"p must be in (0, 1], got {p!r}")
-        if not isinstance(dynamic_loss_coef, (int, float)) or dynamic_loss_coef < 0:
-            raise ValueError(f"dynamic_loss_coef must be a number >= 0, got {dynamic_loss_coef!r}")
-        if max_experts is not None and not (isinstance(max_experts, int) and 1 <= max_experts <= num_experts):
-            raise ValueError(f"max_experts must be None or in [1, {num_experts}], got {max_experts!r}")
+        check_probability("p", p, open_low=True)
+        check_number("dynamic_loss_coef", dynamic_loss_coef, min=0)
+        check_int("max_experts", max_experts, min=1, max=num_experts, allow_none=True)
         self.p, self.dynamic_loss_coef, self.max_experts = float(p), float(dynamic_loss_coef), max_experts
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         init_router_weight(self.weight.data)

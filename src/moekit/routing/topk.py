@@ -27,6 +27,7 @@ from torch import nn
 from moekit.ops.gate import check_fused_option, topk_gate
 from moekit.ops.topk import topk_stable
 from moekit.routing.base import TokenChoiceRouter, router_float
+from moekit.validate import check_bool, check_choice, check_number
 
 __all__ = ["TopKRouter", "NORMS", "init_router_weight", "normalise"]
 
@@ -55,10 +56,10 @@ class TopKRouter(TokenChoiceRouter):
                  fused_gate="auto"):
         super().__init__(d_model, num_experts, top_k, capacity_factor=capacity_factor,
                          eval_capacity_factor=eval_capacity_factor, drop_policy=drop_policy)
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        if softmax not in ("before", "after"):
-            raise ValueError(f"softmax must be 'before' or 'after', got {softmax!r}")
+        check_choice("norm", norm, NORMS)
+        check_choice("softmax", softmax, ("before", "after"))
+        route_scale = check_number("route_scale", route_scale, min=0, min_open=True)
+        check_bool("bias", bias)
         if softmax == "after" and norm == "raw":
             raise ValueError("norm='raw' needs softmax='before': a softmax over the K selected "
                              "logits always sums to 1")

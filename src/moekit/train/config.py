@@ -18,17 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from moekit.models.transformer import FLAT_MOE_KEYS, TransformerConfig, dense_twin
+from moekit.validate import check_bool, check_choice, check_int, check_number, check_probability
 
 __all__ = ["DataConfig", "OptimConfig", "TrainConfig", "RunConfig", "PRESETS", "get_preset",
            "apply_overrides", "load_toml", "parse_override", "variant_model_config", "config_from_dict"]
-
-
-def _check_pos(obj, *names, allow_zero=False):
-    for n in names:
-        v = getattr(obj, n)
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
-            sec = type(obj).__name__.replace("Config", "").lower()
-            raise ValueError(f"{sec}.{n} must be an int >= {0 if allow_zero else 1}, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -48,17 +41,16 @@ class DataConfig:
     def __post_init__(self):
         from moekit.train.tokenizer import TOKENIZERS
 
-        if self.source not in ("shakespeare", "files"):
-            raise ValueError(f"data.source must be 'shakespeare' or 'files', got {self.source!r}")
+        check_choice("data.source", self.source, ("shakespeare", "files"))
         if isinstance(self.paths, (list, str)):
             object.__setattr__(self, "paths", (self.paths,) if isinstance(self.paths, str) else tuple(self.paths))
         if self.source == "files" and not self.paths:
             raise ValueError("data.source='files' needs data.paths (text files, folders or globs)")
-        if self.tokenizer not in TOKENIZERS:
-            raise ValueError(f"data.tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
-        _check_pos(self, "seq_len", "batch_size")
-        if not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        check_choice("data.tokenizer", self.tokenizer, TOKENIZERS)
+        for n in ("seq_len", "batch_size"):
+            check_int(f"data.{n}", getattr(self, n), min=1)
+        check_int("data.split_seed", self.split_seed, min=0)
+        check_probability("data.val_fraction", self.val_fraction, open_low=True, open_high=True)
 
 
 @dataclass(frozen=True)
@@ -76,18 +68,12 @@ class OptimConfig:
 
     def __post_init__(self):
         for n in ("lr", "eps"):
-            v = getattr(self, n)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"optim.{n} must be a number > 0, got {v!r}")
+            check_number(f"optim.{n}", getattr(self, n), min=0, min_open=True)
         for n in ("min_lr_ratio", "beta1", "beta2"):
-            v = getattr(self, n)
-            if not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                raise ValueError(f"optim.{n} must be in [0, 1], got {v!r}")
-        for n in ("weight_decay", "grad_clip"):
-            v = getattr(self, n)
-            if not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"optim.{n} must be a number >= 0 (0 = off), got {v!r}")
-        _check_pos(self, "warmup_steps", allow_zero=True)
+            check_probability(f"optim.{n}", getattr(self, n))
+        for n in ("weight_decay", "grad_clip"):      # 0 = off
+            check_number(f"optim.{n}", getattr(self, n), min=0)
+        check_int("optim.warmup_steps", self.warmup_steps, min=0)
 
 
 @dataclass(frozen=True)
@@ -116,19 +102,18 @@ class TrainConfig:
     fsdp: bool = False
 
     def __post_init__(self):
-        _check_pos(self, "steps", "grad_accum", "eval_every", "eval_batches", "log_every", "ckpt_every",
-                   "keep_checkpoints")
-        _check_pos(self, "seed", allow_zero=True)
-        if self.amp not in ("auto", "bf16", "none"):
-            raise ValueError(f"train.amp must be one of ('auto', 'bf16', 'none'), got {self.amp!r}")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"train.compile must be true or false, got {self.compile!r}")
-        if not isinstance(self.fsdp, bool):
-            raise ValueError(f"train.fsdp must be true or false, got {self.fsdp!r}")
-        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
+        for n in ("steps", "grad_accum", "eval_every", "eval_batches", "log_every", "ckpt_every",
+                  "keep_checkpoints"):
+            check_int(f"train.{n}", getattr(self, n), min=1)
+        check_int("train.seed", self.seed, min=0)
+        check_choice("train.amp", self.amp, ("auto", "bf16", "none"))
+        check_bool("train.compile", self.compile)
+        check_bool("train.fsdp", self.fsdp)
+        # The name only: whether this machine has the device is checked when the run starts.
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
+                                                    or self.device.startswith("cuda:")):
             raise ValueError(f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if self.threads is not None:
-            _check_pos(self, "threads")
+        check_int("train.threads", self.threads, min=1, allow_none=True)
 
 
 # Model keys a run may set: every TransformerConfig field except the vocabulary (from the tokenizer),
