@@ -13,7 +13,7 @@ from moekit.layers import MoE, MoEConfig, MoEStats, SoftMoE, aux_loss, moe_layer
 from moekit.losses import update_router_biases
 from moekit.routing import Router, Routing, available as available_routers, build_router, register_router
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "MoE", "MoEConfig", "MoEStats", "SoftMoE", "Routing", "Router", "ExpertBank", "GLUExperts", "MLPExperts", "SharedExperts",
