@@ -29,7 +29,7 @@ def _inputs(name, shape):
 def test_fields_are_the_layer_arguments_with_the_layer_defaults():
     params = inspect.signature(MoE.__init__).parameters
     fields = {f.name: f for f in dataclasses.fields(MoEConfig)}
-    assert set(fields) == set(params) - {"self", "d_model", "experts"}
+    assert set(fields) == set(params) - {"self", "d_model", "experts", "pool"}
     for name, f in fields.items():
         if name == "router_kwargs":
             assert f.default == () and params[name].default is None

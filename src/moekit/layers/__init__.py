@@ -27,6 +27,10 @@ from moekit.layers.m3oe import M3oE  # noqa: E402  (METHODS.md MT3)
 
 __all__ += ["M3oE"]
 
+from moekit.layers.moe_sm import MoESM  # noqa: E402  (METHODS.md CV2, Swin2-MoSE)
+
+__all__ += ["MoESM"]
+
 # Layers that route for themselves (METHODS.md X-series): mixed convolutions, merged experts,
 # attention-head experts, adapter mixtures.
 from moekit.layers.attention_heads import MixtureOfAttentionHeads  # noqa: E402

@@ -20,7 +20,7 @@ from typing import Optional, Union
 
 import torch
 
-from moekit.layers.moe import MoE
+from moekit.layers.moe import ROUTE_BY, MoE
 from moekit.routing import available as available_routers
 from moekit.validate import check_choice, check_instance, check_int
 
@@ -34,7 +34,8 @@ _LAYER_ARGS = ("d_model", "num_experts", "top_k", "capacity_factor", "eval_capac
 @dataclass(frozen=True)
 class MoEConfig:
     """The keyword arguments of `moekit.MoE` except ``d_model`` (given to `build`) and the
-    instance-only ``experts=``; ``router`` is a registered name. Defaults are the layer's.
+    instance-only ``experts=`` and ``pool=`` (objects, not values a run file can hold);
+    ``router`` is a registered name. Defaults are the layer's.
 
     ``router_kwargs`` is stored as a sorted tuple of ``(name, value)`` pairs (hashable, so the
     config is too); a dict is accepted. See `moekit.MoE` for the meaning of every field.
@@ -58,11 +59,13 @@ class MoEConfig:
     backend: str = "auto"
     router_kwargs: tuple = ()
     sync_free: bool = False
+    route_by: str = "token"
 
     def __post_init__(self):
         check_int("num_experts", self.num_experts, min=1)
         check_instance("router", self.router, str, what="a registered router name (str)")
         check_choice("router", self.router, available_routers())
+        check_choice("route_by", self.route_by, ROUTE_BY)
         kw = self.router_kwargs
         if isinstance(kw, dict):
             kw = tuple(sorted(kw.items()))

@@ -1,6 +1,7 @@
 """The sparse Mixture-of-Experts layer.
 
-Legend: T tokens, D model dim, F expert hidden dim, E experts, K experts per token, N kept pairs.
+Legend: B examples, S tokens per example, T tokens, D model dim, F expert hidden dim, E experts,
+K experts per token, N kept pairs.
 
 ``x (..., D) → flatten → router → permute → experts → combine (+ shared) → (..., D)``.
 Each arrow is a separate, separately tested piece: the router returns a `Routing`, the
@@ -9,10 +10,14 @@ its segment through a named backend, and the combine scatters ``weight · output
 
 Defining identity (tested for every router): in eval mode
 ``moe(x)[t] = Σ_{(t, e, w) kept} w · moe.experts[e](x[t]) + shared(x[t])``.
+
+Per-example routing (``route_by="example"``, METHODS.md L3): the router sees one pooled row per
+example and `expand_example_routing` hands each example's pairs to all of its tokens; the
+dispatch, experts and combine are the token path's.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -27,11 +32,15 @@ from moekit.losses import (BALANCE_LOSSES, BalanceStats, balance_loss_from_stats
 from moekit.ops.backends import check_backend_name
 from moekit.ops.dispatch import LocalDispatcher
 from moekit.ops.fused import fused_experts
-from moekit.routing import Router, TokenChoiceRouter, build_router
+from moekit.ops.counting import count_ids
+from moekit.routing import Router, Routing, TokenChoiceRouter, build_router
 from moekit.routing.base import check_router_args
-from moekit.validate import check_bool, check_instance, check_int, check_number
+from moekit.validate import check_bool, check_choice, check_instance, check_int, check_number, check_tensor
 
-__all__ = ["MoE", "aux_loss", "default_hidden", "moe_layers"]
+__all__ = ["MoE", "aux_loss", "default_hidden", "moe_layers", "expand_example_routing", "masked_mean_pool",
+           "ROUTE_BY"]
+
+ROUTE_BY = ("token", "example")
 
 # Settings the layer itself gives its router; router_kwargs may not contradict them.
 _LAYER_ROUTER_ARGS = {"d_model", "num_experts", "top_k", "capacity_factor", "eval_capacity_factor", "drop_policy"}
@@ -49,6 +58,66 @@ def default_hidden(d_model: int, expert: str) -> int:
     if expert in GLU_ACTIVATIONS:
         return -(-(8 * d_model) // 3 // 16) * 16 if d_model >= 6 else max(1, (8 * d_model) // 3)
     return 4 * d_model
+
+
+def masked_mean_pool(x_BSD: torch.Tensor, mask_BS: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, D): the mean of each example's tokens, padding (mask False) left out; an example
+    with no valid token pools to 0."""
+    if mask_BS is None:
+        return x_BSD.mean(1)
+    m_BS1 = mask_BS.unsqueeze(-1).to(x_BSD.dtype)
+    return (x_BSD * m_BS1).sum(1) / m_BS1.sum(1).clamp_min(1)
+
+
+def expand_example_routing(routing: Routing, num_examples: int, seq_len: int,
+                           mask_BS: Optional[torch.Tensor] = None) -> Routing:
+    """The routing of the B·S tokens of B examples (token ``b·S + s`` is token s of example b)
+    that sends every valid token of example b to each pair ``(b, e, w)`` of `routing`, a
+    token-choice routing of the B examples; padding tokens (``mask_BS`` False) get no pair.
+
+    A uniform routing (each example's K slots, `Routing.slots_per_token`) stays uniform: token
+    ``b·S + s`` takes example b's slots in their order, and a static layout (`Routing.keep`)
+    stays static, so nothing here syncs with the host then. Otherwise the pairs are listed
+    example by example. Per-token tensors (``logits``, ``probs``, ``topk_ids``) are the
+    example's rows repeated; ``dropped`` counts token pairs (an example pair dropped by capacity
+    drops it for each of the example's valid tokens). Router-specific ``aux_losses`` and
+    ``extras`` stay with the example routing: losses are formed there.
+    """
+    B, S = num_examples, seq_len
+    device = routing.expert_ids.device
+    if routing.topk_ids is None:
+        raise ValueError("expand_example_routing needs a token-choice routing (with topk_ids)")
+    n_B = torch.full((B,), S, dtype=torch.long, device=device) if mask_BS is None else mask_BS.sum(1)
+    kept_B = count_ids(routing.token_ids, B, routing.keep)
+    dropped = (n_B * (routing.topk_ids.shape[1] - kept_B).clamp_min(0)).sum()
+    K = routing.slots_per_token
+    if K is not None and routing.num_pairs == B * K:
+        expert_ids = routing.expert_ids.view(B, 1, K).expand(B, S, K).reshape(-1)
+        weights = routing.weights.view(B, 1, K).expand(B, S, K).reshape(-1)
+        token_ids = torch.arange(B * S, device=device).repeat_interleave(K)
+        keep = None
+        if routing.keep is not None or mask_BS is not None:
+            keep_BSK = torch.ones(B, S, K, dtype=torch.bool, device=device)
+            if routing.keep is not None:
+                keep_BSK = keep_BSK & routing.keep.view(B, 1, K)
+            if mask_BS is not None:
+                keep_BSK = keep_BSK & mask_BS.unsqueeze(-1)
+            keep = keep_BSK.reshape(-1)
+            weights = torch.where(keep, weights, torch.zeros((), dtype=weights.dtype, device=device))
+    else:
+        b_N = routing.token_ids
+        token_ids = (b_N.unsqueeze(1) * S + torch.arange(S, device=device)).reshape(-1)       # (N·S,)
+        expert_ids = routing.expert_ids.unsqueeze(1).expand(-1, S).reshape(-1)
+        weights = routing.weights.unsqueeze(1).expand(-1, S).reshape(-1)
+        if mask_BS is not None:
+            valid = mask_BS.index_select(0, b_N).reshape(-1)
+            token_ids, expert_ids, weights = token_ids[valid], expert_ids[valid], weights[valid]
+        K, keep = None, None
+    example_T = torch.arange(B, device=device).repeat_interleave(S)
+    per_token = (lambda t: None if t is None else t.index_select(0, example_T))
+    return Routing(token_ids=token_ids, expert_ids=expert_ids, weights=weights, logits=per_token(routing.logits),
+                   dropped=dropped, num_experts=routing.num_experts, probs=per_token(routing.probs),
+                   topk_ids=per_token(routing.topk_ids), slots_per_token=K, keep=keep)
 
 
 class MoE(MoELayer):
@@ -83,6 +152,16 @@ class MoE(MoELayer):
             device. Needs a router with ``supports_sync_free`` (the token-choice family) and a
             backend that reads no counts on the host (``"grouped_mm"`` or ``"triton"``; under
             ``"auto"`` the operands must suit one of them). Same outputs as ``False``.
+        route_by: ``"token"`` (default) routes each token; ``"example"`` (METHODS.md L3,
+            Swin2-MoSE's MoE-SM) routes each example of an input ``(..., S, D)`` once, on its
+            pooled tokens, and sends all its S tokens to the same experts. Needs a token-choice
+            router (capacity then counts examples). A 2-D input ``(T, D)`` is T examples of one
+            token, routed exactly as ``"token"``. The balancing losses, z-loss and `last_stats`
+            are those of the example-level routing (counts are examples, and the ``"sequence"``
+            loss takes the B examples as one group); ``last_routing`` holds the token pairs
+            taken. Per-token router inputs (``token_ids``, ``task_ids`` …) are refused.
+        pool: with ``route_by="example"``, ``pool(x_BSD, mask_BS) -> (B, D)`` replaces the
+            default `masked_mean_pool` (``mask_BS`` is None without padding).
 
     ``last_stats`` is computed from the last routing when first read, so a forward pass does
     not pay for (or synchronise on) statistics nobody reads.
@@ -102,7 +181,8 @@ class MoE(MoELayer):
                  drop_policy: str = "position", num_shared_experts: int = 0,
                  shared_d_hidden: Optional[int] = None, shared_expert_gate: bool = False,
                  aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0, balance_loss: str = "auto",
-                 backend: str = "auto", router_kwargs: Optional[dict] = None, sync_free: bool = False):
+                 backend: str = "auto", router_kwargs: Optional[dict] = None, sync_free: bool = False,
+                 route_by: str = "token", pool: Optional[Callable] = None):
         super().__init__()
         check_router_args(d_model, num_experts, top_k)
         if balance_loss != "auto" and balance_loss not in BALANCE_LOSSES:
@@ -115,6 +195,11 @@ class MoE(MoELayer):
         check_backend_name(backend)
         check_bool("sync_free", sync_free)
         check_instance("router_kwargs", router_kwargs, dict, allow_none=True)
+        check_choice("route_by", route_by, ROUTE_BY)
+        if pool is not None and not callable(pool):
+            raise TypeError(f"pool must be None or a callable pool(x_BSD, mask_BS) -> (B, D), got {type(pool).__name__}")
+        if pool is not None and route_by != "example":
+            raise ValueError(f"pool only applies with route_by='example', got route_by={route_by!r}")
         clash = sorted(set(router_kwargs or {}) & _LAYER_ROUTER_ARGS)
         if clash:
             raise ValueError(f"router_kwargs must not set {clash}: pass them to MoE(...) itself, which gives them "
@@ -161,6 +246,10 @@ class MoE(MoELayer):
                                  "('grouped_mm', 'triton' or 'auto'), got backend='eager'")
             self.router.sync_free = True
         self.sync_free = sync_free
+        if route_by == "example" and not isinstance(self.router, TokenChoiceRouter):
+            raise ValueError(f"route_by='example' needs a token-choice router (each example picks its K experts), "
+                             f"got {type(self.router).__name__}")
+        self.route_by, self.pool = route_by, pool
         self.top_k = self.router.top_k
         self.balance_loss = self.router.default_balance_loss if balance_loss == "auto" else balance_loss
 
@@ -248,10 +337,17 @@ class MoE(MoELayer):
             self.last_stats, self.last_routing = None, None
             return x.clone()
 
-        extra = {k: v.reshape(-1) for k, v in router_inputs.items()}
-        if ids_T is not None:
-            extra["token_ids"] = ids_T
-        routing = self.router(x_TD, mask=mask_T, **extra)
+        seq_len = shape[-2] if x.dim() >= 3 else T
+        if self.route_by == "example" and x.dim() >= 3:
+            routing, stats_routing, stats_mask, n = self._route_examples(x_TD, seq_len, mask_T, token_ids,
+                                                                         router_inputs)
+            seq_len = n                               # the "sequence" loss: the B examples form one group
+        else:
+            extra = {k: v.reshape(-1) for k, v in router_inputs.items()}
+            if ids_T is not None:
+                extra["token_ids"] = ids_T
+            routing = self.router(x_TD, mask=mask_T, **extra)
+            stats_routing, stats_mask, n = routing, mask_T, T
         if self.sync_free:
             self.experts.check_sync_free_backend(x_TD, self.backend)
         y_TD = None
@@ -265,17 +361,36 @@ class MoE(MoELayer):
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD).to(x_TD.dtype)
 
-        seq_len = shape[-2] if x.dim() >= 3 else T
         # With a reducer, the statistics' sums join the losses' single reduction (all ranks
         # take part now); without one they wait until read. The mask is copied (a device copy,
         # no sync) so a caller reusing its buffer cannot change them.
-        sums = self._sufficient_stats(routing, mask_T, seq_len, T, statistics=self.stats_reducer is not None)
+        sums = self._sufficient_stats(stats_routing, stats_mask, seq_len, n, statistics=self.stats_reducer is not None)
         aux = self._aux_loss_from(sums)
         self.aux_loss = aux.to(torch.promote_types(aux.dtype, x_TD.dtype))      # float64 layers: float64
         self._stats = None
-        self._stats_inputs = sums if sums.has_statistics else (routing, None if mask_T is None else mask_T.clone(), T)
+        self._stats_inputs = sums if sums.has_statistics else (
+            stats_routing, None if stats_mask is None else stats_mask.clone(), n)
         self.last_routing = routing
         return y_TD.to(x.dtype).reshape(shape)
+
+    def _route_examples(self, x_TD, seq_len: int, mask_T, token_ids, router_inputs):
+        """``route_by="example"``: ``(token routing, example routing, example mask, B)``."""
+        given = sorted(router_inputs) + (["token_ids"] if token_ids is not None else [])
+        if given:
+            raise ValueError(f"route_by='example' routes on pooled examples and takes no per-token router "
+                             f"inputs, got {given}")
+        S = seq_len
+        B = x_TD.shape[0] // S
+        x_BSD = x_TD.reshape(B, S, self.d_model)
+        mask_BS = None if mask_T is None else mask_T.reshape(B, S)
+        if self.pool is None:
+            pooled_BD = masked_mean_pool(x_BSD, mask_BS)
+        else:
+            pooled_BD = check_tensor("pool(x_BSD, mask_BS)", self.pool(x_BSD, mask_BS), shape=(B, self.d_model),
+                                     floating=True)
+        mask_B = None if mask_BS is None else mask_BS.any(1)          # examples with a valid token
+        routing_B = self.router(pooled_BD, mask=mask_B)
+        return expand_example_routing(routing_B, B, S, mask_BS), routing_B, mask_B, B
 
     def _sufficient_stats(self, routing, mask_T, seq_len: int, T: Optional[int], *, statistics: bool) -> BalanceStats:
         """The sums this layer's losses (and, if asked, statistics) need, after `stats_reducer`."""
@@ -310,4 +425,5 @@ class MoE(MoELayer):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"backend={self.backend!r}, aux_loss_coef={self.aux_loss_coef}, z_loss_coef={self.z_loss_coef}, "
-                f"balance_loss={self.balance_loss!r}" + (", sync_free=True" if self.sync_free else ""))
+                f"balance_loss={self.balance_loss!r}" + (", sync_free=True" if self.sync_free else "")
+                + (f", route_by={self.route_by!r}" if self.route_by != "token" else ""))
