@@ -43,3 +43,9 @@ __all__ += ["MixtureOfAttentionHeads", "CondConv2d", "MoLoRALinear", "MoVLinear"
 from moekit.layers.grow import add_experts, freeze_experts  # noqa: E402  (METHODS.md §7 (i), (ii))
 
 __all__ += ["add_experts", "freeze_experts"]
+
+# Conditional computation beyond MoE (METHODS.md CC1, CC2): token selection and early exits.
+from moekit.layers.depths import DepthStats, MixtureOfDepths  # noqa: E402
+from moekit.layers.early_exit import EarlyExit  # noqa: E402
+
+__all__ += ["MixtureOfDepths", "DepthStats", "EarlyExit"]
