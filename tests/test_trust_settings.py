@@ -21,7 +21,8 @@ import moekit
 from moekit import MoE, cli
 from moekit.experts import (DenseFFN, GLUExperts, HeterogeneousExperts, MLPExperts, ModuleExperts,
                             OffloadedExperts, SharedExperts, build_experts)
-from moekit.layers import (CGC, MMoE, PLE, SMEAR, CondConv2d, DenseMoE, HierarchicalMoE, M3oE,
+from moekit.layers import (CGC, PLE, SMEAR, CondConv2d, DenseMoE, EarlyExit, HierarchicalMoE, M3oE, MixtureOfDepths,
+                           MMoE, MoESM,
                            MixtureOfAttentionHeads, MoLoRALinear, MoVLinear, PyramidMoE, ResidualMoE,
                            SharedBottom, SoftMoE, StackedDenseMoE, add_experts, freeze_experts,
                            make_mmoe_synthetic, offload_experts)
@@ -212,6 +213,16 @@ def _update_step(**kw):
     return UpdateStep(m, torch.optim.SGD(m.parameters(), lr=0.1), **{"lr": 0.1, "total_steps": 10, **kw})
 
 
+def _mod(**kw):
+    return MixtureOfDepths(torch.nn.Linear(8, 8), **kw)
+
+
+def _early_exit(**kw):
+    blocks = [torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)]
+    heads = [torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)]
+    return EarlyExit(blocks, heads, **kw)
+
+
 TABLE = [
     (SoftMoE, dict(d_model=8, num_experts=4), {"d_model": "pos_int", "num_experts": "pos_int",
                                                "slots_per_expert": "pos_int", "d_hidden": "pos_int_or_none",
@@ -261,6 +272,13 @@ TABLE = [
     (_mov, dict(num_experts=4), {"num_experts": "pos_int", "top_k": "pos_int_or_none"}),
     (SMEAR, dict(d_model=8, num_experts=4), {"d_model": "pos_int", "num_experts": "pos_int", "expert": "choice",
                                              "d_hidden": "pos_int_or_none", "activation": "choice"}),
+    (MoESM, dict(d_model=8, num_experts=4, top_k=2),
+     {"d_model": "pos_int", "num_experts": "pos_int", "top_k": "pos_int", "d_hidden": "pos_int_or_none",
+      "activation": "choice", "merger": "choice", "balance_coef": "nonneg_num", "with_noise": "bool"}),
+    (_mod, dict(d_model=8, capacity=0.5),
+     {"d_model": "pos_int", "capacity": "pos_num", "predictor": "bool", "aux_loss_coef": "nonneg_num",
+      "score_activation": "choice"}),
+    (_early_exit, {}, {"criterion": "choice", "threshold": "nonneg_num"}),
     (_add_experts, dict(n=1), {"n": "pos_int", "router_bias": "num"}),
     (_offload, dict(cache_size=2), {"cache_size": "pos_int", "prefetch": "bool"}),
     # expert banks
@@ -298,6 +316,7 @@ TABLE = [
 
 # (factory, good kwargs, arg, extra bad values): out of range for this object only.
 EXTRA = [
+    (_mod, dict(d_model=8), "capacity", [1.5, 2.0]),
     (make_mmoe_synthetic, dict(num_samples=4, correlation=0.5), "correlation", [1.5, -2]),
     (make_mmoe_synthetic, dict(num_samples=4, correlation=0.5), "d", [1]),
     (_molora, dict(num_experts=4, rank=2), "top_k", [5]),
@@ -341,11 +360,12 @@ def test_setting_names_the_argument(factory, base, arg, value):
 def test_every_layer_with_settings_is_in_the_table():
     # A layer added to moekit.layers must join the table (or this list of exemptions with a reason).
     covered = {f.__name__ for f, _, _ in TABLE} | {f.__name__ for f, *_ in EXTRA}
-    covered |= {"MoLoRALinear", "MoVLinear", "add_experts", "freeze_experts", "offload_experts"}
+    covered |= {"MoLoRALinear", "MoVLinear", "add_experts", "freeze_experts", "offload_experts",
+                "MixtureOfDepths", "EarlyExit"}          # through _mod and _early_exit
     exempt = {"MoE",            # tests/test_trust_inputs.py
               "MoEConfig", "MoEStats", "MoELayer", "LayerStats", "MixtureStats",   # data / protocols
               "aux_loss", "moe_layers", "default_hidden", "offload_stats", "restore_experts",
-              "irls_multinomial"}  # takes tensors; its steps / damping are HME's
+              "irls_multinomial", "DepthStats"}  # takes tensors; its steps / damping are HME's
     missing = [n for n in moekit.layers.__all__ if n not in covered | exempt]
     assert not missing, f"layers without a bad-settings table entry: {missing}"
 
