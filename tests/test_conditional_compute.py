@@ -11,7 +11,6 @@ from moekit.layers import EarlyExit, MixtureOfDepths, MoELayer
 from moekit.layers.depths import capacity_tokens
 from moekit.layers.early_exit import exit_scores
 
-
 # ---------------------------------------------------------------------------------------------
 # Mixture-of-Depths (CC1)
 
@@ -409,7 +408,8 @@ def test_hidden_states_with_trailing_dims_and_training_mode():
     loss.backward()
     assert all(p.grad is not None for p in ee.parameters())
     mse = ee.loss(logits, torch.zeros(5, C), loss_fn=F.mse_loss)
-    torch.testing.assert_close(mse, 0.3 * F.mse_loss(logits[0], torch.zeros(5, C)) + F.mse_loss(logits[1], torch.zeros(5, C)))
+    torch.testing.assert_close(mse, 0.3 * F.mse_loss(logits[0], torch.zeros(5, C)) + F.mse_loss(logits[1],
+                                                                                                torch.zeros(5, C)))
     z = ee(x, early_exit=True, threshold=0.0)
     assert z.shape == (5, C) and ee.last_exit_depth.tolist() == [0] * 5
     ee.eval()
@@ -432,7 +432,8 @@ def test_early_exit_bad_arguments_raise():
     b = [nn.Linear(D, D) for _ in range(3)]
     h = [nn.Linear(D, 2) for _ in range(3)]
     cases = [(dict(blocks=[], heads=h), ValueError), (dict(blocks=b, heads=h[:2]), ValueError),
-             (dict(blocks=nn.Linear(D, D), heads=h), TypeError), (dict(blocks=b, heads=[nn.Linear(D, 2), 3, 4]), TypeError),
+             (dict(blocks=nn.Linear(D, D), heads=h), TypeError), (dict(blocks=b, heads=[nn.Linear(D, 2), 3, 4]),
+                                                                  TypeError),
              (dict(blocks=b, heads=h[:2], exit_after=[1, 1]), ValueError),
              (dict(blocks=b, heads=h[:2], exit_after=[0, 1]), ValueError),
              (dict(blocks=b, heads=h[:2], exit_after=[0, 3]), ValueError),

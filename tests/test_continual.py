@@ -5,12 +5,20 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import moekit
-from moekit.models.continual import (GrowingTaskRouter, accuracy_matrix, average_accuracy, average_forgetting,
-                                     backward_transfer, dense_task_net, start_task, task_moe_net, train_sequentially)
 from moekit.layers.grow import add_experts, freeze_experts
+from moekit.models.continual import (
+    GrowingTaskRouter,
+    accuracy_matrix,
+    average_accuracy,
+    average_forgetting,
+    backward_transfer,
+    dense_task_net,
+    start_task,
+    task_moe_net,
+    train_sequentially,
+)
 
 EPS32 = torch.finfo(torch.float32).eps
 

@@ -227,7 +227,8 @@ def test_student_bad_inputs():
     with pytest.raises(ValueError, match=r"no MoE layer"):
         dense_student_from_moe(dense_student_from_moe(teacher))
     with pytest.raises(ValueError, match=r"dense layers have hidden sizes \{0: 40, 2: 40\}"):
-        dense_student_from_moe(TransformerLM(TransformerConfig.from_dict({**CONFIGS["topk2_dense_layers"], "ffn_hidden": 40})))
+        dense_student_from_moe(TransformerLM(TransformerConfig.from_dict({**CONFIGS["topk2_dense_layers"],
+                                                                          "ffn_hidden": 40})))
     with pytest.raises(TypeError, match=r"TransformerLM, got MoE"):
         dense_student_from_moe(moekit.MoE(d_model=8, num_experts=2))
 
@@ -266,7 +267,7 @@ def test_distillation_lowers_the_kl_to_the_teacher():
 
 def test_distill_with_alpha_zero_is_the_trainer_step_for_step(tmp_path):
     # distill() copies moekit.train.Trainer's update (recipes may not import train); pin them together.
-    from moekit.train.config import RunConfig, DataConfig, OptimConfig, TrainConfig
+    from moekit.train.config import DataConfig, OptimConfig, RunConfig, TrainConfig
     from moekit.train.data import Corpus
     from moekit.train.tokenizer import CharTokenizer
     from moekit.train.trainer import Trainer

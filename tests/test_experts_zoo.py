@@ -8,8 +8,8 @@ from torch import nn
 
 import moekit
 from moekit.experts.heterogeneous import HeterogeneousExperts
-from moekit.layers.lora import MoLoRALinear, MoVLinear, soft_gate
 from moekit.experts.module import ModuleExperts
+from moekit.layers.lora import MoLoRALinear, MoVLinear, soft_gate
 
 
 def defining_identity(moe, x_TD):
@@ -396,7 +396,8 @@ def test_stacked_dense_moe_composition_and_gradients():
 from moekit.layers.condconv import CondConv2d  # noqa: E402
 
 
-@pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2, padding=0, groups=2), dict(dilation=2, padding=2, bias=False)])
+@pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2, padding=0, groups=2), dict(dilation=2, padding=2,
+                                                                                           bias=False)])
 def test_condconv_equals_weighted_sum_of_expert_convs(kw):
     torch.manual_seed(11)
     cc = CondConv2d(4, 6, 3, num_experts=5, **kw)

@@ -4,8 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from moekit.models import (EpisodeSampler, active_ffn_params, dense_proto_net, evaluate_episodes, meta_train,
-                           moe_proto_net, proto_logits, prototypes)
+from moekit.models import (
+    EpisodeSampler,
+    active_ffn_params,
+    dense_proto_net,
+    evaluate_episodes,
+    meta_train,
+    moe_proto_net,
+    proto_logits,
+    prototypes,
+)
 
 
 def test_sampler_episode_invariants():

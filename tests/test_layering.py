@@ -68,7 +68,8 @@ def violations(src: Path = SRC) -> list[str]:
         for line, target in _imports(path, src):
             parts = target.split(".")
             if parts[0] == "projects":
-                out.append(f"{path.relative_to(src.parent)}:{line}: imports {target} (projects are never imported by src/)")
+                out.append(f"{path.relative_to(src.parent)}:{line}: imports {target} "
+                           "(projects are never imported by src/)")
                 continue
             if parts[0] != "moekit" or len(parts) < 2:
                 continue
@@ -102,7 +103,8 @@ def test_planted_upward_import_is_caught(tmp_path):
     pkg = tmp_path / "moekit"
     for name, body in [("__init__.py", "from moekit import layers\n"),
                        ("ops/__init__.py", ""), ("ops/gate.py", "import torch\nfrom moekit.layers.moe import MoE\n"),
-                       ("kernels/__init__.py", "from . import router\n"), ("kernels/router.py", "from ..ops import gate\n"),
+                       ("kernels/__init__.py", "from . import router\n"), ("kernels/router.py",
+                                                                           "from ..ops import gate\n"),
                        ("layers/__init__.py", "from moekit.ops import gate\n"),
                        ("models/x.py", "import projects.census.data\n")]:
         (pkg / name).parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +127,8 @@ def test_import_moekit_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     heavy = [m for m in loaded if m.split(".")[0] in ("projects", "transformers", "matplotlib", "safetensors", "triton")
-             or (m.startswith("moekit.") and m.split(".")[1] in ("recipes", "hf", "train", "analysis", "cli", "models"))]
+             or (m.startswith("moekit.") and m.split(".")[1] in ("recipes", "hf", "train", "analysis", "cli",
+                                                                "models"))]
     assert not heavy, f"import moekit loaded {heavy}"
 
 

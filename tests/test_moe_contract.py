@@ -2,10 +2,11 @@
 and the equivalences (E=1, K=E dense, dropless = capacity with room, every backend = eager)."""
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from equivalence import assert_same_outputs_and_grads
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import moekit
-from equivalence import assert_same_outputs_and_grads
 from moekit import MoE
 
 CORE_ROUTERS = ["topk", "noisy_topk", "switch", "sigmoid"]

@@ -2,11 +2,10 @@
 the K gate-scaled outputs fused by a 3×3 convolution in ascending expert id, CV² balance loss."""
 import pytest
 import torch
+from equivalence import assert_same_outputs_and_grads
 
 import moekit
 from moekit.layers import MoESM, MoEStats
-
-from equivalence import assert_same_outputs_and_grads
 
 
 def _layer(*, d_model=8, num_experts=4, top_k=2, seed=0, **kw):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import moekit
-from moekit.layers.multigate import (CGC, MMoE, PLE, SharedBottom, make_mmoe_synthetic)
+from moekit.layers.multigate import CGC, PLE, MMoE, SharedBottom, make_mmoe_synthetic
 
 
 def test_mmoe_shapes_and_gates_sum_to_one():
@@ -63,7 +63,8 @@ def test_gradients_reach_every_gate_and_expert(model):
     if model == "mmoe":
         m = MMoE(d_model=6, num_experts=3, num_tasks=3, d_hidden=4)
     elif model == "ple":
-        m = PLE(d_model=6, num_tasks=3, num_shared_experts=2, num_specific_experts=1, d_hidden=[16, 12], num_levels=2, tower_hidden=8)
+        m = PLE(d_model=6, num_tasks=3, num_shared_experts=2, num_specific_experts=1, d_hidden=[16, 12], num_levels=2,
+                tower_hidden=8)
     else:
         m = CGC(d_model=6, num_tasks=3, num_shared_experts=2, num_specific_experts=2, d_hidden=4)
     ys = m(torch.randn(32, 6))

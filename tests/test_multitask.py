@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from moekit.layers.multigate import MMoE, PLE, SharedBottom
+from moekit.layers.multigate import PLE, MMoE, SharedBottom
 from moekit.models.multitask import ARCHS, MultiTaskConfig, MultiTaskModel, TabularEmbedding
 
 VOCAB = tuple(range(2, 34))          # 32 categorical columns of 2..33 values (id 0 = unseen)

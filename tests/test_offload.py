@@ -17,7 +17,6 @@ from moekit.experts import GLUExperts, MLPExperts, ModuleExperts, OffloadedExper
 from moekit.layers import offload_experts, offload_stats, restore_experts
 from moekit.models import TransformerConfig, TransformerLM
 
-
 EPS = torch.finfo(torch.float32).eps
 
 

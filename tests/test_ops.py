@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from moekit.ops import available_backends, grouped_mm_reference, permute, resolve_backend, topk_stable, unpermute
-from moekit.ops.topk import topk_stable_reference
 from moekit.ops.grouped_mm import fast_supported, grouped_mm_autograd_with_reference, grouped_mm_fast
+from moekit.ops.topk import topk_stable_reference
 
 CPU_BACKENDS = [b for b in available_backends() if b in ("eager", "grouped_mm")]
 

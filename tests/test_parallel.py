@@ -27,10 +27,19 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import moekit
+from moekit.parallel import (
+    all_to_all_single,
+    all_to_all_single_reference,
+    apply_expert_parallel,
+    clip_grad_norm_,
+    expert_shard_of,
+    latest_checkpoint,
+    load_checkpoint,
+    prepare_model,
+    save_checkpoint,
+    sync_gradients,
+)
 from moekit.routing import Routing
-from moekit.parallel import (all_to_all_single, clip_grad_norm_, all_to_all_single_reference, apply_expert_parallel,
-                             expert_shard_of, latest_checkpoint, load_checkpoint, prepare_model, save_checkpoint,
-                             sync_gradients)
 
 pytestmark = pytest.mark.distributed
 
@@ -128,7 +137,8 @@ def _close(a, b, what, atol=2e-5, rtol=2e-4):
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     if a.shape != b.shape or not torch.allclose(a, b, atol=atol, rtol=rtol):
         diff = (a - b).abs().max().item() if a.shape == b.shape else "shape"
-        raise AssertionError(f"{what}: max diff {diff}, max abs {b.abs().max().item():.3g} (shapes {tuple(a.shape)} vs {tuple(b.shape)})")
+        raise AssertionError(f"{what}: max diff {diff}, max abs {b.abs().max().item():.3g} "
+                             f"(shapes {tuple(a.shape)} vs {tuple(b.shape)})")
 
 
 def _mean_over_ranks(v: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,9 @@ import torch
 
 tf = pytest.importorskip("transformers")
 
+import moekit  # noqa: E402
 from moekit.cli import main  # noqa: E402
 from moekit.recipes.io import load_surgery  # noqa: E402
-
-import moekit  # noqa: E402
 
 
 def llama():

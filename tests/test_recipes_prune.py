@@ -6,8 +6,14 @@ import torch
 from torch import nn
 
 import moekit
-from moekit.recipes.prune import (GroupedRouter, expert_usage, merge_experts, prune_experts, prune_model,
-                                  similar_expert_groups)
+from moekit.recipes.prune import (
+    GroupedRouter,
+    expert_usage,
+    merge_experts,
+    prune_experts,
+    prune_model,
+    similar_expert_groups,
+)
 
 
 class TwoLayer(nn.Module):

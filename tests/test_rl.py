@@ -9,11 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from moekit.layers.moe import MoE, aux_loss
 from moekit.layers import MoEConfig
-from moekit.models.rl import (ActorCriticConfig, CartPoleVecEnv, MultiTaskVecEnv, PPOConfig, ReachVecEnv,
-                              RolloutCollector, actor_critic_dense_twin, clipped_policy_loss, gae_advantages,
-                              make_gym_vec_env, train_ppo)
+from moekit.layers.moe import MoE, aux_loss
+from moekit.models.rl import (
+    ActorCriticConfig,
+    CartPoleVecEnv,
+    MultiTaskVecEnv,
+    PPOConfig,
+    ReachVecEnv,
+    RolloutCollector,
+    actor_critic_dense_twin,
+    clipped_policy_loss,
+    gae_advantages,
+    make_gym_vec_env,
+    train_ppo,
+)
 
 SMALL = dict(d_model=16, num_layers=2, d_hidden=8, moe=MoEConfig(num_experts=4, top_k=2), num_tokens=4)
 
@@ -111,7 +121,8 @@ def test_soft_moe_samples_do_not_interact():
 def test_dense_twin_has_the_active_parameters():
     def bank(agent):
         return sum(p.numel() for blk in agent.blocks for p in blk.ffn.experts.parameters()) if \
-            hasattr(agent.blocks[0].ffn, "experts") else sum(p.numel() for blk in agent.blocks for p in blk.ffn.parameters())
+            hasattr(agent.blocks[0].ffn,
+                    "experts") else sum(p.numel() for blk in agent.blocks for p in blk.ffn.parameters())
 
     total = lambda a: sum(p.numel() for p in a.parameters())  # noqa: E731
     moe_cfg = ActorCriticConfig(torso="moe", **SMALL)

@@ -173,6 +173,7 @@ def test_bad_inputs_raise():
 
 def test_any_module_experts_and_backend_check():
     from torch import nn
+
     from moekit.experts.module import ModuleExperts
     torch.manual_seed(9)
     mods = [nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 8)), nn.Linear(8, 8)]
@@ -181,4 +182,5 @@ def test_any_module_experts_and_backend_check():
     assert layer.experts[1] is mods[1]
     torch.testing.assert_close(layer(x), reference_soft_moe(layer, x), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="supports backend"):
-        SoftMoE(d_model=8, num_experts=2, slots_per_expert=2, experts=ModuleExperts(mods, d_model=8), backend="grouped_mm")
+        SoftMoE(d_model=8, num_experts=2, slots_per_expert=2, experts=ModuleExperts(mods, d_model=8),
+                backend="grouped_mm")

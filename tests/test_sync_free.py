@@ -12,18 +12,16 @@ import copy
 
 import pytest
 import torch
+from equivalence import CallWith, assert_same_outputs_and_grads
 
 import moekit
-from moekit.ops import count_ids, no_host_sync, HostSyncError
+from moekit.ops import HostSyncError, count_ids, no_host_sync
 from moekit.ops.grouped_mm import grouped_mm_fast, grouped_mm_reference
 from moekit.routing import available
 from moekit.routing.base import Routing
-from moekit.routing.capacity import (apply_capacity, apply_capacity_static, capacity_for,
-                                     capacity_tensor)
+from moekit.routing.capacity import apply_capacity, apply_capacity_static, capacity_for, capacity_tensor
 from moekit.routing.registry import get_router_class
 from moekit.routing.schedules import RoutingDropout
-
-from equivalence import CallWith, assert_same_outputs_and_grads
 
 D, E, F = 16, 8, 16
 

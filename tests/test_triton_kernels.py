@@ -23,6 +23,7 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         import triton  # noqa: F401
+
         # Kernels are decorated at import: import them (and the ops on them) now, while interpreting.
         import moekit.kernels.fused_moe  # noqa: F401
         import moekit.kernels.grouped_gemm  # noqa: F401
@@ -45,9 +46,9 @@ from moekit.kernels import INTERPRET, gmm_scatter_add  # noqa: E402
 from moekit.ops.backends import resolve_backend  # noqa: E402
 from moekit.ops.fused_moe import fused_moe_forward, fused_moe_reference  # noqa: E402
 from moekit.ops.gate import topk_gate_reference  # noqa: E402
+from moekit.ops.grouped_mm import grouped_mm_reference  # noqa: E402
 from moekit.ops.grouped_mm_triton import grouped_mm_triton  # noqa: E402
 from moekit.ops.topk_gate import fused_topk_gate  # noqa: E402
-from moekit.ops.grouped_mm import grouped_mm_reference  # noqa: E402
 from moekit.routing.base import Routing  # noqa: E402
 
 in_process = pytest.mark.skipif(not INTERPRET or torch.cuda.is_available(),
@@ -246,7 +247,8 @@ def test_fused_moe_matches_reference(shape, dtype):
 
 @in_process
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(13, 24, 20, 6, 2), (5, 16, 8, 3, 3)], ids=lambda s: "T{}-D{}-F{}-E{}-K{}".format(*s))
+@pytest.mark.parametrize("shape", [(13, 24, 20, 6, 2), (5, 16, 8, 3, 3)],
+                         ids=lambda s: "T{}-D{}-F{}-E{}-K{}".format(*s))
 def test_fused_moe_slot_combine_matches_reference(shape, dtype):
     _check_fused_moe(shape, dtype, "slots")
 
@@ -387,13 +389,15 @@ def test_fused_topk_gate_matches_topk_router():
 
 
 ROUTER_GATES = [
-    ("topk", dict(top_k=2)), ("topk", dict(top_k=3, norm="raw")), ("topk", dict(top_k=2, norm="scaled", route_scale=2.5)),
+    ("topk", dict(top_k=2)), ("topk", dict(top_k=3, norm="raw")), ("topk", dict(top_k=2, norm="scaled",
+                                                                                route_scale=2.5)),
     ("switch", dict()), ("sigmoid", dict(top_k=2)), ("sigmoid", dict(top_k=3, renorm=False, route_scale=1.5)),
 ]
 
 
 @in_process
-@pytest.mark.parametrize("name,kw", ROUTER_GATES, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())))
+@pytest.mark.parametrize("name,kw", ROUTER_GATES, ids=lambda v: v if isinstance(v, str) else "-".join(map(str,
+                                                                                                          v.values())))
 def test_routers_with_the_fused_gate_match_the_pytorch_gate(monkeypatch, name, kw):
     """`fused_gate=True` (the Triton kernel, here interpreted) routes exactly as
     `fused_gate=False`: same experts, same weights and probabilities, same router gradients."""
@@ -518,7 +522,8 @@ def test_gpu_fused_topk_gate(score):
 @in_process
 @pytest.mark.parametrize("cap,sync_free,masked", [(None, False, False), (0.5, False, False), (0.5, True, False),
                                                   (None, True, True), (0.75, True, True)],
-                         ids=["dropless", "capacity", "capacity-sync-free", "mask-sync-free", "capacity+mask-sync-free"])
+                         ids=["dropless", "capacity", "capacity-sync-free",
+                          "mask-sync-free", "capacity+mask-sync-free"])
 def test_moe_layer_takes_the_fused_path_and_matches_eager(monkeypatch, cap, sync_free, masked):
     """`MoE(backend="triton")` runs `fused_moe_forward` (slots when dropless, atomic with
     capacity or with the static layout of sync-free routing, whose dropped slots the kernels

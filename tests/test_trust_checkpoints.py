@@ -20,7 +20,7 @@ from hypothesis import strategies as hs
 from moekit import cli
 from moekit.layers import MoEConfig
 from moekit.models import TransformerConfig, TransformerLM
-from moekit.train import Trainer, read_metrics, run_experiment
+from moekit.train import Trainer, read_metrics
 from moekit.train import checkpoint as ck
 from moekit.train.sample import load_model
 

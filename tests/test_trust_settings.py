@@ -19,17 +19,53 @@ from torch import nn
 
 import moekit
 from moekit import MoE, cli
-from moekit.experts import (DenseFFN, GLUExperts, HeterogeneousExperts, MLPExperts, ModuleExperts,
-                            OffloadedExperts, SharedExperts, build_experts)
-from moekit.layers import (CGC, PLE, SMEAR, CondConv2d, DenseMoE, EarlyExit, HierarchicalMoE, M3oE, MixtureOfDepths,
-                           MMoE, MoESM,
-                           MixtureOfAttentionHeads, MoLoRALinear, MoVLinear, PyramidMoE, ResidualMoE,
-                           SharedBottom, SoftMoE, StackedDenseMoE, add_experts, freeze_experts,
-                           make_mmoe_synthetic, offload_experts)
+from moekit.experts import (
+    DenseFFN,
+    GLUExperts,
+    HeterogeneousExperts,
+    MLPExperts,
+    ModuleExperts,
+    OffloadedExperts,
+    SharedExperts,
+    build_experts,
+)
+from moekit.layers import (
+    CGC,
+    PLE,
+    SMEAR,
+    CondConv2d,
+    DenseMoE,
+    EarlyExit,
+    HierarchicalMoE,
+    M3oE,
+    MixtureOfAttentionHeads,
+    MixtureOfDepths,
+    MMoE,
+    MoESM,
+    MoLoRALinear,
+    MoVLinear,
+    PyramidMoE,
+    ResidualMoE,
+    SharedBottom,
+    SoftMoE,
+    StackedDenseMoE,
+    add_experts,
+    freeze_experts,
+    make_mmoe_synthetic,
+    offload_experts,
+)
 from moekit.models import TransformerConfig, TransformerLM
 from moekit.optim import UpdateStep, build_optimizer
-from moekit.recipes import (btx, distill, distillation_loss, merge_experts, prune_experts, prune_model,
-                            similar_expert_groups, upcycle)
+from moekit.recipes import (
+    btx,
+    distill,
+    distillation_loss,
+    merge_experts,
+    prune_experts,
+    prune_model,
+    similar_expert_groups,
+    upcycle,
+)
 from moekit.train.config import OptimConfig, TrainConfig, apply_overrides, get_preset
 
 NAN, INF = float("nan"), float("inf")

@@ -41,6 +41,7 @@ from moekit.recipes.prune import expert_usage, merge_experts, prune_model, simil
 from moekit.train.data import BatchSampler, eval_batches
 from projects.btx_shakespeare.data import Mixed, domains
 
+
 def train(model, sampler, steps, lr, *, warmup_steps: int = 20):
     """`steps` updates of `model`'s trainable parameters on ``sampler.next_batch()``; returns seconds."""
     opt = build_optimizer(model, name="adamw", lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
@@ -108,7 +109,7 @@ def run_seed(args, tok, data, seed: int) -> dict:
     mixed = Mixed(list(half.values()))
     val = {d: [(x, y, dd) for x, y, dd in eval_batches(va, seq_len=S, batch_size=B, max_batches=8)]
            for d, (_, va) in data.items()}
-    print(f"domains: " + ", ".join(f"{d} {len(tr) / 1e6:.2f}M/{len(va) / 1e6:.2f}M chars (train/val)"
+    print("domains: " + ", ".join(f"{d} {len(tr) / 1e6:.2f}M/{len(va) / 1e6:.2f}M chars (train/val)"
                                    for d, (tr, va) in data.items()) + f"; vocab {tok.vocab_size}")
 
     cfg = TransformerConfig(vocab_size=tok.vocab_size, d_model=args.d_model, n_layers=args.layers, n_heads=4,

@@ -48,8 +48,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from moekit.models.continual import (average_accuracy, average_forgetting, backward_transfer, dense_task_net,
-                                     start_task, task_accuracy, task_moe_net, train_sequentially, train_task)
+from moekit.models.continual import (
+    average_accuracy,
+    average_forgetting,
+    backward_transfer,
+    dense_task_net,
+    start_task,
+    task_accuracy,
+    task_moe_net,
+    train_sequentially,
+    train_task,
+)
 from moekit.models.expert_gate import ExpertGate, gated_accuracy
 from moekit.train.images import FASHION_MNIST_CLASSES
 from projects.continual_split_fmnist.data import TASK_CLASSES, load_split_fashion_mnist
@@ -84,7 +93,8 @@ def print_matrix(name, R):
 def train_gate(tasks, args, seed):
     """One auto-encoder per task, in task order, each on that task's training images only;
     prints ``Rel(a, k)`` of each arriving task k to the old tasks a. Returns (gate, seconds)."""
-    gate = ExpertGate(tasks[0][0].shape[1], d_hidden=args.gate_hidden, epochs=args.gate_epochs, batch_size=args.batch_size,
+    gate = ExpertGate(tasks[0][0].shape[1], d_hidden=args.gate_hidden, epochs=args.gate_epochs,
+                      batch_size=args.batch_size,
                       seed=seed)
     print("\nExpert Gate: relatedness Rel(a, k) = 1 - (er_a - er_k) / er_k of arriving task k to old task a "
           "(mean errors on task k's training images)")

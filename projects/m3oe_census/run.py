@@ -21,7 +21,8 @@ one width:
 - (``--archs ... m3oe_fixed``) M3oE with the fusion weights left at their initial value.
 
 Training (`projects.m3oe_census.train.train_multidomain`, each update a
-`moekit.models.BiLevelStep`), the same for every model: AdamW (lr 3e-3, weight decay 1e-4), batch 1024, the sum over the 6 cells of each cell's mean BCE,
+`moekit.models.BiLevelStep`), the same for every model: AdamW (lr 3e-3, weight decay 1e-4), batch 1024,
+the sum over the 6 cells of each cell's mean BCE,
 early stopping on the mean validation AUC over cells (patience 3), best epoch restored and
 scored on the test file. M3oE's four fusion weights are fitted by a separate Adam (lr 1e-3) on
 validation batches, one step per training step (first-order DARTS). One intra-op thread per

@@ -85,7 +85,8 @@ def run(data, args, *, width: int = 32) -> dict:
             seconds = time.perf_counter() - start
             params = sum(p.numel() for p in net.parameters())
             by_seed[seed][name] = evaluate_psnr(net, lr_test, hr_test)
-            print(f"{name:34s} {params:8d} {sr_macs(net, 14, 14) / 1e6:9.2f} {seconds:8.1f} {by_seed[seed][name]:10.3f}")
+            macs = sr_macs(net, 14, 14) / 1e6
+            print(f"{name:34s} {params:8d} {macs:9.2f} {seconds:8.1f} {by_seed[seed][name]:10.3f}")
             if net.num_experts:
                 with torch.no_grad():
                     net(lr_test[:1000])

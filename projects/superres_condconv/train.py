@@ -51,7 +51,8 @@ def train_sr(model: SRNet, lr_NCHW: torch.Tensor, hr_NCHW: torch.Tensor, *, step
         raise ValueError(f"lr must have {model.channels} channel(s), got shape {tuple(lr_NCHW.shape)}")
     expected = (lr_NCHW.shape[0], model.channels, lr_NCHW.shape[2] * model.scale, lr_NCHW.shape[3] * model.scale)
     if tuple(hr_NCHW.shape) != expected:
-        raise ValueError(f"hr must have shape {expected} for lr of shape {tuple(lr_NCHW.shape)}, got {tuple(hr_NCHW.shape)}")
+        raise ValueError(f"hr must have shape {expected} for lr of shape {tuple(lr_NCHW.shape)}, "
+                         f"got {tuple(hr_NCHW.shape)}")
     gen = torch.Generator().manual_seed(seed)
     update = UpdateStep(model, build_optimizer(model, name="adam", lr=learning_rate), lr=learning_rate,
                         total_steps=steps, schedule="cosine", min_lr_ratio=0.0)

@@ -180,7 +180,8 @@ def run_seed(args, seed, dense, tok, train_pairs, val_batches, val_pairs) -> dic
     l_up, t_up = train(up, tok, train_pairs, val_batches, with_aux=True, **common)
 
     print()
-    print(f"| model (same {args.steps} steps, batch {args.batch_size}, train {args.train}) | val loss @0 | val loss @{args.steps} "
+    print(f"| model (same {args.steps} steps, batch {args.batch_size}, train {args.train}) "
+          f"| val loss @0 | val loss @{args.steps} "
           f"| s/step |")
     print("|---|---|---|---|")
     print(f"| dense all-MiniLM-L6-v2 | {l0_dense:.4f} | {l_dense:.4f} | {t_dense:.2f} |")

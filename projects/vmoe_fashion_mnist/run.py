@@ -116,7 +116,8 @@ def evaluate(model, x_N1HW, y_N, *, blank_S=None, batch_size: int = 500) -> dict
                     by_kind[j][blank, 1] += (K - kept_T[m]).sum().item()
     out = {"accuracy": correct / len(y_N), "layers": []}
     for j, b in enumerate(layers):
-        layer = {"block": list(model.blocks).index(b), "share_per_expert": (per_expert[j] / per_expert[j].sum()).tolist(),
+        layer = {"block": list(model.blocks).index(b),
+                  "share_per_expert": (per_expert[j] / per_expert[j].sum()).tolist(),
                  "drop_fraction": dropped[j] / max(1, selected[j])}
         if blank_S is not None:
             k = by_kind[j]

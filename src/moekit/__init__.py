@@ -11,12 +11,14 @@ from moekit import experts, layers, losses, ops, routing
 from moekit.experts import ExpertBank, GLUExperts, MLPExperts, SharedExperts
 from moekit.layers import MoE, MoEConfig, MoEStats, SoftMoE, aux_loss, moe_layers
 from moekit.losses import update_router_biases
-from moekit.routing import Router, Routing, available as available_routers, build_router, register_router
+from moekit.routing import Router, Routing, build_router, register_router
+from moekit.routing import available as available_routers
 
 __version__ = "0.2.0"
 
 __all__ = [
-    "MoE", "MoEConfig", "MoEStats", "SoftMoE", "Routing", "Router", "ExpertBank", "GLUExperts", "MLPExperts", "SharedExperts",
+    "MoE", "MoEConfig", "MoEStats", "SoftMoE", "Routing", "Router", "ExpertBank", "GLUExperts", "MLPExperts",
+    "SharedExperts",
     "aux_loss", "moe_layers", "update_router_biases", "available_routers", "build_router",
     "register_router", "experts", "layers", "losses", "models", "ops", "routing", "__version__",
 ]

@@ -54,7 +54,8 @@ def check_int(name: str, value: Any, *, min: Optional[int] = None, max: Optional
     """An int (not a bool, not a float) within ``[min, max]``; numpy / 0-d integer tensors accepted."""
     if value is None and allow_none:
         return None
-    expected = "a positive int" if (min == 1 and max is None) else " ".join(filter(None, ("an int", range_text(min, max))))
+    expected = "a positive int" if (min == 1 and max is None) else " ".join(filter(None, ("an int", range_text(min,
+                                                                                                               max))))
     expected += " or None" if allow_none else ""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
             and value.dtype != torch.bool:
@@ -143,7 +144,8 @@ def check_tensor(name: str, value: Any, *, shape: Optional[Sequence[Optional[int
             raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(value.shape)}")
     if shape is not None:
         if value.dim() != len(shape) or any(s is not None and s != v for s, v in zip(shape, value.shape)):
-            want = "(" + ", ".join("any" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+            dims = ", ".join("any" if s is None else str(s) for s in shape)
+            want = "(" + dims + ("," if len(shape) == 1 else "") + ")"
             raise ValueError(f"{name} must have shape {want}, got {tuple(value.shape)}")
     if dtype is not None and value.dtype != dtype:
         raise ValueError(f"{name} must have dtype {dtype}, got {value.dtype}")

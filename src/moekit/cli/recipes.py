@@ -100,7 +100,6 @@ def _upcycle(args) -> int:
 def _merge(args) -> int:
     from moekit.recipes import btx, find_dense_ffns
     from moekit.recipes.io import save_surgery
-
     from moekit.validate import check_int
 
     check_int("-k/--top-k", args.top_k, min=1)

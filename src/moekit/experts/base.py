@@ -161,7 +161,8 @@ class StackedFFNExperts(ExpertBank):
         if b_E is None:
             return y_N
         e_N, in_group_N1 = rows
-        return y_N + torch.where(in_group_N1, b_E[e_N].to(y_N.dtype), torch.zeros((), dtype=y_N.dtype, device=y_N.device))
+        return y_N + torch.where(in_group_N1, b_E[e_N].to(y_N.dtype), torch.zeros((), dtype=y_N.dtype,
+                                                                                  device=y_N.device))
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from moekit.validate import check_choice, check_int
 from moekit.experts.base import ExpertBank
 from moekit.experts.glu import GLU_ACTIVATIONS, GLUExperts
 from moekit.experts.mlp import MLPExperts
+from moekit.validate import check_choice, check_int
 
 __all__ = ["build_experts", "resolve_experts"]
 

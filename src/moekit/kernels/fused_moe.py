@@ -35,8 +35,14 @@ from typing import Mapping, Optional
 
 import torch
 
-from moekit.kernels.grouped_gemm import (gmm_scatter, gmm_scatter_add, gmm_swiglu, gmm_swiglu_backward,
-                                         gmm_swiglu_with_pre, gmm_wgrad)
+from moekit.kernels.grouped_gemm import (
+    gmm_scatter,
+    gmm_scatter_add,
+    gmm_swiglu,
+    gmm_swiglu_backward,
+    gmm_swiglu_with_pre,
+    gmm_wgrad,
+)
 
 __all__ = ["combine_rows", "swiglu_experts_forward", "swiglu_experts_forward_with_pre", "swiglu_experts_backward"]
 

@@ -11,7 +11,7 @@ __all__ = ["MoE", "MoEConfig", "MoEStats", "MoELayer", "LayerStats", "MixtureSta
 # Non-sparse and multi-task mixtures (METHODS.md G1/F4, G9, MT1/MT2, X3).
 from moekit.layers.dense_mixture import DenseMoE, StackedDenseMoE  # noqa: E402
 from moekit.layers.hme import HierarchicalMoE, irls_multinomial  # noqa: E402
-from moekit.layers.multigate import CGC, MMoE, PLE, SharedBottom, make_mmoe_synthetic  # noqa: E402
+from moekit.layers.multigate import CGC, PLE, MMoE, SharedBottom, make_mmoe_synthetic  # noqa: E402
 from moekit.layers.residual_moe import PyramidMoE, ResidualMoE  # noqa: E402
 from moekit.layers.soft_moe import SoftMoE  # noqa: E402
 

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.experts.base import uniform_init_
+from moekit.layers.protocol import LayerStats, MoELayer
 from moekit.losses import load_balancing_loss, z_loss
 from moekit.ops.topk import topk_stable
-from moekit.layers.protocol import LayerStats, MoELayer
 from moekit.validate import check_bool, check_int, check_number
 
 __all__ = ["MixtureOfAttentionHeads"]

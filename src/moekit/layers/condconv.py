@@ -19,10 +19,10 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from moekit.layers.protocol import MoELayer, mixture_stats
 from moekit.validate import check_bool, check_int, check_number
-from torch.nn.modules.utils import _pair
 
 __all__ = ["CondConv2d"]
 
@@ -58,7 +58,8 @@ class CondConv2d(MoELayer):
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible "
                              f"by groups={groups}")
-        self.in_channels, self.out_channels, self.num_experts, self.groups = in_channels, out_channels, num_experts, groups
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.num_experts, self.groups = num_experts, groups
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         # (E, O, C/groups, kh, kw): expert e's kernel laid out like nn.Conv2d.weight.

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.layers.checks import check_float_input
 from moekit.experts import ExpertBank
 from moekit.experts.build import resolve_experts
+from moekit.layers.checks import check_float_input
 from moekit.layers.moe import default_hidden
-from moekit.ops.backends import check_backend_name
 from moekit.layers.protocol import MixtureStats, MoELayer
+from moekit.ops.backends import check_backend_name
 from moekit.validate import check_bool, check_instance, check_int, check_number
 
 __all__ = ["DenseMoE", "StackedDenseMoE"]

@@ -102,7 +102,8 @@ class MixtureOfDepths(MoELayer):
         self.capacity = check_number("capacity", capacity, min=0.0, max=1.0, min_open=True)
         self.use_predictor = check_bool("predictor", predictor)
         if predictor_hidden is not None and not predictor:
-            raise ValueError(f"predictor_hidden applies to predictor=True only, got predictor_hidden={predictor_hidden!r}"
+            raise ValueError("predictor_hidden applies to predictor=True only, "
+                             f"got predictor_hidden={predictor_hidden!r}"
                              " with predictor=False")
         hidden = check_int("predictor_hidden", d_model if predictor_hidden is None else predictor_hidden, min=1)
         self.aux_loss_coef = check_number("aux_loss_coef", aux_loss_coef, min=0.0)

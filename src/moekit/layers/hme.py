@@ -27,8 +27,8 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from moekit.validate import check_int, check_number
 from moekit.layers.protocol import MoELayer, mixture_stats
+from moekit.validate import check_int, check_number
 
 __all__ = ["HierarchicalMoE", "irls_multinomial"]
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.ops.topk import topk_stable
 from moekit.layers.protocol import MoELayer, mixture_stats
+from moekit.ops.topk import topk_stable
 from moekit.validate import check_int, check_number
 
 __all__ = ["MoLoRALinear", "MoVLinear", "soft_gate"]

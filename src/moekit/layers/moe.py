@@ -21,18 +21,24 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from moekit.layers.checks import check_float_input
 from moekit.experts import ExpertBank, SharedExperts
 from moekit.experts.build import resolve_experts
 from moekit.experts.glu import GLU_ACTIVATIONS
+from moekit.layers.checks import check_float_input
 from moekit.layers.protocol import MoELayer, aux_loss, moe_layers
 from moekit.layers.stats import MoEStats, moe_stats
-from moekit.losses import (BALANCE_LOSSES, BalanceStats, balance_loss_from_stats, balance_stats,
-                           router_terms_from_stats, z_loss_from_stats)
+from moekit.losses import (
+    BALANCE_LOSSES,
+    BalanceStats,
+    balance_loss_from_stats,
+    balance_stats,
+    router_terms_from_stats,
+    z_loss_from_stats,
+)
 from moekit.ops.backends import check_backend_name
+from moekit.ops.counting import count_ids
 from moekit.ops.dispatch import LocalDispatcher
 from moekit.ops.fused import fused_experts
-from moekit.ops.counting import count_ids
 from moekit.routing import Router, Routing, TokenChoiceRouter, build_router
 from moekit.routing.base import check_router_args
 from moekit.validate import check_bool, check_choice, check_instance, check_int, check_number, check_tensor
@@ -197,7 +203,8 @@ class MoE(MoELayer):
         check_instance("router_kwargs", router_kwargs, dict, allow_none=True)
         check_choice("route_by", route_by, ROUTE_BY)
         if pool is not None and not callable(pool):
-            raise TypeError(f"pool must be None or a callable pool(x_BSD, mask_BS) -> (B, D), got {type(pool).__name__}")
+            raise TypeError("pool must be None or a callable pool(x_BSD, mask_BS) -> (B, D), "
+                            f"got {type(pool).__name__}")
         if pool is not None and route_by != "example":
             raise ValueError(f"pool only applies with route_by='example', got route_by={route_by!r}")
         clash = sorted(set(router_kwargs or {}) & _LAYER_ROUTER_ARGS)

@@ -115,7 +115,7 @@ class MoESM(MoELayer):
         if x.dim() != 3:
             raise ValueError(f"x must have shape (B, N, {self.d_model}), got {tuple(x.shape)}")
         B, N, D = x.shape
-        E, K = self.num_experts, self.top_k
+        K = self.top_k
         routing_B = self.gate(x)
         # Channel order of the merger: ascending expert id within each example.
         ids_BK, slot_BK = routing_B.topk_ids.sort(1)

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.layers.checks import check_float_input
 from moekit.experts.base import activation_fn
+from moekit.layers.checks import check_float_input
 from moekit.layers.protocol import LayerStats, MoELayer
 from moekit.validate import check_bool, check_int, check_number
 

@@ -43,11 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.layers.checks import check_float_input
 from moekit.experts import ExpertBank
 from moekit.experts.build import resolve_experts
-from moekit.ops.backends import check_backend_name
+from moekit.layers.checks import check_float_input
 from moekit.layers.protocol import LayerStats, MoELayer
+from moekit.ops.backends import check_backend_name
 from moekit.validate import check_bool, check_int
 
 __all__ = ["SoftMoE", "SoftMoEStats"]

@@ -1,9 +1,24 @@
 """Balancing losses (pure functions), their sufficient statistics, and the aux-loss-free bias balancer."""
-from moekit.losses.balance import (cv_squared, importance_loss, load_balancing_loss, load_loss, router_entropy,
-                                   selection_counts, sequence_balance_loss, z_loss)
+from moekit.losses.balance import (
+                                   cv_squared,
+                                   importance_loss,
+                                   load_balancing_loss,
+                                   load_loss,
+                                   router_entropy,
+                                   selection_counts,
+                                   sequence_balance_loss,
+                                   z_loss,
+)
 from moekit.losses.bias import bias_update, update_router_biases
-from moekit.losses.sufficient import (BALANCE_LOSSES, BalanceStats, balance_loss, balance_loss_from_stats,
-                                      balance_stats, router_terms_from_stats, z_loss_from_stats)
+from moekit.losses.sufficient import (
+                                   BALANCE_LOSSES,
+                                   BalanceStats,
+                                   balance_loss,
+                                   balance_loss_from_stats,
+                                   balance_stats,
+                                   router_terms_from_stats,
+                                   z_loss_from_stats,
+)
 
 __all__ = [
     "load_balancing_loss", "z_loss", "importance_loss", "load_loss", "cv_squared",

@@ -23,9 +23,20 @@ from typing import Callable, Optional
 
 import torch
 
-from moekit.losses.balance import (acc, check_ids, check_mask, cv_squared_from_sums, entropy_rows,
-                                   logsumexp_sq, masked_row_sum, masked_sum, mean_from_sums, num_valid,
-                                   sequence_sums, switch_from_sums)
+from moekit.losses.balance import (
+    acc,
+    check_ids,
+    check_mask,
+    cv_squared_from_sums,
+    entropy_rows,
+    logsumexp_sq,
+    masked_row_sum,
+    masked_sum,
+    mean_from_sums,
+    num_valid,
+    sequence_sums,
+    switch_from_sums,
+)
 from moekit.ops.counting import count_ids
 from moekit.validate import check_bool, check_choice, check_int
 

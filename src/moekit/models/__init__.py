@@ -1,7 +1,14 @@
 """Reusable networks built from moekit layers and the paradigm methods that train them: the decoder-only
 transformer LM, the V-MoE ViT, multi-task / multi-domain towers, continual learning (task-routed nets,
 Expert Gate), PPO actor-critic torsos, CondConv super-resolution nets, Prototypical Networks."""
-from moekit.models.transformer import KVCache, TransformerConfig, TransformerLM, dense_twin, flops_per_token, param_counts
+from moekit.models.transformer import (
+                                     KVCache,
+                                     TransformerConfig,
+                                     TransformerLM,
+                                     dense_twin,
+                                     flops_per_token,
+                                     param_counts,
+)
 
 __all__ = ["TransformerConfig", "TransformerLM", "KVCache", "dense_twin", "flops_per_token", "param_counts"]
 
@@ -13,15 +20,30 @@ from moekit.models.multitask import MultiTaskConfig, MultiTaskModel, TabularEmbe
 
 __all__ += ["MultiTaskConfig", "MultiTaskModel", "TabularEmbedding"]
 
-from moekit.models.continual import (GrowingTaskRouter, TaskIncrementalNet, accuracy_matrix, average_accuracy,  # noqa: E402
-                                     average_forgetting, backward_transfer, dense_task_net, start_task, task_moe_net,
-                                     train_sequentially)
+from moekit.models.continual import (  # noqa: E402
+                                     GrowingTaskRouter,
+                                     TaskIncrementalNet,
+                                     accuracy_matrix,
+                                     average_accuracy,
+                                     average_forgetting,
+                                     backward_transfer,
+                                     dense_task_net,
+                                     start_task,
+                                     task_moe_net,
+                                     train_sequentially,
+)
 
 __all__ += ["GrowingTaskRouter", "TaskIncrementalNet", "accuracy_matrix", "average_accuracy", "average_forgetting",
             "backward_transfer", "dense_task_net", "start_task", "task_moe_net", "train_sequentially"]
 
-from moekit.models.rl import (ActorCritic, ActorCriticConfig, PPOConfig, actor_critic_dense_twin,  # noqa: E402
-                              gae_advantages, train_ppo)
+from moekit.models.rl import (  # noqa: E402
+                                     ActorCritic,
+                                     ActorCriticConfig,
+                                     PPOConfig,
+                                     actor_critic_dense_twin,
+                                     gae_advantages,
+                                     train_ppo,
+)
 
 __all__ += ["ActorCritic", "ActorCriticConfig", "PPOConfig", "actor_critic_dense_twin", "gae_advantages", "train_ppo"]
 
@@ -29,8 +51,18 @@ from moekit.models.superres import SRNet, bicubic_upsample, condconv_from_dense,
 
 __all__ += ["SRNet", "bicubic_upsample", "condconv_from_dense", "downsample", "psnr", "sr_macs"]
 
-from moekit.models.fewshot import (Episode, EpisodeSampler, ProtoEmbedding, active_ffn_params, dense_proto_net,  # noqa: E402
-                                   evaluate_episodes, meta_train, moe_proto_net, proto_logits, prototypes)
+from moekit.models.fewshot import (  # noqa: E402
+                                     Episode,
+                                     EpisodeSampler,
+                                     ProtoEmbedding,
+                                     active_ffn_params,
+                                     dense_proto_net,
+                                     evaluate_episodes,
+                                     meta_train,
+                                     moe_proto_net,
+                                     proto_logits,
+                                     prototypes,
+)
 
 __all__ += ["Episode", "EpisodeSampler", "ProtoEmbedding", "active_ffn_params", "dense_proto_net", "evaluate_episodes",
             "meta_train", "moe_proto_net", "proto_logits", "prototypes"]

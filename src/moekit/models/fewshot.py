@@ -102,7 +102,8 @@ def prototypes(z_PD: torch.Tensor, y_P: torch.Tensor, n_way: int) -> torch.Tenso
         raise ValueError(f"labels must lie in [0, {n_way}), got [{int(y_P.min())}, {int(y_P.max())}]")
     counts_W = torch.bincount(y_P, minlength=n_way)
     if (counts_W == 0).any():
-        raise ValueError(f"every class needs a support example; classes {torch.nonzero(counts_W == 0).flatten().tolist()} have none")
+        empty = torch.nonzero(counts_W == 0).flatten().tolist()
+        raise ValueError(f"every class needs a support example; classes {empty} have none")
     sums_WD = z_PD.new_zeros(n_way, z_PD.shape[1]).index_add_(0, y_P, z_PD)
     return sums_WD / counts_W.unsqueeze(1).to(z_PD.dtype)
 
@@ -195,7 +196,8 @@ def meta_train(net: nn.Module, x_BX: torch.Tensor, labels, classes: Sequence[int
 @torch.no_grad()
 def evaluate_episodes(net: nn.Module, x_BX: torch.Tensor, labels, classes: Sequence[int], *, n_way: int,
                       shots: int, queries: int, episodes: int, seed: int = 0) -> tuple[float, float, np.ndarray]:
-    """Mean query accuracy over `episodes` test episodes, its 95% CI half-width (1.96·sd/√n), and the per-episode accuracies."""
+    """Mean query accuracy over `episodes` test episodes, its 95% CI half-width (1.96·sd/√n), and the
+    per-episode accuracies."""
     check_int("episodes", episodes, min=2)              # a confidence interval needs two
     sampler = EpisodeSampler(labels, classes, n_way=n_way, shots=shots, queries=queries, seed=seed)
     net.eval()

@@ -130,8 +130,11 @@ class MultiDomainConfig:
             return SharedBottom(d_model=d_in, num_tasks=num_tasks, d_hidden=self.width, tower_hidden=self.tower_hidden)
         if self.arch in ("mmoe", "mmoe_domain"):
             d = d_in + (self.embed_dim if self.domain_feature else 0)
-            return MMoE(d_model=d, num_experts=self.num_experts, num_tasks=num_tasks, d_hidden=self.width, tower_hidden=self.tower_hidden)
-        return M3oE(d_model=d_in, num_domains=num_domains, num_tasks=num_tasks, num_shared_experts=self.num_shared_experts, star_dim=self.width,
+            return MMoE(d_model=d, num_experts=self.num_experts, num_tasks=num_tasks, d_hidden=self.width,
+                        tower_hidden=self.tower_hidden)
+        return M3oE(d_model=d_in, num_domains=num_domains, num_tasks=num_tasks,
+                    num_shared_experts=self.num_shared_experts,
+                    star_dim=self.width,
                     bottom_dim=self.width, expert_dims=(self.width,), tower_hidden=self.tower_hidden,
                     detach_gate_input=self.detach_gate_input)
 

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from moekit.layers.multigate import MMoE, PLE, SharedBottom
+from moekit.layers.multigate import PLE, MMoE, SharedBottom
 from moekit.validate import check_choice, check_int
 
 __all__ = ["ARCHS", "TabularEmbedding", "MultiTaskConfig", "MultiTaskModel"]
@@ -87,9 +87,12 @@ class MultiTaskConfig:
         if self.arch == "shared_bottom":
             return SharedBottom(d_model=d_in, num_tasks=num_tasks, d_hidden=self.expert_hidden, **common)
         if self.arch in ("omoe", "mmoe"):
-            return MMoE(d_model=d_in, num_experts=self.num_experts, num_tasks=num_tasks, d_hidden=self.expert_hidden, shared_gate=self.arch == "omoe",
+            return MMoE(d_model=d_in, num_experts=self.num_experts, num_tasks=num_tasks, d_hidden=self.expert_hidden,
+                        shared_gate=self.arch == "omoe",
                         **common)
-        return PLE(d_model=d_in, num_tasks=num_tasks, num_shared_experts=self.num_shared_experts, num_specific_experts=self.num_specific_experts, d_hidden=self.expert_hidden,
+        return PLE(d_model=d_in, num_tasks=num_tasks, num_shared_experts=self.num_shared_experts,
+                   num_specific_experts=self.num_specific_experts,
+                   d_hidden=self.expert_hidden,
                    num_levels=self.num_levels, **common)
 
     def build(self, *, vocab_sizes: Sequence[int], num_continuous: int, num_tasks: int) -> "MultiTaskModel":

@@ -96,7 +96,8 @@ class SRNet(nn.Module):
         self.channels, self.scale, self.width, self.num_experts = channels, scale, width, num_experts
         self.head = nn.Conv2d(channels, width, 3, padding=1)
         self.mid = nn.ModuleList(
-            CondConv2d(width, width, 3, num_experts=num_experts, padding=1) if num_experts else nn.Conv2d(width, width, 3, padding=1)
+            CondConv2d(width, width, 3, num_experts=num_experts, padding=1) if num_experts else nn.Conv2d(width, width,
+                                                                                                          3, padding=1)
             for _ in range(num_mid))
         self.tail = nn.Conv2d(width, channels * scale ** 2, 3, padding=1)
         self.shuffle = nn.PixelShuffle(scale)

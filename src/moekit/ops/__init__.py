@@ -8,8 +8,7 @@ importing them imports triton: `grouped_mm_triton` (the ``"triton"`` backend, re
 from moekit.ops.backends import Backend, available_backends, register_backend, resolve_backend
 from moekit.ops.counting import count_ids
 from moekit.ops.dispatch import DispatchMeta, LocalDispatcher, permute, unpermute
-from moekit.ops.grouped_mm import (fast_supported, grouped_mm_fast, grouped_mm_reference,
-                                   offsets_from_counts)
+from moekit.ops.grouped_mm import fast_supported, grouped_mm_fast, grouped_mm_reference, offsets_from_counts
 from moekit.ops.sync import HostSyncError, no_host_sync
 from moekit.ops.topk import topk_stable
 

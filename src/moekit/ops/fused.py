@@ -23,7 +23,7 @@ def fused_experts(x_TD: torch.Tensor, routing, experts, *, backend: str) -> Opti
     if backend not in ("auto", "triton"):
         return None
     try:
-        from moekit.ops.triton_backend import fused_moe_applicable      # imports no triton on the CPU
+        from moekit.ops.triton_backend import fused_moe_applicable  # imports no triton on the CPU
     except ImportError:
         return None
     if not fused_moe_applicable(x_TD, experts):

@@ -18,8 +18,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from moekit.kernels.fused_moe import (swiglu_experts_backward, swiglu_experts_forward,
-                                      swiglu_experts_forward_with_pre)
+from moekit.kernels.fused_moe import swiglu_experts_backward, swiglu_experts_forward, swiglu_experts_forward_with_pre
 from moekit.kernels.launch import check_tiles
 from moekit.ops.dispatch import LocalDispatcher, sort_by_expert
 from moekit.validate import check_choice

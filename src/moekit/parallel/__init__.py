@@ -9,8 +9,13 @@
     moekit.parallel.save_checkpoint({"model": model, "optimizer": opt, "step": step}, path)
 """
 from moekit.parallel.balance import GlobalBatchSum
-from moekit.parallel.checkpoint import (latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint,
-                                       verify_checkpoint)
+from moekit.parallel.checkpoint import (
+                                       latest_checkpoint,
+                                       load_checkpoint,
+                                       resolve_checkpoint,
+                                       save_checkpoint,
+                                       verify_checkpoint,
+)
 from moekit.parallel.clip import clip_grad_norm_, grad_norm
 from moekit.parallel.comm import all_reduce_sum, all_to_all_single, all_to_all_single_reference
 from moekit.parallel.dispatcher import ExpertParallelDispatcher, ExpertParallelMeta

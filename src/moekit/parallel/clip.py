@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moekit.parallel.sharding import is_dtensor, expert_shard_of
+from moekit.parallel.sharding import expert_shard_of, is_dtensor
 from moekit.validate import check_number
 
 __all__ = ["clip_grad_norm_", "grad_norm"]

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moekit.parallel.comm import resolve_group
-from moekit.parallel.sharding import is_dtensor, expert_shard_of
+from moekit.parallel.sharding import expert_shard_of, is_dtensor
 from moekit.validate import check_choice
 
 __all__ = ["GradientSync", "sync_gradients", "broadcast_model", "GRAD_SYNC_MODES"]

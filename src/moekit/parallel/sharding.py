@@ -20,11 +20,11 @@ import torch.distributed as dist
 from torch import nn
 
 from moekit.experts import ExpertBank
+from moekit.layers.protocol import MoELayer
 from moekit.ops.dispatch import LocalDispatcher
 from moekit.parallel.balance import BALANCE_SCOPES, GlobalBatchSum
 from moekit.parallel.comm import all_reduce_sum, resolve_group
 from moekit.parallel.dispatcher import ExpertParallelDispatcher
-from moekit.layers.protocol import MoELayer
 
 __all__ = ["apply_expert_parallel", "ExpertShard", "expert_shard_of", "is_expert_param", "shard_expert_bank"]
 

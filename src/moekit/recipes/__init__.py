@@ -2,13 +2,19 @@
 Branch-Train-MiX, expert pruning and merging, growing and freezing experts, distilling an MoE
 into a dense model."""
 from moekit.recipes.btx import average_models, btx, moe_from_ffns
-from moekit.recipes.grow import add_experts, freeze_experts
 from moekit.recipes.dense_ffn import DenseWeights, FFNSite, find_dense_ffns
-from moekit.recipes.io import load_surgery, save_surgery
-from moekit.recipes.prune import (GroupedRouter, expert_usage, merge_experts, prune_experts, prune_model,
-                                  similar_expert_groups)
-from moekit.recipes.upcycle import upcycle, upcycle_weights
 from moekit.recipes.distill import dense_student_from_moe, distill, distillation_loss, teacher_kl
+from moekit.recipes.grow import add_experts, freeze_experts
+from moekit.recipes.io import load_surgery, save_surgery
+from moekit.recipes.prune import (
+                                  GroupedRouter,
+                                  expert_usage,
+                                  merge_experts,
+                                  prune_experts,
+                                  prune_model,
+                                  similar_expert_groups,
+)
+from moekit.recipes.upcycle import upcycle, upcycle_weights
 
 __all__ = ["upcycle", "upcycle_weights", "btx", "average_models", "moe_from_ffns", "find_dense_ffns",
            "DenseWeights", "FFNSite", "expert_usage", "prune_experts", "prune_model", "merge_experts",

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from moekit.experts.shared import DenseFFN
-from moekit.recipes.surgery import get_submodule, identify_activation, set_submodule
 from moekit.layers.protocol import MoELayer
+from moekit.recipes.surgery import get_submodule, identify_activation, set_submodule
 
 __all__ = ["DenseWeights", "FFNSite", "find_dense_ffns", "dense_weights_of"]
 

@@ -29,8 +29,8 @@ from torch import nn
 from moekit.experts.glu import GLUExperts
 from moekit.experts.mlp import MLPExperts
 from moekit.layers.moe import MoE, aux_loss
-from moekit.models.transformer import TransformerLM
 from moekit.layers.protocol import MoELayer
+from moekit.models.transformer import TransformerLM
 from moekit.optim import UpdateStep, build_optimizer
 from moekit.validate import check_int, check_number, check_probability
 
@@ -193,7 +193,8 @@ def dense_student_from_moe(teacher: TransformerLM, *, ffn_init: str = "random",
     teacher works too. Embeddings, attention, norms, the output head and the teacher's dense
     FFN layers are copied exactly (new tensors); the shared experts fill the last ``S·F_s``
     hidden units of their dense FFN. The student config holds one FFN width, so a teacher that
-    mixes dense and MoE layers works only where both widths agree (else a ValueError names them). The routed part, units ``[0, K·F)``, by `ffn_init`:
+    mixes dense and MoE layers works only where both widths agree (else a ValueError names them).
+    The routed part, units ``[0, K·F)``, by `ffn_init`:
 
     - ``"random"`` (Switch §5, which copies only non-expert weights): the fresh initialisation
       of a `TransformerLM` (seeded by `seed`).

@@ -1,6 +1,6 @@
 """Routers: every rule maps tokens to the one `Routing` format."""
-from moekit.routing.base import Router, Routing, TokenChoiceRouter
 from moekit.routing.balanced_assignment import BaseLayerRouter, balanced_assignment
+from moekit.routing.base import Router, Routing, TokenChoiceRouter
 from moekit.routing.capacity import DROP_POLICIES, apply_capacity, capacity_for
 from moekit.routing.cosine import CosineRouter
 from moekit.routing.dense import DenseRouter
@@ -14,8 +14,13 @@ from moekit.routing.null_experts import NullExpertsRouter
 from moekit.routing.random import RandomRouter
 from moekit.routing.registry import available, build_router, get_router_class, register_router
 from moekit.routing.relu import ReLURouter
-from moekit.routing.schedules import (DenseToSparseRouter, RoutingDropout, StableMoERouter, TemperatureSchedule,
-                                      freeze_moe_parameters)
+from moekit.routing.schedules import (
+                                      DenseToSparseRouter,
+                                      RoutingDropout,
+                                      StableMoERouter,
+                                      TemperatureSchedule,
+                                      freeze_moe_parameters,
+)
 from moekit.routing.sigmoid import SigmoidRouter
 from moekit.routing.sinkhorn import SinkhornRouter, sinkhorn_balance
 from moekit.routing.switch import SwitchRouter

@@ -7,7 +7,8 @@ Scores ``s_{t,e} = x_t · w_e`` (learned expert embeddings ``w``). In training e
 exactly its share of the group (``C = T/E``; when E does not divide T the first ``T mod E``
 experts take one more) and the assignment ``a`` maximises the total affinity ``Σ_t s_{t,a(t)}``
 — a balanced linear assignment problem (per group of ``group_size`` tokens, if set). In eval
-each token takes its argmax expert (no balancing, so decoding stays causal). The combine weight is ``σ(s_{t,a(t)})`` (the paper's
+each token takes its argmax expert (no balancing, so decoding stays causal).
+The combine weight is ``σ(s_{t,a(t)})`` (the paper's
 ``x + σ(h·w_a) f_a(h)``; the residual is the model's). No auxiliary loss, no capacity factor.
 
 The assignment is solved exactly by `balanced_assignment` (successive shortest augmenting
@@ -92,7 +93,8 @@ def balanced_assignment(scores_TE: torch.Tensor, capacities_E: Sequence[int]) ->
 
 
 class BaseLayerRouter(Router):
-    """``top_k`` is not used (BASE gives each token one expert); an explicit ``top_k`` other than its own count is refused."""
+    """``top_k`` is not used (BASE gives each token one expert); an explicit ``top_k`` other than its
+    own count is refused."""
 
     default_balance_loss = "none"
 

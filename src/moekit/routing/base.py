@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from moekit.ops.counting import count_ids
+from moekit.routing.capacity import DROP_POLICIES, apply_capacity, apply_capacity_static, capacity_for, capacity_tensor
 from moekit.validate import check_choice, check_int, check_number
-from moekit.routing.capacity import (DROP_POLICIES, apply_capacity, apply_capacity_static, capacity_for,
-                                     capacity_tensor)
 
 __all__ = ["Routing", "Router", "TokenChoiceRouter", "check_router_args", "check_no_top_k", "router_float"]
 
@@ -36,7 +35,8 @@ class Routing:
         token_ids: (N,) int64, the token of each kept pair.
         expert_ids: (N,) int64, the expert of each kept pair.
         weights: (N,) float32, the combine weight of each kept pair (with gradient).
-        logits: (T, E) float32 router logits (float64 for float64 input), or None for routers without logits (hash, random).
+        logits: (T, E) float32 router logits (float64 for float64 input), or None for routers without logits (hash,
+                                                                                                              random).
         dropped: 0-d int64 tensor, pairs the router selected but capacity dropped.
         num_experts: E.
         probs: (T, E) float32 scores the balancing losses use (softmax probabilities, or

@@ -76,7 +76,8 @@ class DSelectKRouter(Router):
         T, K, B, E = x_TD.shape[0], self.top_k, self.code_bits, self.num_experts
         x = router_float(x_TD)
         if self.per_token:
-            codes_TKB = F.linear(x, router_float(self.code_proj.weight), router_float(self.code_proj.bias)).view(T, K, B)
+            codes_TKB = F.linear(x, router_float(self.code_proj.weight), router_float(self.code_proj.bias)).view(T, K,
+                                                                                                                 B)
             mix_TK = F.linear(x, router_float(self.mix_proj.weight), router_float(self.mix_proj.bias))
         else:
             codes_TKB = router_float(self.codes_KB).expand(T, K, B)

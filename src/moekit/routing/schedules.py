@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.ops.topk import topk_stable
-from moekit.validate import check_int, check_number
 from moekit.routing.base import Router, Routing, check_no_top_k, router_float
 from moekit.routing.pairs import check_token_input, no_drops, pairs_from_selection
 from moekit.routing.topk import init_router_weight
+from moekit.validate import check_int, check_number
 
 __all__ = ["TemperatureSchedule", "DenseToSparseRouter", "StableMoERouter", "RoutingDropout",
            "freeze_moe_parameters"]

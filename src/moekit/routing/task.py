@@ -19,9 +19,9 @@ from torch import nn
 
 from moekit.ops.topk import topk_stable
 from moekit.routing.base import TokenChoiceRouter, router_float
-from moekit.validate import check_choice, check_int
 from moekit.routing.pairs import check_token_input
 from moekit.routing.topk import init_router_weight, normalise
+from moekit.validate import check_choice, check_int
 
 __all__ = ["TaskRouter"]
 

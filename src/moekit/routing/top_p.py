@@ -15,7 +15,8 @@ Because a flat router would select many experts, the dynamic loss
 loss counts f over all kept experts. ``MoE.last_stats.experts_per_token`` reports the mean
 number of experts per token.
 
-``top_k`` is not used (the threshold decides the count); an explicit ``top_k`` other than its own count is refused. ``max_experts`` optionally caps the count (``None``: the paper's uncapped rule).
+``top_k`` is not used (the threshold decides the count); an explicit ``top_k`` other than its own count is refused.
+``max_experts`` optionally caps the count (``None``: the paper's uncapped rule).
 """
 from __future__ import annotations
 

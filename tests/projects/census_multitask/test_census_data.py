@@ -16,8 +16,14 @@ import pytest
 
 import moekit.train.fetch as fetch_mod
 import projects.census_multitask.data as census_mod
-from projects.census_multitask.data import (CENSUS_COLUMNS, CONTINUOUS, LOG_SCALED, encode_census, load_census_income,
-                                            read_census_csv)
+from projects.census_multitask.data import (
+    CENSUS_COLUMNS,
+    CONTINUOUS,
+    LOG_SCALED,
+    encode_census,
+    load_census_income,
+    read_census_csv,
+)
 
 DATA = Path(__file__).parent / "data"
 

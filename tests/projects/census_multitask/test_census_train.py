@@ -11,8 +11,14 @@ import torch
 from moekit.models.multitask import ARCHS, MultiTaskConfig
 from projects.census_multitask import run as census_run
 from projects.census_multitask.data import encode_census, read_census_csv
-from projects.census_multitask.train import (BestEpoch, binary_auc, config_for_budget, evaluate_auc, predict_logits,
-                                             train_multitask)
+from projects.census_multitask.train import (
+    BestEpoch,
+    binary_auc,
+    config_for_budget,
+    evaluate_auc,
+    predict_logits,
+    train_multitask,
+)
 
 DATA = Path(__file__).parent / "data"
 

@@ -12,8 +12,14 @@ import torch
 
 from moekit.models.multidomain import ARCHS, MultiDomainConfig, MultiDomainModel
 from moekit.models.multitask import TabularEmbedding
-from projects.census_multitask.data import (AGE_EDGES, age_domain_ids, age_domain_names, encode_census,
-                                            read_census_csv, with_age_domains)
+from projects.census_multitask.data import (
+    AGE_EDGES,
+    age_domain_ids,
+    age_domain_names,
+    encode_census,
+    read_census_csv,
+    with_age_domains,
+)
 from projects.census_multitask.train import binary_auc
 from projects.m3oe_census import run as m3oe_run
 from projects.m3oe_census.train import config_for_budget, domain_task_auc, evaluate_cells, train_multidomain

@@ -9,8 +9,15 @@ import torch.nn.functional as F
 
 from projects.theory_clusters.data import PATCH_KINDS, make_cluster_data, make_latent_cluster_data
 from projects.theory_clusters.models import LatentClusterMoE, PatchCNN, PatchMoE, PatchSumRouter, SignHashIds
-from projects.theory_clusters.train import (NormalizedGD, dispatch_entropy, expert_param_groups, router_purity, run_r1,
-                                            run_r7, train_patch_moe)
+from projects.theory_clusters.train import (
+    NormalizedGD,
+    dispatch_entropy,
+    expert_param_groups,
+    router_purity,
+    run_r1,
+    run_r7,
+    train_patch_moe,
+)
 
 FEATURE, CENTER, NOISE, FEATURE_NOISE = (PATCH_KINDS.index(k) for k in ("feature", "center", "noise", "feature_noise"))
 

@@ -35,8 +35,17 @@ gymnasium's (optional extra ``moekit[rl]``).
 """
 from moekit.models.rl.envs import CartPoleVecEnv, MultiTaskVecEnv, ReachVecEnv, make_gym_vec_env
 from moekit.models.rl.network import TORSOS, ActorCritic, ActorCriticConfig, actor_critic_dense_twin
-from moekit.models.rl.ppo import (PPOConfig, RLTrainResult, Rollout, RolloutCollector, clipped_policy_loss,
-                                  expert_usage, gae_advantages, ppo_update, train_ppo)
+from moekit.models.rl.ppo import (
+                                  PPOConfig,
+                                  RLTrainResult,
+                                  Rollout,
+                                  RolloutCollector,
+                                  clipped_policy_loss,
+                                  expert_usage,
+                                  gae_advantages,
+                                  ppo_update,
+                                  train_ppo,
+)
 
 __all__ = ["TORSOS", "ActorCriticConfig", "ActorCritic", "actor_critic_dense_twin", "gae_advantages",
            "clipped_policy_loss", "Rollout", "RolloutCollector", "PPOConfig", "ppo_update", "RLTrainResult",

@@ -79,7 +79,8 @@ class CartPoleVecEnv(_NumpyVecEnv):
         force = np.where(action_B == 1, self.force_mag, -self.force_mag)
         cos, sin = np.cos(theta), np.sin(theta)
         temp = (force + pml * theta_dot ** 2 * sin) / total_mass
-        theta_acc = (self.gravity * sin - cos * temp) / (self.length * (4.0 / 3.0 - self.masspole * cos ** 2 / total_mass))
+        arm = self.length * (4.0 / 3.0 - self.masspole * cos ** 2 / total_mass)
+        theta_acc = (self.gravity * sin - cos * temp) / arm
         x_acc = temp - pml * theta_acc * cos / total_mass
         self.state_4B = np.stack([x + self.tau * x_dot, x_dot + self.tau * x_acc,
                                   theta + self.tau * theta_dot, theta_dot + self.tau * theta_acc])

@@ -34,8 +34,8 @@ def gae_advantages(*, rewards_TB: torch.Tensor, values_TB: torch.Tensor, last_va
     """
     if not (rewards_TB.shape == values_TB.shape == terminated_TB.shape == truncated_TB.shape) or \
             last_value_B.shape != rewards_TB.shape[1:]:
-        raise ValueError(f"need rewards, values, terminated, truncated all (T, B) and last_value (B,); got "
-                         f"{[tuple(t.shape) for t in (rewards_TB, values_TB, terminated_TB, truncated_TB, last_value_B)]}")
+        shapes = [tuple(t.shape) for t in (rewards_TB, values_TB, terminated_TB, truncated_TB, last_value_B)]
+        raise ValueError(f"need rewards, values, terminated, truncated all (T, B) and last_value (B,); got {shapes}")
     next_values_TB = torch.cat([values_TB[1:], last_value_B[None]])
     delta_TB = rewards_TB + gamma * next_values_TB * (~terminated_TB) - values_TB
     cont_TB = (~(terminated_TB | truncated_TB)).to(values_TB.dtype)
@@ -87,7 +87,8 @@ class RolloutCollector:
 
     def __init__(self, envs, *, seed: Optional[int] = None):
         mode = getattr(envs, "metadata", {}).get("autoreset_mode")
-        if mode is not None and str(getattr(mode, "value", mode)).lower().replace("_", "").replace("-", "") != "nextstep":
+        if mode is not None and str(getattr(mode, "value", mode)).lower().replace("_", "").replace("-",
+                                                                                                   "") != "nextstep":
             raise ValueError(f"RolloutCollector needs next-step autoreset (gymnasium's default), got {mode!r}")
         self.envs = envs
         obs, _ = envs.reset(seed=seed)
