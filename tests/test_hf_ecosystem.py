@@ -287,3 +287,34 @@ def test_trainer_trains_lora_adapters_only(tmp_path):
     for n, p in pm.named_parameters():
         moved = max_diff(p, before[n]) > 0
         assert moved == ("lora_B" in n or "lora_A" in n), n
+
+
+def test_lora_experts_never_take_the_fused_kernel(ids, monkeypatch):
+    """The fused Triton kernel reads the bank's weights itself, so it would skip an adapter. On a
+    device where the kernel runs (asked here with the device check faked, the kernel not run), the
+    bare bank would take it and a LoRA-wrapped bank does not: it takes the grouped path, adapter included."""
+    peft = pytest.importorskip("peft")
+    tb = pytest.importorskip("moekit.ops.triton_backend")
+    real = tb.fused_moe_applicable
+    answers = []
+
+    def spy(x_TD, bank):
+        with monkeypatch.context() as m:
+            m.setattr(tb, "triton_device_supported", lambda device, dtype: True)
+            answers.append(real(x_TD, bank))
+        return False                                   # the CPU run goes on without the kernel
+
+    monkeypatch.setattr(tb, "fused_moe_applicable", spy)
+    ref = make_model("mixtral")
+    model = moekit.hf.from_pretrained(copy.deepcopy(ref))
+    with torch.no_grad():
+        model(ids)
+    assert answers == [True, True]
+    pm = peft.get_peft_model(model, lora_config("mixtral"))
+    pr = peft.get_peft_model(ref, lora_config("mixtral"))
+    randomise_adapters(pr, seed=7)
+    peft.set_peft_model_state_dict(pm, peft.get_peft_model_state_dict(pr))
+    answers.clear()
+    with torch.no_grad():
+        assert max_diff(pm(ids).logits, pr(ids).logits) < 1e-5
+    assert answers == [False, False]
