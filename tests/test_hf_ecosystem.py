@@ -82,14 +82,20 @@ def _train(model, tmp_path, *, steps=12, lr=5e-3, callbacks=()):
     return trainer, [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-class RouterGrads(tf.TrainerCallback):
-    """Norms of the moekit routers' gradients just before each optimizer step."""
+def router_grads_callback():
+    """A Trainer callback noting the moekit routers' gradient norms just before each optimizer step.
 
-    def __init__(self):
-        self.norms = []
+    Built at call time: importing transformers' trainer imports triton, which must not happen
+    while tests are collected (test_triton_kernels imports it first, in interpreter mode)."""
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.norms.append([m.router.weight.grad.norm().item() for _, m in converted_layers(model)])
+    class RouterGrads(tf.TrainerCallback):
+        def __init__(self):
+            self.norms = []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.norms.append([m.router.weight.grad.norm().item() for _, m in converted_layers(model)])
+
+    return RouterGrads()
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
@@ -101,7 +107,7 @@ def test_trainer_unchanged_same_run_as_transformers(family, ids, tmp_path):
     model = moekit.hf.from_pretrained(copy.deepcopy(ref))
     seqs, _ = _batches()
     router_before = {n: m.router.weight.detach().clone() for n, m in converted_layers(model)}
-    grads = RouterGrads()
+    grads = router_grads_callback()
     _, ref_losses = _train(ref, tmp_path / "ref")
     trainer, losses = _train(model, tmp_path / "moekit", callbacks=[grads])
 
