@@ -11,6 +11,18 @@ DeepSeek-V3 — is a `moekit.MoE` holding the same weights; its logits equal the
 model's. `save_pretrained` writes a plain transformers checkpoint. Weights move only as
 safetensors: a folder without ``*.safetensors`` files is refused, never unpickled.
 See `moekit.recipes.hf_convert` for the mapping of each family.
+
+The converted model fits the Hugging Face tools unchanged (recipes in docs/huggingface.md):
+
+* ``transformers.Trainer``: with ``config.output_router_logits=True`` the model's loss adds
+  ``router_aux_loss_coef`` × transformers' own balancing loss, computed from the moekit
+  routers' logits — the same number as the original model's. The converted layers' state
+  dicts use transformers' key names, so ``trainer.save_model`` writes a checkpoint plain
+  transformers loads.
+* PEFT LoRA: ``target_modules`` for attention, ``target_parameters=["mlp.experts.gate_up_proj",
+  "mlp.experts.down_proj"]`` for the stacked experts (the moekit bank keeps transformers'
+  names and (E, out, in) layout); adapter files load onto the original transformers model.
+  Merge (``merge_and_unload``) before `save_pretrained`.
 """
 from __future__ import annotations
 
@@ -84,6 +96,11 @@ def save_pretrained(model: nn.Module, path: Union[str, os.PathLike], **save_kwar
     if save_kwargs.get("safe_serialization", True) is not True:
         raise ValueError("moekit saves safetensors only; safe_serialization must be True")
     save_kwargs.pop("safe_serialization", None)
+    adapters = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.split(".")[0] == "peft"})
+    if adapters:
+        raise ValueError(f"model carries PEFT adapters ({', '.join(adapters)}); merge them into the weights first "
+                         "(model = model.merge_and_unload()), or save the adapters alone with the PeftModel's own "
+                         "save_pretrained")
     from moekit.layers.moe import moe_layers
 
     foreign = len(moe_layers(model)) - len(converted_layers(model))

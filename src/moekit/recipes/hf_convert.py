@@ -25,6 +25,12 @@ DeepSeek-V3         sigmoid, +e_score_correction_    SigmoidRouter(num_groups, t
                     renorm, × routed_scaling_factor  e_score_correction_bias; SharedExperts
 ==================  ===============================  =======================================
 
+A converted layer's state dict uses the transformers block's key names (``gate.weight``,
+``shared_expert.gate_proj.weight`` …; views of the moekit tensors, no copy), and loads
+either names. So the model's own ``save_pretrained`` — the one ``transformers.Trainer``
+calls for ``save_model`` and its checkpoints — writes a checkpoint plain transformers loads,
+and PEFT adapter files name the same keys as on the original model.
+
 `as_transformers(model)` puts freshly built Hugging Face blocks (sharing the moekit
 tensors) back for the duration of a ``with`` block, so ``save_pretrained`` writes a genuine
 transformers checkpoint, in transformers' own on-disk format.
@@ -85,6 +91,57 @@ def _record_router_logits_hook():
             collected["router_logits"].append(routing.logits)
 
     return hook
+
+
+# moekit key -> transformers key, per family, inside a converted layer's state dict.
+_RENAMES = {
+    "mixtral": {"router.weight": "gate.weight"},
+    "qwen3_moe": {"router.weight": "gate.weight"},
+    "olmoe": {"router.weight": "gate.weight"},
+    "qwen2_moe": {"router.weight": "gate.weight",
+                  "shared_experts.ffn.down_proj.weight": "shared_expert.down_proj.weight",
+                  "shared_experts.gate.weight": "shared_expert_gate.weight"},
+    "deepseek_v3": {"router.weight": "gate.weight",
+                    "router.expert_bias": "gate.e_score_correction_bias",
+                    "shared_experts.ffn.down_proj.weight": "shared_experts.down_proj.weight"},
+}
+# The shared expert's (2F, D) gate_up weight is two (F, D) weights in transformers: the gate rows first.
+_SPLITS = {
+    "qwen2_moe": ("shared_experts.ffn.gate_up_proj.weight",
+                  "shared_expert.gate_proj.weight", "shared_expert.up_proj.weight"),
+    "deepseek_v3": ("shared_experts.ffn.gate_up_proj.weight",
+                    "shared_experts.gate_proj.weight", "shared_experts.up_proj.weight"),
+}
+
+
+def _to_hf_keys(module, state_dict, prefix, local_metadata):
+    """State-dict post-hook of a converted layer: moekit keys -> the transformers block's keys.
+
+    Only the exact keys of the layer's own tensors are renamed; anything else under the layer
+    (e.g. PEFT's ``base_layer``/``lora_A`` keys once adapters wrap a module) is left as it is.
+    """
+    family = module.hf_origin.family
+    for src, dst in _RENAMES[family].items():
+        if prefix + src in state_dict:
+            state_dict[prefix + dst] = state_dict.pop(prefix + src)
+    if family in _SPLITS:
+        src, gate, up = _SPLITS[family]
+        if prefix + src in state_dict:
+            w_2FD = state_dict.pop(prefix + src)
+            F = w_2FD.shape[0] // 2
+            state_dict[prefix + gate], state_dict[prefix + up] = w_2FD[:F], w_2FD[F:]
+
+
+def _from_hf_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """Load-state-dict pre-hook: the transformers block's keys -> moekit keys (moekit keys load as they are)."""
+    family = module.hf_origin.family
+    for src, dst in _RENAMES[family].items():
+        if prefix + dst in state_dict and prefix + src not in state_dict:
+            state_dict[prefix + src] = state_dict.pop(prefix + dst)
+    if family in _SPLITS:
+        src, gate, up = _SPLITS[family]
+        if prefix + gate in state_dict and prefix + up in state_dict and prefix + src not in state_dict:
+            state_dict[prefix + src] = torch.cat([state_dict.pop(prefix + gate), state_dict.pop(prefix + up)], 0)
 
 
 def _dense_glu(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, nn.Parameter]:
@@ -157,6 +214,8 @@ def moe_from_hf_block(block: nn.Module, config: Any = None, *, backend: str = "a
     moe.aux_loss = torch.zeros((), device=device)
     moe.train(block.training)
     moe.hf_origin = HFOrigin(family=family, block_class=type(block), config=config)
+    moe.register_state_dict_post_hook(_to_hf_keys)
+    moe.register_load_state_dict_pre_hook(_from_hf_keys)
     return moe
 
 
