@@ -102,6 +102,17 @@ def test_bpe_roundtrips_any_text_and_serialises_as_json(corpus):
     d = json.loads(json.dumps(tok.to_dict()))
     again = tokenizer_from_dict(d)
     assert again.vocab_size == tok.vocab_size and torch.equal(again.encode(text), ids)
+    # our decoder equals the package's on every token of the vocabulary and on valid text
+    assert all(tok.decode([i]) == tok.tokenizer.decode([i]) for i in range(tok.vocab_size)
+               if "\ufffd" not in tok.tokenizer.decode([i]))
+    assert tok.decode(ids.tolist()) == tok.tokenizer.decode(ids.tolist())
+    # a lone continuation byte (a sample can hold one) is escaped, never U+FFFD
+    import tokenizers
+    assert set(BPETokenizer._BYTES) == set(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    c80 = next(c for c, b in BPETokenizer._BYTES.items() if b == 0x80)
+    assert c80 == "\u0122"                         # GPT-2's alphabet: the 35th non-printable byte
+    lone = [i for i in range(tok.vocab_size) if tok.tokenizer.id_to_token(i) == c80]
+    assert lone and tok.decode(lone) == "\\x80"
     # the batch path equals one text at a time
     texts = ["To be, or not to be", "import os\n", ""]
     assert all(np.array_equal(a, tok.encode(t).numpy()) for a, t in zip(tok.encode_many(texts), texts))

@@ -112,7 +112,8 @@ def write_report(run_dir: os.PathLike, *, device: str = "cpu", samples: bool = T
     summary = {
         "run": run.name, "config": run.to_dict(), "comparison": comp,
         "variants": {r["variant"]: {k: r.get(k) for k in (
-            "status", "steps", "val_loss", "val_loss_by_domain", "params_total", "params_active", "flops_per_token_train",
+            "status", "steps", "val_loss", "val_loss_by_domain", "params_total", "params_active",
+            "flops_per_token_train",
             "flops_per_token_forward", "tokens_per_s", "train_time_s", "tokens_seen", "device")}
             for r in results},
         "routing": {name: {"layers": [{k: v for k, v in s.items() if k not in ("doc_share",)}

@@ -64,7 +64,8 @@ class DataConfig:
         if isinstance(self.paths, (list, str)):
             object.__setattr__(self, "paths", (self.paths,) if isinstance(self.paths, str) else tuple(self.paths))
         if isinstance(self.domains, (list, str)):
-            object.__setattr__(self, "domains", (self.domains,) if isinstance(self.domains, str) else tuple(self.domains))
+            domains = (self.domains,) if isinstance(self.domains, str) else tuple(self.domains)
+            object.__setattr__(self, "domains", domains)
         if self.source == "domains" and (not self.domains or not all(isinstance(d, str) and d for d in self.domains)):
             raise ValueError(f"data.source='domains' needs data.domains, a list of domain names or paths, "
                              f"got {list(self.domains)!r}")

