@@ -193,3 +193,19 @@ def test_domain_config_errors(cache, bad, match):
 def test_a_domain_named_twice_is_refused(cache):
     with pytest.raises(ValueError, match="twice"):
         build_corpus(tiny_domains(cache, data={"domains": [DOMAINS[0], DOMAINS[0]]}).data)
+
+
+def test_a_checkpoint_written_before_the_domain_settings_resumes_without_a_change():
+    # Checkpoints written before data.domains / domain_chars / vocab_size existed lack those keys:
+    # they compare as their defaults, so resuming such a run reports no config change.
+    from moekit.train.trainer import _sections, config_changes
+
+    from test_train import tiny
+
+    now = tiny().to_dict()                     # a character-level run on files: the new keys at defaults
+    old = json.loads(json.dumps(now))
+    for key in ("domains", "domain_chars", "vocab_size"):
+        del old["data"][key]
+    assert config_changes(_sections(old), _sections(now)) == []
+    old["data"]["seq_len"] = 99
+    assert config_changes(_sections(old), _sections(now)) == ["data.seq_len: 99 -> 32"]

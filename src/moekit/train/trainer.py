@@ -18,6 +18,7 @@ One `Trainer` trains one model variant of a `RunConfig` into its own folder:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import sys
@@ -34,7 +35,7 @@ from moekit.optim import NonFiniteError, UpdateStep, build_optimizer, lr_at
 from moekit.validate import check_device
 from moekit.train.checkpoint import (CheckpointError, clean_stale, load_checkpoint, read_config, resolve_checkpoint,
                                      rng_state, save_checkpoint, set_rng_state)
-from moekit.train.config import RunConfig, variant_model_config
+from moekit.train.config import DataConfig, OptimConfig, RunConfig, TrainConfig, variant_model_config
 from moekit.train.data import BatchSampler, build_corpus, eval_batches
 from moekit.train.distributed import distributed_context
 from moekit.train.metrics import MetricsLogger
@@ -444,7 +445,14 @@ class Trainer:
 
 
 def _sections(run: dict) -> dict:
-    return {k: run.get(k, {}) for k in ("data", "optim", "train")}
+    """The data, optim and train sections of a run dict; a key a checkpoint lacks (a setting
+    added after it was written: data.domains, data.vocab_size, ...) takes its default, which is
+    what that run did."""
+    out = {}
+    for k, cls in (("data", DataConfig), ("optim", OptimConfig), ("train", TrainConfig)):
+        defaults = dataclasses.asdict(cls())
+        out[k] = {**defaults, **run.get(k, {})}
+    return out
 
 
 def train_variant(run: RunConfig, variant: str, out_dir: os.PathLike, *, data=None, resume: bool = False,
