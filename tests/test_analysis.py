@@ -124,3 +124,80 @@ def test_report_without_matplotlib(tiny_run, monkeypatch):
     paths = write_report(tiny_run, samples=False)
     assert paths["plots"] == [] and "matplotlib is not installed" in Path(paths["html"]).read_text()
     assert json.loads(Path(paths["summary"]).read_text())["variants"]["moe"]["val_loss"] > 0
+
+
+def _probe_from_doc_counts(by_doc):
+    L, E, P = by_doc.shape
+    return RoutingProbe(layers=list(range(L)), num_experts=E, by_token=np.zeros((L, E, 1), dtype=np.int64),
+                        by_doc=by_doc, top1=np.zeros((L, 1), dtype=np.int64), tokens=np.zeros(1),
+                        docs=np.zeros(1), dropped=np.zeros(L, dtype=np.int64))
+
+
+def test_domain_specialisation_bounds_and_a_planted_split():
+    from moekit.analysis import domain_specialisation
+
+    # 4 documents in 2 domains (0, 0, 1, 1), 4 experts.
+    doc_domains = [0, 0, 1, 1]
+    uniform = np.full((1, 4, 4), 25)
+    split = np.zeros((1, 4, 4), dtype=np.int64)
+    split[0, :2, :2] = 50                      # experts 0-1 take domain 0's documents, 2-3 domain 1's
+    split[0, 2:, 2:] = 50
+    u, s = (domain_specialisation(_probe_from_doc_counts(b), doc_domains, ["prose", "code"])[0]
+            for b in (uniform, split))
+    assert u["nmi"] == pytest.approx(0.0, abs=1e-12) and u["purity"] == pytest.approx(0.5)
+    assert u["chance_purity"] == pytest.approx(0.5)
+    assert s["nmi"] == pytest.approx(1.0) and s["purity"] == pytest.approx(1.0)
+    assert s["top_domain"] == ["prose", "prose", "code", "code"]
+    assert np.allclose(np.sum(s["share"], 1), 1) and s["share"][0] == pytest.approx([0.5, 0.5, 0, 0])
+    # the matrix aggregates documents: counts are the sum over each domain's documents
+    assert s["counts"] == [[100, 100, 0, 0], [0, 0, 100, 100]]
+    with pytest.raises(ValueError, match="one entry per document"):
+        domain_specialisation(_probe_from_doc_counts(split), [0, 1], ["prose", "code"])
+    with pytest.raises(ValueError, match="must index domain_names"):
+        domain_specialisation(_probe_from_doc_counts(split), [0, 0, 1, 2], ["prose", "code"])
+
+
+@pytest.mark.parametrize("E, L", [(2, 1), (8, 4), (17, 5)])
+def test_domain_heatmap_is_annotated_and_its_labels_do_not_overlap(E, L):
+    from test_trust_checkpoints import _integer_expert_ticks, _texts
+
+    plt = plots_mod._plt()
+    if plt is None:
+        pytest.skip("matplotlib")
+    rng = np.random.default_rng(E)
+    names = ["shakespeare", "sotu", "python"]
+    spec = [{"layer": j, "domains": names, "share": rng.dirichlet(np.ones(E), size=3).tolist(),
+             "nmi": 0.123, "purity": 0.456} for j in range(L)]
+    fig = plots_mod._domain_experts_figure(plt, spec)
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"][:L]
+    assert len(panels) == L
+    for ax in panels:
+        _integer_expert_ticks(ax, "x")
+        assert len(ax.texts) == 3 * E                    # one percentage written in every cell
+    r = fig.canvas.get_renderer()
+    texts = _texts(fig) + [(t.get_text(), t.get_window_extent(r)) for ax in panels for t in ax.texts]
+    for i in range(len(texts)):
+        for j in range(i + 1, len(texts)):
+            (ta, a), (tb, b) = texts[i], texts[j]
+            assert not a.shrunk(0.9, 0.9).overlaps(b.shrunk(0.9, 0.9)), f"labels {ta!r} and {tb!r} overlap"
+    plt.close(fig)
+
+
+def test_report_of_a_multi_domain_run_shows_routing_by_domain(tmp_path):
+    pytest.importorskip("tokenizers")
+    from test_domains import tiny_domains
+
+    run_dir = tmp_path / "r"
+    run_experiment(tiny_domains(tmp_path / "cache"), run_dir, progress=False, stream=open("/dev/null", "w"))
+    paths = write_report(run_dir, samples=False)
+    summary = json.loads(Path(paths["summary"]).read_text())
+    dom = summary["routing"]["moe"]["domains"]
+    assert [d["layer"] for d in dom] == [0, 1]
+    for d in dom:
+        assert np.asarray(d["share"]).shape == (3, 4) and 0 <= d["nmi"] <= 1 and 0 < d["purity"] <= 1
+    assert set(summary["variants"]["moe"]["val_loss_by_domain"]) == {"shakespeare", "sotu", "python"}
+    assert summary["comparison"]["domains"]["names"] == ["shakespeare", "sotu", "python"]
+    html = Path(paths["html"]).read_text()
+    assert "Validation loss per domain" in html and "Routing by domain" in html
+    if plots_mod.have_matplotlib():
+        assert (run_dir / "plots" / "domains_moe.png").exists()

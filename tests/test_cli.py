@@ -80,6 +80,7 @@ num_experts = 4
 [data]
 source = "files"
 paths = ["{DATA}"]
+tokenizer = "char"
 seq_len = 32
 batch_size = 4
 val_fraction = 0.25
@@ -126,3 +127,31 @@ ckpt_every = 3
     assert cli.main(["generate", str(out / "moe"), "--offload-cache", "0"]) == 2
     assert "--offload-cache must be a positive int or None, got 0" in capsys.readouterr().err
     assert cli.main(["generate", str(tmp_path / "nothing")]) == 2
+
+
+def test_presets_name_the_default_multi_domain_run(capsys):
+    assert cli.main(["presets"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "shakespeare+sotu+python (bpe)" in lines["default"]
+    assert "shakespeare (char)" in lines["shakespeare-char"]
+
+
+def test_multi_domain_run_from_the_command_line(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    data = DATA.parent
+    domains = json.dumps([str(data / "shakespeare"), str(data / "sotu"), str(data / "python" / "*.py")])
+    out = tmp_path / "run"
+    sets = [f"data.domains={domains}", "data.vocab_size=300", "data.seq_len=16", "data.batch_size=3",
+            "data.val_fraction=0.25", f"data.cache_dir={tmp_path / 'cache'}", "model.d_model=32", "model.n_layers=1",
+            "train.steps=4", "train.eval_every=2", "train.eval_batches=1", "train.ckpt_every=4"]
+    argv = ["train", "--out", str(out), "--quiet"] + [a for s in sets for a in ("--set", s)]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "data: domains, 8 train / 4 val documents" in text
+    table = text.split("Validation loss per domain, equal steps (step 4):\n")[1].splitlines()
+    assert table[0].split() == ["variant", "shakespeare", "sotu", "python"]
+    assert [row.split()[0] for row in table[2:4]] == ["moe", "dense"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["variants"]["moe"]["val_loss_by_domain"]) == {"shakespeare", "sotu", "python"}
+    assert cli.main(["generate", str(out / "moe"), "--prompt", "import ", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("import ")

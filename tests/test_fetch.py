@@ -78,3 +78,20 @@ def test_extract_once_appears_whole_or_not_at_all(tmp_path):
     assert (target / "a.txt").read_text() == "y" and (target / ".complete").read_text() == "abc\n"
     extract_once(target, fill, "abc")
     assert calls == [1]                      # complete: not filled again
+
+
+def test_fetch_through_npm_packs_in_a_temporary_folder(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fetch_mod.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(fetch_mod.subprocess, "run", _fake_downloader(calls, name="scope-pkg-1.0.0.tgz"))
+    p = fetch_archive("@scope/pkg@1.0.0", "scope-pkg-1.0.0.tgz", DIGEST, source="npm", cache_dir=tmp_path,
+                      verbose=False)
+    assert p.read_bytes() == PAYLOAD and calls[0][:2] == ["npm", "pack"] and calls[0][-1] == "@scope/pkg@1.0.0"
+
+
+def test_fetch_through_npm_without_npm_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(fetch_mod.shutil, "which", lambda name: None)
+    monkeypatch.setattr(fetch_mod.subprocess, "run", lambda *a, **k: pytest.fail("ran a missing npm"))
+    with pytest.raises(RuntimeError, match="apt-get install npm"):
+        fetch_archive("@scope/pkg@1.0.0", "scope-pkg-1.0.0.tgz", DIGEST, source="npm", cache_dir=tmp_path,
+                      verbose=False)

@@ -74,7 +74,7 @@ def test_router_preset_has_equal_active_flops():
     ("model.d_modle=3", r"unknown key\(s\) \['d_modle'\] in \[model\]; valid keys: .*'d_model'"),
     ("model.router=nope", r"router must be one of \(.*'topk'"),
     ("model.moe_layers=sometimes", "moe_layers must be one of"),
-    ("data.tokenizer=bpe3", r"tokenizer must be one of \('char', 'byte'\)"),
+    ("data.tokenizer=bpe3", r"tokenizer must be one of \('char', 'byte', 'bpe'\)"),
     ("train.amp=fp8", "train.amp must be one of"),
     ("train.steps=0", "train.steps"),
     ("optim.lr=-1", "optim.lr must be"),

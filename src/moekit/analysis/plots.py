@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 __all__ = ["have_matplotlib", "plot_loss_curves", "plot_load_heatmap", "plot_doc_specialisation",
-           "plot_token_specialisation", "plot_coactivation"]
+           "plot_domain_experts", "plot_token_specialisation", "plot_coactivation"]
 
 
 def have_matplotlib() -> bool:
@@ -138,6 +138,47 @@ def _doc_specialisation_figure(plt, spec: dict, doc_names: Sequence[str], title:
     _integer_ticks(ax.xaxis, share.shape[1])
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="share of the document's pairs")
+    return fig
+
+
+def plot_domain_experts(domain_spec: Sequence[dict], path, title: str = "") -> Optional[Path]:
+    """Domain × expert heatmaps, one panel per MoE layer (`domain_specialisation` output): each
+    cell is the percentage of the domain's routed tokens that go to the expert, written in it."""
+    plt = _plt()
+    if plt is None or not domain_spec:
+        return None
+    return _save(_domain_experts_figure(plt, domain_spec, title), path)
+
+
+def _domain_experts_figure(plt, domain_spec: Sequence[dict], title: str = ""):
+    L = len(domain_spec)
+    names = domain_spec[0]["domains"]
+    G, E = np.asarray(domain_spec[0]["share"]).shape
+    cols = min(L, 4)
+    rows = -(-L // cols)
+    # One 0.42-in column per expert (room for a two-digit percentage), panels at least as wide as
+    # their title, and one 0.42-in row per domain.
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * (max(0.42 * E, 2.4) + 0.9) + 1.6 + 0.07 * max(map(len, names)),
+                                                  rows * (0.42 * G + 1.2) + 0.8),
+                             squeeze=False, layout="constrained")
+    vmax = max(float(np.max(s["share"])) for s in domain_spec)
+    for k, spec in enumerate(domain_spec):
+        ax = axes[k // cols, k % cols]
+        share = np.asarray(spec["share"])
+        im = ax.imshow(share, cmap="Blues", vmin=0, vmax=vmax, aspect="auto", interpolation="nearest")
+        for g in range(G):
+            for e in range(E):
+                v = share[g, e]
+                ax.text(e, g, f"{100 * v:.0f}", ha="center", va="center", fontsize=8,
+                        color="white" if v > 0.6 * vmax else "black")
+        ax.set_title(f"layer {spec['layer']}: NMI {spec['nmi']:.2f}, purity {spec['purity']:.2f}", fontsize=9)
+        ax.set_yticks(range(G), names if k % cols == 0 else [""] * G, fontsize=9)
+        ax.set_xlabel("expert")
+        _integer_ticks(ax.xaxis, E)
+    for k in range(L, rows * cols):
+        axes[k // cols, k % cols].set_visible(False)
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="share of the domain's routed tokens")
+    fig.suptitle(title or f"Which experts each domain uses (% of its routed tokens; uniform = {100 / E:.1f} %)")
     return fig
 
 

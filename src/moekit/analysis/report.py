@@ -4,8 +4,10 @@
 and ``metrics.jsonl``, reloads each MoE variant's final checkpoint, routes the validation
 batches through it (`probe_routing`) and writes
 
-- ``summary.json``: per variant validation loss, parameters (total, active), FLOPs per token,
-  tokens/s, wall time and status; the equal-steps / equal-time comparison; routing analytics;
+- ``summary.json``: per variant validation loss (and per domain, for a multi-domain run),
+  parameters (total, active), FLOPs per token, tokens/s, wall time and status; the equal-steps /
+  equal-time comparison; routing analytics, with routing by domain (domain × expert shares,
+  NMI, purity per layer) for a multi-domain run;
 - ``plots/*.png`` (when matplotlib is installed) and ``report.html`` with the plots embedded
   as base64, so the page can be mailed or archived alone.
 """
@@ -20,9 +22,10 @@ from typing import Optional
 
 import torch
 
-from moekit.analysis.plots import (have_matplotlib, plot_coactivation, plot_doc_specialisation, plot_load_heatmap,
-                                   plot_loss_curves, plot_token_specialisation)
-from moekit.analysis.routing import coactivation, load_over_training, probe_routing, specialisation
+from moekit.analysis.plots import (have_matplotlib, plot_coactivation, plot_doc_specialisation, plot_domain_experts,
+                                   plot_load_heatmap, plot_loss_curves, plot_token_specialisation)
+from moekit.analysis.routing import (coactivation, domain_specialisation, load_over_training, probe_routing,
+                                     specialisation)
 from moekit.train.compare import comparison_rows, comparison_table
 from moekit.train.data import build_corpus, eval_batches
 from moekit.train.experiment import load_results, load_run_config
@@ -44,6 +47,8 @@ def analyse_variant(checkpoint: os.PathLike, val_corpus, run, *, device: str = "
         names = [tok.token_str(i) for i in range(tok.vocab_size)]
         out["specialisation"] = specialisation(probe, token_names=names, doc_names=val_corpus.doc_names)
         out["coactivation"] = coactivation(probe)
+        if val_corpus.num_domains > 1:
+            out["domains"] = domain_specialisation(probe, val_corpus.doc_domains.tolist(), val_corpus.domain_names)
         out["_probe"] = probe
         out["_token_names"] = names
     if sample_chars:
@@ -100,18 +105,22 @@ def write_report(run_dir: os.PathLike, *, device: str = "cpu", samples: bool = T
         plots[f"tokens_{name}"] = plot_token_specialisation(probe.by_token[tj], a["_token_names"],
                                                             plots_dir / f"tokens_{name}.png", layer=probe.layers[tj])
         plots[f"coact_{name}"] = plot_coactivation(a["coactivation"], plots_dir / f"coact_{name}.png")
+        if "domains" in a:
+            plots[f"domains_{name}"] = plot_domain_experts(a["domains"], plots_dir / f"domains_{name}.png")
 
     comp = comparison_rows(results)
     summary = {
         "run": run.name, "config": run.to_dict(), "comparison": comp,
         "variants": {r["variant"]: {k: r.get(k) for k in (
-            "status", "steps", "val_loss", "params_total", "params_active", "flops_per_token_train",
+            "status", "steps", "val_loss", "val_loss_by_domain", "params_total", "params_active",
+            "flops_per_token_train",
             "flops_per_token_forward", "tokens_per_s", "train_time_s", "tokens_seen", "device")}
             for r in results},
         "routing": {name: {"layers": [{k: v for k, v in s.items() if k not in ("doc_share",)}
                                       for s in a["specialisation"]],
                            "coactivation": [{k: c[k] for k in ("from_layer", "to_layer", "mi", "nmi")}
-                                            for c in a["coactivation"]]}
+                                            for c in a["coactivation"]],
+                           **({"domains": a["domains"]} if "domains" in a else {})}
                     for name, a in analyses.items() if "specialisation" in a},
         "plots": {k: str(v.relative_to(run_dir)) for k, v in plots.items() if v is not None},
     }
@@ -120,6 +129,40 @@ def write_report(run_dir: os.PathLike, *, device: str = "cpu", samples: bool = T
     html_path = run_dir / "report.html"
     html_path.write_text(_html(run, results, comparison_table(results), analyses, plots))
     return {"summary": summary_path, "html": html_path, "plots": [p for p in plots.values() if p is not None]}
+
+
+def _domain_loss_html(domains: dict) -> list:
+    """Per-domain validation loss, one row per variant, at equal steps and at equal time."""
+    e = html.escape
+    names = domains["names"]
+    out = ["<h2>Validation loss per domain</h2>"]
+    for key, what in (("equal_steps", "equal steps"), ("equal_time", "equal wall time")):
+        out.append(f"<p>At {what} (nats per token):</p><table><tr><th>variant</th>"
+                   + "".join(f"<th>{e(d)}</th>" for d in names) + "</tr>")
+        for r in domains[key]:
+            cells = "".join("<td>-</td>" if r["val_loss"][d] is None else f"<td>{r['val_loss'][d]:.4f}</td>"
+                            for d in names)
+            out.append(f"<tr><td>{e(r['variant'])}</td>{cells}</tr>")
+        out.append("</table>")
+    return out
+
+
+def _domain_html(spec: list, plot) -> list:
+    """Routing by domain: the heatmap and, per layer, NMI, purity and each expert's top domain."""
+    e = html.escape
+    out = ["<h3>Routing by domain</h3>",
+           "<p>Each cell: the percentage of a domain's routed tokens (validation text) that go to an expert. "
+           "NMI = I(domain; expert) / H(domain): 0 when the expert chosen says nothing about the domain, 1 when "
+           f"every expert serves a single domain. Purity: the share of an expert's load from its top domain, "
+           f"averaged over experts by load (chance: {spec[0]['chance_purity']:.2f}).</p>", _img(plot),
+           "<table><tr><th>layer</th><th>I(domain; expert) nats</th><th>NMI</th><th>purity</th>"
+           "<th>top domain of each expert (its share of the expert's load)</th></tr>"]
+    for s in spec:
+        tops = " ".join(f"{k}:{e(d)}({p:.2f})" for k, (d, p) in enumerate(zip(s["top_domain"], s["purity_expert"])))
+        out.append(f"<tr><td>{s['layer']}</td><td>{s['mi']:.3f}</td><td>{s['nmi']:.3f}</td>"
+                   f"<td>{s['purity']:.2f}</td><td><code>{tops}</code></td></tr>")
+    out.append("</table>")
+    return out
 
 
 def _html(run, results, table: str, analyses: dict, plots: dict) -> str:
@@ -131,6 +174,9 @@ def _html(run, results, table: str, analyses: dict, plots: dict) -> str:
              "</style></head><body>",
              f"<h1>moekit run <code>{e(run.name)}</code></h1>",
              "<h2>Comparison</h2>", f"<pre>{e(table)}</pre>"]
+    domains = comparison_rows(results).get("domains")
+    if domains:
+        parts += _domain_loss_html(domains)
     if not have_matplotlib():
         parts.append("<p><em>matplotlib is not installed: no plots (pip install 'moekit[plots]').</em></p>")
     parts += ["<h2>Loss curves</h2>", _img(plots.get("loss"))]
@@ -138,9 +184,11 @@ def _html(run, results, table: str, analyses: dict, plots: dict) -> str:
         if "specialisation" not in a:
             continue
         parts.append(f"<h2>Routing of <code>{e(name)}</code></h2>")
+        if "domains" in a:
+            parts += _domain_html(a["domains"], plots.get(f"domains_{name}"))
         parts += [_img(plots.get(f"load_{name}")), _img(plots.get(f"tokens_{name}")),
                   _img(plots.get(f"docs_{name}")), _img(plots.get(f"coact_{name}"))]
-        parts.append("<table><tr><th>layer</th><th>NMI(expert; token)</th><th>NMI(expert; play)</th>"
+        parts.append("<table><tr><th>layer</th><th>NMI(expert; token)</th><th>NMI(expert; document)</th>"
                      "<th>dropped</th><th>load share per expert</th></tr>")
         for s in a["specialisation"]:
             share = " ".join(f"{v:.2f}" for v in s["load_share"])
@@ -148,8 +196,8 @@ def _html(run, results, table: str, analyses: dict, plots: dict) -> str:
                          f"<td>{s['dropped']}</td><td><code>{share}</code></td></tr>")
         parts.append("</table>")
         s0 = a["specialisation"][0]
-        parts.append(f"<h3>Layer {s0['layer']}: tokens and plays each expert prefers (lift)</h3><table>"
-                     "<tr><th>expert</th><th>tokens</th><th>plays</th></tr>")
+        parts.append(f"<h3>Layer {s0['layer']}: tokens and documents each expert prefers (lift)</h3><table>"
+                     "<tr><th>expert</th><th>tokens</th><th>documents</th></tr>")
         for ex, (toks, docs) in enumerate(zip(s0["top_tokens"], s0["top_docs"])):
             t = " ".join(f"{e(repr(x['item']))}×{x['lift']:.1f}" for x in toks)
             d = ", ".join(f"{e(x['item'])}×{x['lift']:.2f}" for x in docs)

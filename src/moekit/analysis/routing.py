@@ -1,6 +1,6 @@
 """Routing analytics: what the routers of a trained model did, over training and on held-out text.
 
-Legend: L MoE layers, E experts, V vocabulary, P documents (plays).
+Legend: L MoE layers, E experts, V vocabulary, P documents (plays), G domains.
 
 - `load_over_training(metrics.jsonl)`: per layer and expert, the share of routed pairs in each
   logging interval, with load imbalance (max/mean), drop fraction and router entropy.
@@ -10,6 +10,10 @@ Legend: L MoE layers, E experts, V vocabulary, P documents (plays).
 - `specialisation(probe, ...)`: which tokens and which documents each expert prefers, by lift
   ``P(x | e) / P(x)``, and the mutual information ``I(expert; token)``, ``I(expert; document)``
   normalised by ``H(expert)`` (0: routing ignores it; 1: routing is a function of it).
+- `domain_specialisation(probe, doc_domains, domain_names)`: which experts each domain
+  (a group of documents: plays, speeches, code) uses — the domain × expert share matrix, the
+  mutual information ``I(domain; expert)`` normalised by ``H(domain)`` (1: each expert serves
+  one domain) and each expert's purity (the share of its load from its top domain).
 - `coactivation(probe)`: joint counts of top-1 experts in consecutive MoE layers and their
   normalised mutual information (do tokens follow fixed expert paths through depth?).
 """
@@ -24,7 +28,7 @@ import torch
 from moekit.train.metrics import read_metrics
 
 __all__ = ["load_over_training", "RoutingProbe", "probe_routing", "mutual_information", "specialisation",
-           "coactivation"]
+           "domain_specialisation", "coactivation"]
 
 
 def load_over_training(metrics_path) -> dict:
@@ -165,6 +169,45 @@ def specialisation(probe: RoutingProbe, *, token_names: Sequence[str], doc_names
             "top_docs": _top_by_lift(bd, list(doc_names), min(top, 3), min_count),
             "doc_share": (bd / np.maximum(bd.sum(0, keepdims=True), 1)).T.tolist(),   # (P, E)
             "dropped": int(probe.dropped[j]),
+        })
+    return out
+
+
+def domain_specialisation(probe: RoutingProbe, doc_domains: Sequence[int], domain_names: Sequence[str]) -> list[dict]:
+    """Per MoE layer, how routing depends on the domain of a token's document:
+
+    - ``share`` (G, E): the share of each domain's routed pairs that go to each expert (rows
+      sum to 1; uniform routing gives ``1/E`` everywhere);
+    - ``mi`` and ``nmi``: ``I(domain; expert)`` in nats over routed pairs and ``I / H(domain)``
+      (0: the expert says nothing about the domain; 1: every expert serves a single domain);
+    - ``top_domain`` (E,) and ``purity_expert`` (E,): each expert's most frequent domain and the
+      share of its load from it; ``purity``: the load-weighted mean of ``purity_expert``
+      (chance level: the largest domain's share of the pairs, ``chance_purity``).
+    """
+    doc_domains = np.asarray(doc_domains, dtype=np.int64)
+    G = len(domain_names)
+    if doc_domains.shape != (probe.by_doc.shape[2],):
+        raise ValueError(f"doc_domains must have one entry per document ({probe.by_doc.shape[2]}), "
+                         f"got shape {doc_domains.shape}")
+    if len(doc_domains) and (doc_domains.min() < 0 or doc_domains.max() >= G):
+        raise ValueError(f"doc_domains must index domain_names (0..{G - 1}), got values "
+                         f"{doc_domains.min()}..{doc_domains.max()}")
+    onehot_PG = np.eye(G, dtype=np.int64)[doc_domains]
+    out = []
+    for j, layer in enumerate(probe.layers):
+        counts_GE = (probe.by_doc[j] @ onehot_PG).T                        # (G, E) routed pairs
+        mi, nmi = mutual_information(counts_GE)
+        load_E = counts_GE.sum(0)
+        top_E = counts_GE.argmax(0)
+        purity_E = counts_GE.max(0) / np.maximum(load_E, 1)
+        dom_G = counts_GE.sum(1)
+        out.append({
+            "layer": layer, "domains": list(domain_names), "counts": counts_GE.tolist(),
+            "share": (counts_GE / np.maximum(dom_G[:, None], 1)).tolist(),
+            "mi": mi, "nmi": nmi,
+            "top_domain": [domain_names[g] for g in top_E.tolist()], "purity_expert": purity_E.tolist(),
+            "purity": float((purity_E * load_E).sum() / max(load_E.sum(), 1)),
+            "chance_purity": float(dom_G.max() / max(dom_G.sum(), 1)),
         })
     return out
 

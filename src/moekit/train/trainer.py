@@ -18,6 +18,7 @@ One `Trainer` trains one model variant of a `RunConfig` into its own folder:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import sys
@@ -34,7 +35,7 @@ from moekit.optim import NonFiniteError, UpdateStep, build_optimizer, lr_at
 from moekit.validate import check_device
 from moekit.train.checkpoint import (CheckpointError, clean_stale, load_checkpoint, read_config, resolve_checkpoint,
                                      rng_state, save_checkpoint, set_rng_state)
-from moekit.train.config import RunConfig, variant_model_config
+from moekit.train.config import DataConfig, OptimConfig, RunConfig, TrainConfig, variant_model_config
 from moekit.train.data import BatchSampler, build_corpus, eval_batches
 from moekit.train.distributed import distributed_context
 from moekit.train.metrics import MetricsLogger
@@ -266,18 +267,38 @@ class Trainer:
         return True
 
     # -- loop -----------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation cross-entropy (nats per token) over the fixed validation batches."""
+        return self.evaluate_domains()[0]
+
+    def evaluate_domains(self) -> tuple:
+        """``(mean validation cross-entropy, {domain: its mean cross-entropy} or None)``; the
+        per-domain losses exist when the corpus has several domains (each domain's windows
+        are an equal share of the batches, so the mean is the mean of the domains' losses)."""
         self.model.eval()
+        corpus = self.val_corpus
+        G = corpus.num_domains
         total, n = 0.0, 0
-        for x, y, _ in self.val_batches:
-            with self.autocast():
-                _, loss = self.forward(x.to(self.device), y.to(self.device))
-            total += float(loss) * y.numel()
-            n += y.numel()
+        sum_G = torch.zeros(G, dtype=torch.float64)
+        cnt_G = torch.zeros(G, dtype=torch.float64)
+        with torch.no_grad():
+            for x, y, doc in self.val_batches:
+                with self.autocast():
+                    logits, loss = self.forward(x.to(self.device), y.to(self.device))
+                if G == 1:
+                    total += float(loss) * y.numel()
+                    n += y.numel()
+                    continue
+                ce_BS = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(self.device).flatten(),
+                                                          reduction="none").double().cpu()
+                dom_BS = corpus.domain_of_tokens(doc).flatten()
+                sum_G += torch.bincount(dom_BS, weights=ce_BS, minlength=G)
+                cnt_G += torch.bincount(dom_BS, minlength=G).double()
         self.model.train()
-        return total / n
+        if G == 1:
+            return total / n, None
+        by_domain = {name: float(sum_G[g] / cnt_G[g]) for g, name in enumerate(corpus.domain_names) if cnt_G[g] > 0}
+        return float(sum_G.sum() / cnt_G.sum()), by_domain
 
     def accumulate_gradients(self, batch_fns, routing: Optional[_RoutingAccumulator] = None) -> tuple[float, float]:
         """Forward/backward over A micro-batches (each ``fn() -> (x, y, doc)``), adding
@@ -380,10 +401,12 @@ class Trainer:
                         log.log("routing", self.step, **interval.summary())
                     interval.reset()
                 if self.step % tc.eval_every == 0 or self.step == tc.steps:
-                    vl = self.evaluate()
-                    self.evals.append({"step": self.step, "train_time": self.train_time, "val_loss": vl,
-                                       "tokens": self.tokens_seen})
-                    log.log("eval", self.step, val_loss=vl, train_time=self.train_time, tokens=self.tokens_seen)
+                    vl, by_domain = self.evaluate_domains()
+                    rec = {"step": self.step, "train_time": self.train_time, "val_loss": vl, "tokens": self.tokens_seen}
+                    if by_domain is not None:
+                        rec["val_loss_by_domain"] = by_domain
+                    self.evals.append(rec)
+                    log.log("eval", self.step, **{k: v for k, v in rec.items() if k != "step"})
                     bar.message(f"[{self.variant}] step {self.step}: val loss {vl:.4f}")
                 if self.step % tc.ckpt_every == 0 or self.step == end:
                     self.save()
@@ -409,9 +432,10 @@ class Trainer:
 
     def result(self, status: str) -> dict:
         final = self.evals[-1]["val_loss"] if self.evals else None
+        by_domain = self.evals[-1].get("val_loss_by_domain") if self.evals else None
         return {"variant": self.variant, "status": status, "steps": self.step,
-                "val_loss": final, "evals": list(self.evals), "train_time_s": self.train_time,
-                "tokens_seen": self.tokens_seen,
+                "val_loss": final, "val_loss_by_domain": by_domain, "evals": list(self.evals),
+                "train_time_s": self.train_time, "tokens_seen": self.tokens_seen,
                 "tokens_per_s": self.tokens_seen / self.train_time if self.train_time > 0 else None,
                 "params_total": self.counts["total"], "params_active": self.counts["active"],
                 "params_embedding": self.counts["embedding"],
@@ -421,7 +445,14 @@ class Trainer:
 
 
 def _sections(run: dict) -> dict:
-    return {k: run.get(k, {}) for k in ("data", "optim", "train")}
+    """The data, optim and train sections of a run dict; a key a checkpoint lacks (a setting
+    added after it was written: data.domains, data.vocab_size, ...) takes its default, which is
+    what that run did."""
+    out = {}
+    for k, cls in (("data", DataConfig), ("optim", OptimConfig), ("train", TrainConfig)):
+        defaults = dataclasses.asdict(cls())
+        out[k] = {**defaults, **run.get(k, {})}
+    return out
 
 
 def train_variant(run: RunConfig, variant: str, out_dir: os.PathLike, *, data=None, resume: bool = False,
