@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from moekit import MoEConfig
-from moekit.analysis import (coactivation, load_over_training, mutual_information, probe_routing, specialisation,
-                             write_report)
+from moekit.analysis import (
+    coactivation,
+    load_over_training,
+    mutual_information,
+    probe_routing,
+    specialisation,
+    write_report,
+)
 from moekit.analysis import plots as plots_mod
 from moekit.analysis.routing import RoutingProbe
 from moekit.models import TransformerConfig, TransformerLM

@@ -198,9 +198,9 @@ def test_a_domain_named_twice_is_refused(cache):
 def test_a_checkpoint_written_before_the_domain_settings_resumes_without_a_change():
     # Checkpoints written before data.domains / domain_chars / vocab_size existed lack those keys:
     # they compare as their defaults, so resuming such a run reports no config change.
-    from moekit.train.trainer import _sections, config_changes
-
     from test_train import tiny
+
+    from moekit.train.trainer import _sections, config_changes
 
     now = tiny().to_dict()                     # a character-level run on files: the new keys at defaults
     old = json.loads(json.dumps(now))

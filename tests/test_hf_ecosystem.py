@@ -11,10 +11,11 @@ import torch
 
 tf = pytest.importorskip("transformers")
 
+from test_hf import V, make_model  # noqa: E402
+
 import moekit  # noqa: E402
 import moekit.hf  # noqa: E402
 from moekit.recipes.hf_convert import converted_layers  # noqa: E402
-from test_hf import V, make_model  # noqa: E402
 
 AUX_COEF = 0.5        # large, so a balancing loss computed wrongly (or not at all) shows in the total
 

@@ -10,9 +10,22 @@ import pytest
 import torch
 
 from moekit.models import TransformerLM
-from moekit.train import (BatchSampler, CharTokenizer, NonFiniteLossError, Trainer, apply_overrides, build_corpus,
-                          config_from_dict, get_preset, latest_checkpoint, load_checkpoint, lr_at, read_metrics,
-                          split_documents, load_text_files)
+from moekit.train import (
+    BatchSampler,
+    CharTokenizer,
+    NonFiniteLossError,
+    Trainer,
+    apply_overrides,
+    build_corpus,
+    config_from_dict,
+    get_preset,
+    latest_checkpoint,
+    load_checkpoint,
+    load_text_files,
+    lr_at,
+    read_metrics,
+    split_documents,
+)
 from moekit.train import data as data_mod
 from moekit.train.checkpoint import read_trainer_state
 from moekit.train.config import PRESETS, parse_override

@@ -1,7 +1,14 @@
 """Routing analytics, plots and the run report."""
 from moekit.analysis.report import analyse_variant, write_report
-from moekit.analysis.routing import (RoutingProbe, coactivation, domain_specialisation, load_over_training,
-                                     mutual_information, probe_routing, specialisation)
+from moekit.analysis.routing import (
+                                     RoutingProbe,
+                                     coactivation,
+                                     domain_specialisation,
+                                     load_over_training,
+                                     mutual_information,
+                                     probe_routing,
+                                     specialisation,
+)
 
 __all__ = ["RoutingProbe", "probe_routing", "load_over_training", "specialisation", "coactivation",
            "mutual_information", "domain_specialisation", "write_report", "analyse_variant"]

@@ -22,10 +22,22 @@ from typing import Optional
 
 import torch
 
-from moekit.analysis.plots import (have_matplotlib, plot_coactivation, plot_doc_specialisation, plot_domain_experts,
-                                   plot_load_heatmap, plot_loss_curves, plot_token_specialisation)
-from moekit.analysis.routing import (coactivation, domain_specialisation, load_over_training, probe_routing,
-                                     specialisation)
+from moekit.analysis.plots import (
+    have_matplotlib,
+    plot_coactivation,
+    plot_doc_specialisation,
+    plot_domain_experts,
+    plot_load_heatmap,
+    plot_loss_curves,
+    plot_token_specialisation,
+)
+from moekit.analysis.routing import (
+    coactivation,
+    domain_specialisation,
+    load_over_training,
+    probe_routing,
+    specialisation,
+)
 from moekit.train.compare import comparison_rows, comparison_table
 from moekit.train.data import build_corpus, eval_batches
 from moekit.train.experiment import load_results, load_run_config

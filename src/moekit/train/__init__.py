@@ -1,10 +1,28 @@
 """Training: data, tokenizers, configs and presets, the trainer, checkpoints, metrics."""
 from moekit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from moekit.train.compare import comparison_rows, comparison_table
-from moekit.train.config import (PRESETS, DataConfig, OptimConfig, RunConfig, TrainConfig, apply_overrides,
-                                 config_from_dict, get_preset, load_toml, variant_model_config)
-from moekit.train.data import (BatchSampler, Corpus, build_corpus, eval_batches, fetch_shakespeare,
-                               load_shakespeare, load_text_files, split_documents)
+from moekit.train.config import (
+                                 PRESETS,
+                                 DataConfig,
+                                 OptimConfig,
+                                 RunConfig,
+                                 TrainConfig,
+                                 apply_overrides,
+                                 config_from_dict,
+                                 get_preset,
+                                 load_toml,
+                                 variant_model_config,
+)
+from moekit.train.data import (
+                                 BatchSampler,
+                                 Corpus,
+                                 build_corpus,
+                                 eval_batches,
+                                 fetch_shakespeare,
+                                 load_shakespeare,
+                                 load_text_files,
+                                 split_documents,
+)
 from moekit.train.experiment import load_results, load_run_config, run_experiment
 from moekit.train.metrics import MetricsLogger, read_metrics
 from moekit.train.sample import generate_text, load_model

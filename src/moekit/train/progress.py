@@ -30,8 +30,14 @@ class Progress:
             return
         if getattr(self.stream, "isatty", lambda: False)():
             try:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress
-                from rich.progress import TextColumn, TimeElapsedColumn, TimeRemainingColumn
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    TextColumn,
+                    TimeElapsedColumn,
+                    TimeRemainingColumn,
+                )
+                from rich.progress import Progress as RichProgress
 
                 self._rich = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(),
                                           MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),

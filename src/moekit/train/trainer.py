@@ -32,14 +32,22 @@ import torch
 import moekit
 from moekit.models.transformer import TransformerLM, flops_per_token, param_counts
 from moekit.optim import NonFiniteError, UpdateStep, build_optimizer, lr_at
-from moekit.validate import check_device
-from moekit.train.checkpoint import (CheckpointError, clean_stale, load_checkpoint, read_config, resolve_checkpoint,
-                                     rng_state, save_checkpoint, set_rng_state)
+from moekit.train.checkpoint import (
+    CheckpointError,
+    clean_stale,
+    load_checkpoint,
+    read_config,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from moekit.train.config import DataConfig, OptimConfig, RunConfig, TrainConfig, variant_model_config
 from moekit.train.data import BatchSampler, build_corpus, eval_batches
 from moekit.train.distributed import distributed_context
 from moekit.train.metrics import MetricsLogger
 from moekit.train.progress import Progress
+from moekit.validate import check_device
 
 __all__ = ["Trainer", "NonFiniteLossError", "lr_at", "resolve_device", "train_variant", "config_changes"]
 
@@ -347,7 +355,8 @@ class Trainer:
         """
         tc = self.run.train
         end = tc.steps if stop_at_step is None else min(stop_at_step, tc.steps)
-        log = MetricsLogger(self.out_dir / "metrics.jsonl", resume_step=self.step if self.resumed or self.step > 0 else None,
+        resume_step = self.step if self.resumed or self.step > 0 else None
+        log = MetricsLogger(self.out_dir / "metrics.jsonl", resume_step=resume_step,
                             enabled=self.is_main)
         bar = Progress(tc.steps, start=self.step, label=self.variant, every=tc.log_every,
                        enabled=self.progress_enabled)
