@@ -3,8 +3,12 @@
 
 Legend: T tokens, D model dim, F expert hidden, E experts, K experts per token.
 
-Per shape: (1) check each moekit variant's output and input gradient against an fp32 eager
-reference with a derived tolerance (error ≤ 2 × the bf16 eager path's error + 2 ulp), (2)
+Per shape: (1) check each moekit variant's output and input gradient against an fp64 eager
+reference with a derived tolerance (error ≤ 2 × the bf16 eager path's error + 2 ulp), and each
+peer's (Hugging Face Mixtral and Qwen3-MoE blocks with every ``experts_implementation`` the
+installed transformers offers, torchtitan's MoE — all on the same weights, see
+``benchmarks/peers.py``) with a relative tolerance of max(8 bf16 ulp, 2 × the eager path's);
+a peer that fails is not timed, (2)
 time forward + backward (decode: forward only, no grad) with
 ``triton.testing.do_bench(..., return_mode="median")``, (3) record peak memory of one step.
 Every peer runs in its own try/except: a failure (e.g. out of memory) is a row in the table,
@@ -13,7 +17,9 @@ not the end of the run. The table is printed last; JSON goes to ``$OUT/bench_gpu
 
 TFLOP/s = 18·T·K·D·F / time (forward + backward) or 6·T·K·D·F / time (forward only).
 Floors measured in the same run: an 8192³ bf16 matmul (FLOP rate) and a 1 GiB device copy
-(bandwidth); decode rows report time / (active experts' weight bytes / bandwidth).
+(bandwidth); decode rows report time / (active experts' weight bytes / bandwidth) and time /
+the measured weight-read floor (a dense SwiGLU over the active experts' weights, each read
+once: the row "weight-read floor").
 
 Usage (H100):   python benchmarks/bench_gpu.py            # all BENCHMARKS.md shapes (+ tile sweep)
                 python benchmarks/bench_gpu.py --quick    # small shapes, a quick look
@@ -35,16 +41,24 @@ import sys
 import time
 import traceback
 
-# Benchmark the working tree's moekit, installed or not.
-_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "src")
+# Benchmark the working tree's moekit, installed or not; peers.py sits beside this file.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SRC = os.path.join(_HERE, os.pardir, "src")
 if os.path.isdir(os.path.join(_SRC, "moekit")):
     sys.path.insert(0, os.path.abspath(_SRC))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+# Peers are built from installed code only: a backend that would fetch kernels from the Hub
+# (transformers' deepgemm, sonicmoe) fails at once instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CPU_SMOKE = "--cpu-smoke" in sys.argv
 if CPU_SMOKE:
     # Must precede the first `import triton` (interpreter mode is fixed at import).
     os.environ["TRITON_INTERPRET"] = "1"
 
+import peers as P  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -273,25 +287,30 @@ def impl_sort_grouped_mm(p: Problem):
     return fn, p.params()
 
 
-def impl_hf(name):
+def impl_hf(family, name):
+    """transformers' sparse-MoE block of `family` with ``experts_implementation=name``, on the
+    problem's own parameters (HF v5 layout = moekit's)."""
     def make(p: Problem):
-        from transformers import MixtralConfig
-        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-        cfg = MixtralConfig(hidden_size=p.D, intermediate_size=p.F, num_local_experts=p.E,
-                            num_experts_per_tok=p.K, router_jitter_noise=0.0, experts_implementation=name)
-        if getattr(cfg, "_experts_implementation", None) != name:
-            cfg._experts_implementation = name
-        block = MixtralSparseMoeBlock(cfg).to(device=p.device, dtype=p.dtype)
-        with torch.no_grad():
-            block.gate.weight.copy_(p.moe.router.weight)
-            block.experts.gate_up_proj.copy_(p.moe.experts.gate_up_proj)
-            block.experts.down_proj.copy_(p.moe.experts.down_proj)
-
-        def fn(x):
-            return block(x.unsqueeze(0)).squeeze(0)
+        if name == "batched_mm":        # one weight copy per (token, expert) pair, plus its gradient
+            need = p.T * p.K * 3 * p.D * p.F * torch.finfo(p.dtype).bits // 8 * 2
+            free = torch.cuda.mem_get_info()[0] if p.device.type == "cuda" else float("inf")
+            if need > 0.5 * free:
+                raise MemoryError(f"skipped: batched_mm needs ~{need / 2**30:.0f} GiB of gathered weights")
+        fn, block = P.hf_peer(family, name, p.moe)
         return fn, list(block.parameters())
     return make
+
+
+def impl_torchtitan(p: Problem):
+    """torchtitan's MoE (router, local dispatcher, bf16 grouped experts), weights copied."""
+    fn, module = P.torchtitan_peer(p.moe)
+    return fn, list(module.parameters())
+
+
+def impl_weight_floor(p: Problem):
+    """Decode floor: a dense SwiGLU over the weights of the experts p.x hits, read once."""
+    fn, _ = P.weight_read_floor(p.moe, p.x)
+    return fn, []
 
 
 def dense_equal(p: Problem):
@@ -311,9 +330,13 @@ def dense_equal(p: Problem):
 
 
 def build_impls(device, sweep: bool):
-    impls = [("dense-equal", dense_equal), ("loop", impl_loop), ("sort+_grouped_mm", impl_sort_grouped_mm)]
-    for name in ("eager", "grouped_mm", "batched_mm"):
-        impls.append((f"HF {name}", impl_hf(name)))
+    impls = [("dense-equal", dense_equal), ("weight-read floor", impl_weight_floor), ("loop", impl_loop),
+             ("sort+_grouped_mm", impl_sort_grouped_mm)]
+    reason = P.hf_unavailable()
+    for family in P.HF_FAMILIES:
+        for name in (P.hf_experts_implementations() if reason is None else ["(any)"]):
+            impls.append((f"{P.HF_NAMES[family]} {name}", impl_hf(family, name)))
+    impls.append(("torchtitan MoE", impl_torchtitan))
     from moekit.ops.backends import available_backends
 
     for b in available_backends():
@@ -333,8 +356,13 @@ def build_impls(device, sweep: bool):
 # ---------------------------------------------------------------------------------------
 # correctness before timing
 # ---------------------------------------------------------------------------------------
-def check_moekit(p: Problem, names_makers, n_check: int):
-    """Each moekit variant vs fp64 eager: err ≤ 2 · err(eager in the same dtype) + 2 ulp · max|ref|."""
+def is_peer(name: str) -> bool:
+    return name.startswith(("HF ", "torchtitan"))
+
+
+def check_impls(p: Problem, names_makers, n_check: int):
+    """Each moekit variant vs fp64 eager: err ≤ 2 · err(eager in the same dtype) + 2 ulp · max|ref|.
+    Each peer: relative err ≤ max(P.peer_tolerance, 2 · the eager path's relative err)."""
     import copy
 
     x = p.x[:n_check].detach().clone()
@@ -365,8 +393,12 @@ def check_moekit(p: Problem, names_makers, n_check: int):
             y, gx = (run_forward_only if "graph" in name else run)(make(p)[0])
             ey = (y - y_ref).abs().max().item()
             egx = 0.0 if gx is None else (gx - gx_ref).abs().max().item()
-            ok = (ey <= 2 * eb_y + ulp * y_ref.abs().max().item() and
-                  egx <= 2 * eb_gx + ulp * gx_ref.abs().max().item())
+            ymax, gmax = y_ref.abs().max().item(), gx_ref.abs().max().item()
+            if is_peer(name):
+                tol = max(P.peer_tolerance(name, p.dtype), 2 * eb_y / ymax, 2 * eb_gx / gmax)
+                ok = ey <= tol * ymax and egx <= tol * gmax
+            else:
+                ok = ey <= 2 * eb_y + ulp * ymax and egx <= 2 * eb_gx + ulp * gmax
             results[name] = dict(ok=ok, err_y=ey, err_dx=egx, eager_err_y=eb_y, eager_err_dx=eb_gx)
         except Exception as exc:  # noqa: BLE001 — report, keep going
             results[name] = dict(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
@@ -380,19 +412,23 @@ def run_shape(name, shape, device, dtype, impls, reps, floors, check_rows):
     p = Problem(T, D, Fh, E, K, device, dtype)
     rows = []
     if not decode:
-        impls = [(n, m) for n, m in impls if "graph" not in n]
-    moekit_impls = [(n, m) for n, m in impls if n.startswith("moekit")]
-    checks = check_moekit(p, moekit_impls, min(T, check_rows))
+        impls = [(n, m) for n, m in impls if "graph" not in n and n != "weight-read floor"]
+    checked = [(n, m) for n, m in impls if n.startswith("moekit") or is_peer(n)]
+    checks = check_impls(p, checked, min(T, check_rows))
     flops = (6 if decode else 18) * T * K * D * Fh
     with torch.no_grad():
         r = p.routing(p.x)
         active = int(torch.unique(r.expert_ids).numel())
     weight_bytes = active * 3 * D * Fh * torch.finfo(dtype).bits // 8
+    floor_row = None
     for impl_name, make in impls:
         row = dict(shape=name, impl=impl_name, T=T, D=D, F=Fh, E=E, K=K, mode="fwd" if decode else "fwd+bwd")
         if impl_name in checks:
             row["check"] = checks[impl_name]
         try:
+            chk = checks.get(impl_name)
+            if chk is not None and is_peer(impl_name) and not chk.get("ok"):
+                raise RuntimeError(chk.get("error") or "not timed: check failed")
             fn, params = make(p)
             x = p.x.detach().clone()
             if decode:
@@ -434,8 +470,14 @@ def run_shape(name, shape, device, dtype, impls, reps, floors, check_rows):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)
+        if impl_name == "weight-read floor" and "ms" in row:
+            floor_row = row
         print(f"  {name:20s} {impl_name:22s} " + (f"{row['ms']:9.3f} ms" if "ms" in row else row.get("error", "")),
               flush=True)
+    if floor_row is not None:
+        for row in rows:
+            if "ms" in row:
+                row["x_measured_floor"] = row["ms"] / floor_row["ms"]
     return rows
 
 
@@ -451,7 +493,8 @@ def print_table(rows, floors, device_name):
         print(f"\n## {shape}  T={r0['T']} D={r0['D']} F={r0['F']} E={r0['E']} K={r0['K']}  ({r0['mode']})")
         dense = next((r for r in rs if r["impl"] == "dense-equal" and "ms" in r), None)
         plain = next((r for r in rs if r["impl"] == "sort+_grouped_mm" and "ms" in r), None)
-        print("| impl | ms | TFLOP/s | % dense | × vs sort+gmm | peak GiB | × weight floor | check |")
+        print("| impl | ms | TFLOP/s | % dense | × vs sort+gmm | peak GiB | × weight floor (bandwidth / measured) "
+              "| check |")
         print("|---|---|---|---|---|---|---|---|")
         for r in rs:
             if "ms" not in r:
@@ -463,16 +506,19 @@ def print_table(rows, floors, device_name):
             chk_s = "-" if chk is None else ("ok" if chk.get("ok") else "FAIL " + str(chk.get(
                 "error", f"err y {chk.get('err_y', 0):.2e} dx {chk.get('err_dx', 0):.2e} vs eager "
                          f"{chk.get('eager_err_y', 0):.2e} {chk.get('eager_err_dx', 0):.2e}"))[:90])
-            xf = f"{r['x_floor']:.2f}" if "x_floor" in r else "-"
-            print(f"| {r['impl']} | {r['ms']:.3f} | {r['tflops']:.1f} | {pct} | {vs} | {r['peak_gib']:.2f} | {xf} | {chk_s} |")
+            xf = " / ".join(f"{r[k]:.2f}" if k in r else "-" for k in ("x_floor", "x_measured_floor"))
+            print(f"| {r['impl']} | {r['ms']:.3f} | {r['tflops']:.1f} | {pct} | {vs} | {r['peak_gib']:.2f} | {xf} "
+                  f"| {chk_s} |")
         mk = [r for r in rs if r["impl"].startswith("moekit") and "ms" in r and r.get("check", {}).get("ok")]
         if mk:
             best = min(mk, key=lambda r: r["ms"])
-            peers = [r for r in rs if not r["impl"].startswith("moekit") and "ms" in r]
+            peers = [r for r in rs if not r["impl"].startswith("moekit") and "ms" in r
+                     and r["impl"] != "weight-read floor"]
             ratios = ", ".join(f"{r['impl']} {r['ms'] / best['ms']:.2f}×" for r in peers)
             print(f"best moekit: {best['impl']} — speed-up over: {ratios}")
             if plain is not None:
-                print(f"peak memory: best moekit {best['peak_gib']:.2f} GiB, sort+_grouped_mm {plain['peak_gib']:.2f} GiB")
+                print(f"peak memory: best moekit {best['peak_gib']:.2f} GiB, "
+                      f"sort+_grouped_mm {plain['peak_gib']:.2f} GiB")
 
 
 def main():
@@ -542,6 +588,12 @@ def main():
         dump(rows)              # after every shape: a run cut short still leaves its rows
     print_table(rows, floors, device_name)
     failed_checks = [r for r in rows if r.get("check") and not r["check"].get("ok")]
+    if failed_checks:
+        peer_fail = [r for r in failed_checks if is_peer(r["impl"]) and "error" not in r["check"]]
+        if peer_fail:
+            print("\npeers that differ from moekit's reference (not timed): "
+                  + ", ".join(f"{r['shape']}/{r['impl']}" for r in peer_fail))
+        failed_checks = [r for r in failed_checks if not is_peer(r["impl"])]
     if failed_checks:
         print("\nCORRECTNESS CHECK FAILED for: " + ", ".join(f"{r['shape']}/{r['impl']}" for r in failed_checks))
         sys.exit(1)
