@@ -3,8 +3,8 @@ search and per-cell AUC, the Census-Income age domains on the committed slice (n
 the --quick path end to end on that slice."""
 import csv
 import math
+import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,26 +24,10 @@ from projects.census_multitask.train import binary_auc
 from projects.m3oe_census import run as m3oe_run
 from projects.m3oe_census.train import config_for_budget, domain_task_auc, evaluate_cells, train_multidomain
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from test_m3oe import _small, _synthetic  # noqa: E402  (the library tests' synthetic domains)
+
 CENSUS = Path(__file__).parent.parent / "census_multitask" / "data"
-
-
-def _synthetic(n, seed, D=3, K=2, R=6):
-    """Domains whose tasks depend on the inputs in different directions (a shared part plus a per-domain part)."""
-    gen = torch.Generator().manual_seed(seed)
-    w_shared = torch.randn(K, R, generator=torch.Generator().manual_seed(99))
-    w_dom = torch.randn(D, K, R, generator=torch.Generator().manual_seed(100))
-    num = torch.randn(n, R, generator=gen)
-    dom = torch.randint(0, D, (n,), generator=gen)
-    score = torch.einsum("nr,nkr->nk", num, w_shared + 1.5 * w_dom[dom])
-    labels = (score + 0.5 * torch.randn(n, K, generator=gen) > 0).float()
-    cat = torch.randint(0, 3, (n, 1), generator=gen)
-    return SimpleNamespace(cat=cat.numpy(), num=num.numpy(), labels=labels.numpy(), domain_ids=dom.numpy())
-
-
-def _small(arch, **kw):
-    cfg = MultiDomainConfig(arch=arch, embed_dim=2, width=12, tower_hidden=6, num_experts=3, num_shared_experts=2,
-                            **kw)
-    return cfg.build(vocab_sizes=[3], num_continuous=6, num_domains=3, num_tasks=2)
 
 
 def test_training_on_synthetic_domains_lowers_the_loss():
