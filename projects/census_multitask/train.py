@@ -4,7 +4,7 @@ Legend: B examples in a batch, N examples in a whole split, K tasks.
 
 `train_multitask` fits a `moekit.models.MultiTaskModel` with AdamW (`moekit.optim`) on the sum
 of the tasks' binary cross-entropies and stops early on the mean validation AUC (`BestEpoch`);
-`binary_auc` is the tie-aware rank (Mann–Whitney) AUC; `config_for_budget` sizes every backbone
+`binary_auc` is scikit-learn's ROC AUC behind input checks; `config_for_budget` sizes every backbone
 to one parameter budget. Splits are duck-typed: anything with ``cat`` (N, C) ints, ``num`` (N, R)
 floats and ``labels`` (N, K) in {0, 1}, e.g. `projects.census_multitask.data.TabularSplit`.
 The multi-domain study (`projects.m3oe_census`) reuses `binary_auc`, `BestEpoch` and
@@ -51,12 +51,14 @@ def config_for_budget(config: MultiTaskConfig, budget: int, *, d_in: int, num_ta
 
 
 def binary_auc(scores_N: torch.Tensor, labels_N: torch.Tensor) -> float:
-    """ROC AUC by the rank (Mann–Whitney U) formula, ties counted one half.
+    """ROC AUC of `scores_N` for binary `labels_N` (ties count one half), by scikit-learn.
 
-    ``AUC = (Σ_{i: y_i = 1} rank_i − P(P+1)/2) / (P·Q)`` with P positives, Q negatives and
-    ``rank`` the 1-based rank of the score, tied scores sharing their average rank — equal to
-    ``P(s⁺ > s⁻) + ½ P(s⁺ = s⁻)`` over all (positive, negative) pairs, in O(N log N).
+    `sklearn.metrics.roc_auc_score` computes it (the ``projects`` extra); this wrapper only
+    refuses what would make it meaningless — lengths that differ, labels other than 0/1, NaN
+    scores, a single class — with a message naming the problem.
     """
+    from sklearn.metrics import roc_auc_score
+
     s_N = torch.as_tensor(scores_N).detach().reshape(-1).double()
     y_N = torch.as_tensor(labels_N).detach().reshape(-1)
     if s_N.shape != y_N.shape:
@@ -65,17 +67,11 @@ def binary_auc(scores_N: torch.Tensor, labels_N: torch.Tensor) -> float:
         raise ValueError("labels must be 0 or 1")
     if torch.isnan(s_N).any():
         raise ValueError("scores contain NaN")
-    pos_N = y_N == 1
-    P = int(pos_N.sum())
+    P = int((y_N == 1).sum())
     Q = y_N.numel() - P
     if P == 0 or Q == 0:
         raise ValueError(f"AUC needs both classes, got {P} positives and {Q} negatives")
-    sorted_N, order_N = torch.sort(s_N)
-    _, counts = torch.unique_consecutive(sorted_N, return_counts=True)
-    last = counts.cumsum(0).double()                              # 1-based rank of each tie group's end
-    rank_N = (last - (counts - 1) / 2).repeat_interleave(counts)  # average rank, in sorted order
-    rank_sum = rank_N[pos_N[order_N]].sum().item()
-    return (rank_sum - P * (P + 1) / 2) / (P * Q)
+    return float(roc_auc_score(y_N.numpy().astype(int), s_N.numpy()))
 
 
 def _tensors(split):
