@@ -10,7 +10,8 @@ Forward + backward (float32) at the two CPU shapes of BENCHMARKS.md, of:
     ``experts_implementation`` it offers that fits in memory (``batched_mm`` gathers one
     weight copy per (token, expert) pair and is skipped when that exceeds ``--max-gib``),
   - torchtitan's MoE (router + local dispatcher + grouped experts; bf16 experts by design),
-  - moekit's default backend (``auto``) and its eager reference.
+  - moekit's default backend (``auto``), each explicit backend that runs natively here
+    (``grouped_mm``; Triton only interprets on a CPU and is left out) and its eager reference.
 Every peer runs on the same weights and is checked equal to moekit's eager reference (output
 and input gradient, fp32, relative error ≤ 1e-5; torchtitan ≤ 8 bf16 ulp) before it is timed.
 
@@ -125,9 +126,14 @@ def baselines(moe):
             "sort + _grouped_mm": (sort_grouped_mm, [])}
 
 
+# Explicit backends timed beside "auto" (a test checks that "auto" resolves to the fastest of these).
+EXPLICIT_BACKENDS = ("grouped_mm",)
+
+
 def implementations(moe, tokens, train, max_gib):
     """name -> (fn, extra params) or name -> reason; moekit's eager reference first."""
     impls = {"moekit (eager)": (with_backend(moe, "eager"), []), "moekit (auto)": (with_backend(moe, "auto"), [])}
+    impls.update({f"moekit ({b})": (with_backend(moe, b), []) for b in EXPLICIT_BACKENDS})
     impls.update(baselines(moe))
     for name, peer in P.build_peers(moe, max_pair_weight_bytes=max_gib * 2**30, tokens=tokens, train=train).items():
         impls[name] = peer if isinstance(peer, str) else (peer[0], list(peer[1].parameters()))
