@@ -57,6 +57,7 @@ from moekit.layers import (
 from moekit.models import TransformerConfig, TransformerLM
 from moekit.optim import UpdateStep, build_optimizer
 from moekit.recipes import (
+    BTMEnsemble,
     btx,
     distill,
     distillation_loss,
@@ -114,6 +115,7 @@ ROUTER_SETTINGS = {
     "null_experts": {"num_null_experts": "nonneg_int", "balance_coef": "nonneg_num"},
     "random": {"seed": "int"},
     "relu": {"l1_init": "pos_num", "l1_growth": "pos_num", "load_balanced": "bool", "adapt": "bool"},
+    "sampled_top1": {"temperature": "pos_num", "straight_through": "bool"},
     "sigmoid": {"num_groups": "pos_int", "topk_groups": "pos_int", "route_scale": "pos_num", "renorm": "bool",
                 "bias_update_rate": "nonneg_num", "fused_gate": "bool"},
     "sinkhorn": {"num_iters": "pos_int", "norm": "choice_or_none"},
@@ -211,6 +213,10 @@ def _upcycle(**kw):
 
 def _btx(**kw):
     return btx(_dense_lm(), [_dense_lm(), _dense_lm()], **kw)
+
+
+def _btm(**kw):
+    return BTMEnsemble([_dense_lm(), _dense_lm()], **kw)
 
 
 def _distill(**kw):
@@ -341,6 +347,7 @@ TABLE = [
      {"num_experts": "pos_int", "top_k": "pos_int", "granularity": "pos_int", "noise": "nonneg_num",
       "reinit_fraction": "prob", "every": "pos_int"}),
     (_btx, dict(top_k=1), {"top_k": "pos_int", "include_base": "bool", "seed": "int"}),
+    (_btm, {}, {"context_tokens": "pos_int_or_none", "top_k": "pos_int_or_none"}),
     (_distill, dict(steps=1),
      {"steps": "pos_int", "lr": "pos_num", "temperature": "pos_num", "ignore_index": "int",
       "warmup_steps": "nonneg_int", "min_lr_ratio": "prob", "weight_decay": "nonneg_num",
