@@ -305,7 +305,7 @@ def test_every_architecture_runs_and_uses_the_domain_as_designed(arch):
     y = m(cat, num, dom)
     assert y.shape == (64, 2)
     changes = not torch.allclose(y, m(cat, num, (dom + 1) % 3))
-    assert changes == (arch in ("mmoe_domain", "m3oe"))
+    assert changes == (arch in ("mmoe_domain", "star", "m3oe"))
     assert bool(m.structure_parameters()) == (arch == "m3oe")
     assert len(m.structure_parameters()) + len(m.model_parameters()) == len(list(m.parameters()))
     with pytest.raises(ValueError, match="domain_ids"):

@@ -33,6 +33,7 @@ from moekit.layers import (
     CGC,
     PLE,
     SMEAR,
+    STAR,
     CondConv2d,
     DenseMoE,
     EarlyExit,
@@ -49,6 +50,7 @@ from moekit.layers import (
     SharedBottom,
     SoftMoE,
     StackedDenseMoE,
+    StarLinear,
     add_experts,
     freeze_experts,
     make_mmoe_synthetic,
@@ -57,6 +59,7 @@ from moekit.layers import (
 from moekit.models import TransformerConfig, TransformerLM
 from moekit.optim import UpdateStep, build_optimizer
 from moekit.recipes import (
+    BTMEnsemble,
     btx,
     distill,
     distillation_loss,
@@ -114,6 +117,7 @@ ROUTER_SETTINGS = {
     "null_experts": {"num_null_experts": "nonneg_int", "balance_coef": "nonneg_num"},
     "random": {"seed": "int"},
     "relu": {"l1_init": "pos_num", "l1_growth": "pos_num", "load_balanced": "bool", "adapt": "bool"},
+    "sampled_top1": {"temperature": "pos_num", "straight_through": "bool"},
     "sigmoid": {"num_groups": "pos_int", "topk_groups": "pos_int", "route_scale": "pos_num", "renorm": "bool",
                 "bias_update_rate": "nonneg_num", "fused_gate": "bool"},
     "sinkhorn": {"num_iters": "pos_int", "norm": "choice_or_none"},
@@ -213,6 +217,10 @@ def _btx(**kw):
     return btx(_dense_lm(), [_dense_lm(), _dense_lm()], **kw)
 
 
+def _btm(**kw):
+    return BTMEnsemble([_dense_lm(), _dense_lm()], **kw)
+
+
 def _distill(**kw):
     y = torch.randint(0, 5, (2, 4))
     return distill(None, _dense_lm(), [(y, y)], **{"alpha": 0.0, **kw})
@@ -295,6 +303,11 @@ TABLE = [
      {"d_model": "pos_int", "num_domains": "pos_int", "num_tasks": "pos_int", "num_shared_experts": "pos_int",
       "star_dim": "pos_int", "bottom_dim": "pos_int", "expert_dims": "int_list",
       "tower_hidden": "pos_int_or_none", "structure_init": "num", "detach_gate_input": "bool"}),
+    (STAR, dict(d_model=5, num_domains=2, num_tasks=2),
+     {"d_model": "pos_int", "num_domains": "pos_int", "num_tasks": "pos_int", "dims": "int_list",
+      "tower_hidden": "pos_int", "aux_hidden": "pos_int"}),
+    (StarLinear, dict(d_in=5, d_out=4, num_domains=2),
+     {"d_in": "pos_int", "d_out": "pos_int", "num_domains": "pos_int"}),
     (MixtureOfAttentionHeads, dict(d_model=8, num_experts=4),
      {"d_model": "pos_int", "num_experts": "pos_int", "top_k": "pos_int", "head_dim": "pos_int_or_none",
       "causal": "bool", "aux_loss_coef": "nonneg_num", "z_loss_coef": "nonneg_num"}),
@@ -341,6 +354,7 @@ TABLE = [
      {"num_experts": "pos_int", "top_k": "pos_int", "granularity": "pos_int", "noise": "nonneg_num",
       "reinit_fraction": "prob", "every": "pos_int"}),
     (_btx, dict(top_k=1), {"top_k": "pos_int", "include_base": "bool", "seed": "int"}),
+    (_btm, {}, {"context_tokens": "pos_int_or_none", "top_k": "pos_int_or_none"}),
     (_distill, dict(steps=1),
      {"steps": "pos_int", "lr": "pos_num", "temperature": "pos_num", "ignore_index": "int",
       "warmup_steps": "nonneg_int", "min_lr_ratio": "prob", "weight_decay": "nonneg_num",

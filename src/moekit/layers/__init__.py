@@ -24,8 +24,9 @@ from moekit.layers.offload import offload_experts, offload_stats, restore_expert
 __all__ += ["offload_experts", "offload_stats", "restore_experts"]
 
 from moekit.layers.m3oe import M3oE  # noqa: E402  (METHODS.md MT3)
+from moekit.layers.star import STAR, StarLinear  # noqa: E402  (MT3's multi-domain baseline)
 
-__all__ += ["M3oE"]
+__all__ += ["M3oE", "STAR", "StarLinear"]
 
 from moekit.layers.moe_sm import MoESM  # noqa: E402  (METHODS.md CV2, Swin2-MoSE)
 

@@ -10,7 +10,9 @@ own domain's. Architectures (`ARCHS`), all on the same `TabularEmbedding`:
 
 - ``shared_bottom`` / ``mmoe``: the multi-task backbones of `moekit.layers.multigate`, blind to
   the domain;
+- ``ple``: `moekit.layers.multigate.PLE` (two extraction levels), blind to the domain;
 - ``mmoe_domain``: MMoE whose input also embeds the domain id (one more categorical column);
+- ``star``: `moekit.layers.star.STAR`, star-topology layers per domain, a tower per task;
 - ``m3oe``: `moekit.layers.m3oe.M3oE`, domain-aware bottom, gates and towers.
 
 The method's loss is `domain_task_bce`: the sum over cells of each cell's mean binary
@@ -34,20 +36,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.layers.m3oe import M3oE
-from moekit.layers.multigate import MMoE, SharedBottom
+from moekit.layers.multigate import PLE, MMoE, SharedBottom
+from moekit.layers.star import STAR
 from moekit.models.multitask import TabularEmbedding
 from moekit.optim import UpdateStep, build_optimizer
 from moekit.validate import check_bool, check_choice, check_instance, check_int, check_number
 
 __all__ = ["ARCHS", "MultiDomainConfig", "MultiDomainModel", "domain_task_bce", "BiLevelStep"]
 
-ARCHS = ("shared_bottom", "mmoe", "mmoe_domain", "m3oe")
+ARCHS = ("shared_bottom", "mmoe", "ple", "mmoe_domain", "star", "m3oe")
 
 
 class MultiDomainModel(nn.Module):
     """``(cat_BC, num_BR, domain_ids_B) → logits_BK``: a `TabularEmbedding` and a backbone.
 
-    An `M3oE` backbone is given the domain ids; any other backbone (a `moekit.layers.multigate`
+    An `M3oE` backbone (or any with ``takes_domain_ids = True``, e.g. `STAR`) is given the
+    domain ids; any other backbone (a `moekit.layers.multigate`
     model returning K tensors (B, 1)) ignores them unless ``domain_feature=True``, which appends
     the domain id to the categorical columns (the embedding must then have one more column,
     of vocabulary ``num_domains``).
@@ -75,7 +79,7 @@ class MultiDomainModel(nn.Module):
         if self.domain_feature:
             cat_BC = torch.cat([cat_BC, domain_ids_B[:, None].to(cat_BC.dtype)], 1)
         x_BI = self.embedding(cat_BC, num_BR)
-        if isinstance(self.backbone, M3oE):
+        if isinstance(self.backbone, M3oE) or getattr(self.backbone, "takes_domain_ids", False):
             return self.backbone(x_BI, domain_ids_B)
         return torch.cat(self.backbone(x_BI), 1)                                        # (B, K)
 
@@ -101,7 +105,9 @@ class MultiDomainConfig:
     """Which architecture and how wide; `build` makes a `MultiDomainModel`.
 
     ``width`` is the one size knob: the shared bottom's width (shared_bottom), each expert's
-    width (mmoe, mmoe_domain: ``num_experts`` one-layer experts), or for m3oe the STAR width,
+    width (mmoe, mmoe_domain: ``num_experts`` one-layer experts; ple: 2 levels of
+    ``num_shared_experts`` shared and 1 task-specific expert per task), the star layer's width
+    (star: one layer, an auxiliary domain network of ``tower_hidden`` units), or for m3oe the STAR width,
     the bottom width and the (one-layer) experts' width all at once, with
     ``num_shared_experts`` shared experts. Every tower has ``tower_hidden`` units.
     """
@@ -128,6 +134,12 @@ class MultiDomainConfig:
         """The backbone for data whose own columns embed to `d_in` (the domain column is added here)."""
         if self.arch == "shared_bottom":
             return SharedBottom(d_model=d_in, num_tasks=num_tasks, d_hidden=self.width, tower_hidden=self.tower_hidden)
+        if self.arch == "ple":
+            return PLE(d_model=d_in, num_tasks=num_tasks, num_shared_experts=self.num_shared_experts,
+                       num_specific_experts=1, d_hidden=self.width, num_levels=2, tower_hidden=self.tower_hidden)
+        if self.arch == "star":
+            return STAR(d_model=d_in, num_domains=num_domains, num_tasks=num_tasks, dims=(self.width,),
+                        tower_hidden=self.tower_hidden, aux_hidden=self.tower_hidden)
         if self.arch in ("mmoe", "mmoe_domain"):
             d = d_in + (self.embed_dim if self.domain_feature else 0)
             return MMoE(d_model=d, num_experts=self.num_experts, num_tasks=num_tasks, d_hidden=self.width,

@@ -14,6 +14,7 @@ from moekit.routing.null_experts import NullExpertsRouter
 from moekit.routing.random import RandomRouter
 from moekit.routing.registry import available, build_router, get_router_class, register_router
 from moekit.routing.relu import ReLURouter
+from moekit.routing.sampled_top1 import SampledTop1Router
 from moekit.routing.schedules import (
                                       DenseToSparseRouter,
                                       RoutingDropout,
@@ -30,7 +31,7 @@ from moekit.routing.top_p import TopPRouter
 from moekit.routing.topk import TopKRouter
 
 __all__ = [
-    "Routing", "Router", "TokenChoiceRouter", "TopKRouter", "NoisyTopKRouter", "SwitchRouter",
+    "Routing", "Router", "TokenChoiceRouter", "TopKRouter", "NoisyTopKRouter", "SwitchRouter", "SampledTop1Router",
     "SigmoidRouter", "GShardRouter", "ExpertChoiceRouter", "TopPRouter", "HashRouter", "DenseRouter",
     "CosineRouter", "ReLURouter", "DSelectKRouter", "SinkhornRouter", "BaseLayerRouter", "ThorRouter",
     "NullExpertsRouter", "TaskRouter", "RandomRouter", "GaussianRouter", "balanced_assignment",

@@ -20,6 +20,7 @@ _BUILTIN = {
     "topk": "moekit.routing.topk:TopKRouter",
     "noisy_topk": "moekit.routing.noisy_topk:NoisyTopKRouter",
     "switch": "moekit.routing.switch:SwitchRouter",
+    "sampled_top1": "moekit.routing.sampled_top1:SampledTop1Router",
     "sigmoid": "moekit.routing.sigmoid:SigmoidRouter",
     "gshard": "moekit.routing.gshard:GShardRouter",
     "expert_choice": "moekit.routing.expert_choice:ExpertChoiceRouter",

@@ -57,7 +57,7 @@ def test_config_for_budget_and_cell_auc():
         n = cfg.build(vocab_sizes=[5] * 32, num_continuous=7, num_domains=3, num_tasks=2).backbone_parameters()
         assert abs(n - 20_000) < 0.03 * 20_000, (arch, cfg.width, n)
     with pytest.raises(ValueError, match="arch must be one of"):
-        MultiDomainConfig(arch="star")
+        MultiDomainConfig(arch="dcn")
     s = torch.tensor([0.1, 0.9, 0.3, 0.2, 0.8, 0.4])
     y = torch.tensor([[0, 1], [1, 1], [0, 1], [1, 0], [1, 1], [0, 0]])
     ids = torch.tensor([0, 0, 0, 1, 1, 1])
