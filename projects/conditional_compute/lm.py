@@ -30,11 +30,12 @@ from moekit.optim import UpdateStep, build_optimizer
 BASE = dict(d_model=128, n_layers=4, n_heads=4, moe_layers="none")
 
 
-def variant_configs(vocab_size: int, seq_len: int) -> dict[str, TransformerConfig]:
+def variant_configs(vocab_size: int, seq_len: int, **shape) -> dict[str, TransformerConfig]:
     """The models compared. MoE: E = 8 experts of half the dense hidden (176) in every block, so
     top-2 does the dense model's FFN work; top-1 half of it; top-p (p = 0.4, entropy loss) what
-    its routing takes. MoD: every other block at c = 12.5 % and 50 % (Raposo et al.)."""
-    base = TransformerConfig(vocab_size=vocab_size, max_seq_len=seq_len, **BASE)
+    its routing takes. MoD: every other block at c = 12.5 % and 50 % (Raposo et al.). `shape`
+    overrides `BASE` (tests use a tiny model)."""
+    base = TransformerConfig(vocab_size=vocab_size, max_seq_len=seq_len, **{**BASE, **shape})
     moe = dict(moe_layers="every")
     mk = lambda **m: dataclasses.replace(base, **moe, moe={"num_experts": 8, "d_hidden": 176, **m})  # noqa: E731
     return {
@@ -159,7 +160,8 @@ def exit_sweep(model: ExitLM, batches, seq_len: int, thresholds) -> list[dict]:
     out = []
     for t in thresholds:
         d_T = torch.cat(depth[t])
-        out.append({"threshold": t, "val_loss": float(torch.cat(nll[t]).mean()), "mean_blocks": float(d_T.float().mean() + 1),
+        out.append({"threshold": t, "val_loss": float(torch.cat(nll[t]).mean()),
+                    "mean_blocks": float(d_T.float().mean() + 1),
                     "exit_share": [float((d_T == i).float().mean()) for i in range(X)],
                     "flops_forward": exit_flops(model.lm.config, seq_len, d_T)})
     return out

@@ -57,11 +57,12 @@ def lm_data(seq_len: int = 128, batch_size: int = 16):
 
 
 def run_lm(train, val, vocab_size: int, *, steps: int, seed: int, eval_batches: int, seq_len: int = 128,
-           batch_size: int = 16, log=print) -> dict:
-    from moekit.train.data import BatchSampler, eval_batches as make_eval
+           batch_size: int = 16, shape=None, log=print) -> dict:
+    from moekit.train.data import BatchSampler
+    from moekit.train.data import eval_batches as make_eval
 
     batches = make_eval(val, seq_len=seq_len, batch_size=batch_size, max_batches=eval_batches)
-    configs = variant_configs(vocab_size, seq_len)
+    configs = variant_configs(vocab_size, seq_len, **(shape or {}))
     base_train = None
     out = {}
     for name, cfg in configs.items():
@@ -75,14 +76,16 @@ def run_lm(train, val, vocab_size: int, *, steps: int, seed: int, eval_batches: 
         log(f"  [{name}] {n} steps, {f_train / 1e6:.2f} MFLOPs/token in training")
         sampler = BatchSampler(train, seq_len=seq_len, batch_size=batch_size, seed=seed)
         wall = train_lm(model, sampler, steps=n, log=log)
-        res = {"steps": n, "train_flops_per_token": f_train, "train_flops_total": f_train * n * batch_size * seq_len,
-               "wall_s": wall, **evaluate_lm(model, batches, seq_len)}
+        res = {"steps": n, "train_flops_per_token": f_train,
+               "train_flops_total": f_train * n * batch_size * seq_len, "wall_s": wall,
+               **evaluate_lm(model, batches, seq_len)}
         if cfg.mod_layers != "none":          # the training rule (top-K over the sequence) in eval too
             for b in model.blocks:
                 if isinstance(b, DepthRoutedBlock):
                     b.causal_eval = False
             topk = evaluate_lm(model, batches, seq_len)
-            res["val_loss_topk_selection"], res["flops_forward_topk_selection"] = topk["val_loss"], topk["flops_forward"]
+            res["val_loss_topk_selection"] = topk["val_loss"]
+            res["flops_forward_topk_selection"] = topk["flops_forward"]
         log(f"  [{name}] val loss {res['val_loss']:.4f}  {res['flops_forward'] / 1e6:.3f} MFLOPs/token  "
             f"{wall:.0f}s")
         out[name] = res
@@ -91,7 +94,8 @@ def run_lm(train, val, vocab_size: int, *, steps: int, seed: int, eval_batches: 
     sampler = BatchSampler(train, seq_len=seq_len, batch_size=batch_size, seed=seed)
     log(f"  [early_exit] {steps} steps")
     wall = train_lm(exit_model, sampler, steps=steps, loss_fn=lambda m, x, y: m.loss(x, y), log=log)
-    out["early_exit"] = {"steps": steps, "wall_s": wall, "sweep": exit_sweep(exit_model, batches, seq_len, LM_THRESHOLDS)}
+    out["early_exit"] = {"steps": steps, "wall_s": wall,
+                         "sweep": exit_sweep(exit_model, batches, seq_len, LM_THRESHOLDS)}
     return out
 
 
@@ -131,8 +135,9 @@ def table(results: dict) -> str:
     rows += ["", "| LM exit threshold | val loss | mean blocks | fwd MFLOPs/token | × dense | exits 1-4 (%) |",
              "|---|---|---|---|---|---|"]
     for s in lm["early_exit"]["sweep"]:
-        rows.append(f"| {s['threshold']} | {s['val_loss']:.4f} | {s['mean_blocks']:.2f} | {s['flops_forward'] / 1e6:.3f} | "
-                    f"{s['flops_forward'] / ref:.2f} | {' / '.join(f'{100 * e:.0f}' for e in s['exit_share'])} |")
+        rows.append(f"| {s['threshold']} | {s['val_loss']:.4f} | {s['mean_blocks']:.2f} | "
+                    f"{s['flops_forward'] / 1e6:.3f} | {s['flops_forward'] / ref:.2f} | "
+                    f"{' / '.join(f'{100 * e:.0f}' for e in s['exit_share'])} |")
     if "vit" in results:
         sw = results["vit"]["sweep"]
         full = sw[-1]["flops_forward"]
@@ -184,9 +189,9 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None, *, lm_inputs=None) -> dict:
+def main(argv=None, *, lm_inputs=None, lm_shape=None) -> dict:
     """Run everything; `lm_inputs` = (vocab_size, train corpus, val corpus) replaces the main job's
-    data (tests), and then the ViT part is skipped."""
+    data and `lm_shape` the LM's size (tests); with `lm_inputs` the ViT part is skipped."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -198,7 +203,7 @@ def main(argv=None, *, lm_inputs=None) -> dict:
     for seed in args.seeds:
         print(f"seed {seed}: language model", flush=True)
         res = {"lm": run_lm(train, val, vocab, steps=args.lm_steps, seed=seed, eval_batches=args.eval_batches,
-                            seq_len=seq_len, batch_size=4 if lm_inputs is not None else 16)}
+                            seq_len=seq_len, batch_size=4 if lm_inputs is not None else 16, shape=lm_shape)}
         if not args.skip_vit and lm_inputs is None:
             print(f"seed {seed}: ViT", flush=True)
             res["vit"] = run_vit(steps=args.vit_steps, seed=seed, quick=args.quick)

@@ -95,11 +95,12 @@ def train_vit(model: EarlyExit, x_N1HW, y_N, *, steps: int, batch_size: int = 12
 
 
 @torch.no_grad()
-def vit_sweep(model: EarlyExit, x_N1HW, y_N, thresholds, *, batch_size: int = 1000) -> list[dict]:
+def vit_sweep(model: EarlyExit, x_N1HW, y_N, thresholds, *, config: ViTConfig = CONFIG,
+              batch_size: int = 1000) -> list[dict]:
     """Accuracy, mean blocks run, exit shares and FLOPs per image at each confidence threshold,
     plus every exit alone (``"exit_k"``: threshold above 1 forced to that exit)."""
     model.eval()
-    block, head = vit_costs()
+    block, head = vit_costs(config)
     X = len(model.heads)
     out = []
     for t in thresholds:
