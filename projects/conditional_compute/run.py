@@ -1,7 +1,7 @@
 """Three families of conditional computation on one axis of compute: MoE (top-1 / top-2 / top-p),
 Mixture-of-Depths and early exits, on the main job's text and on Fashion-MNIST.
 
-    python -m projects.conditional_compute.run [--quick] [--seeds 0] [--lm-steps 200] [--vit-steps 300]
+    python -m projects.conditional_compute.run [--quick] [--seeds 0] [--lm-steps 60] [--vit-steps 150]
 
 LM (`lm.py`): the main job's data (`moekit train`'s default preset: Shakespeare, State of the
 Union, Django source; BPE of 4,096 tokens), windows of 128 tokens, batches of 16. The dense
@@ -32,11 +32,11 @@ VIT_THRESHOLDS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.01)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--lm-steps", type=int, default=200, help="optimizer steps of the dense LM baseline")
-    p.add_argument("--vit-steps", type=int, default=300)
+    p.add_argument("--lm-steps", type=int, default=60, help="optimizer steps of the dense LM baseline")
+    p.add_argument("--vit-steps", type=int, default=150)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--out", default="projects/conditional_compute/results")
     p.add_argument("--skip-vit", action="store_true")
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps of everything")
