@@ -29,7 +29,10 @@ membership of each training pass with binary cross-entropy (the layer's ``aux_lo
   when ``σ(r) > 0.5``.
 
 ``forward(x, causal=True)`` uses that per-token rule (no token looks at any other), so a prefix
-gets the same decisions as the full sequence. Wrapping an MoE FFN (MoDE) needs nothing special:
+gets the same decisions as the full sequence. A block that needs the tokens' positions (rotary
+attention in a language model) is built with ``positions=True`` and called as
+``block(x_BKD, pos_BK)``: the selected tokens keep their original positions, so a processed token
+attends to the earlier processed tokens at their true distances. Wrapping an MoE FFN (MoDE) needs nothing special:
 the inner MoE layers keep their own ``aux_loss``, which `moekit.aux_loss(model)` adds to this
 layer's.
 """
@@ -87,6 +90,8 @@ class MixtureOfDepths(MoELayer):
         aux_loss_coef: weight of the BCE of the causal rule against top-K membership.
         score_activation: ``"sigmoid"`` (default) or ``"none"`` (the raw router weight, as in
             the paper) applied to the router logit before it scales the block's update.
+        positions: call ``block(x_BKD, pos_BK)`` with the (B, K) int64 sequence positions of the
+            selected tokens (ascending per sequence), for blocks with positional encodings.
 
     After a call: ``last_selected`` (B, S) bool is the processed-token mask, ``last_scores``
     (B, S) the router logits, ``aux_loss`` the weighted BCE (zero after a causal pass) and
@@ -95,7 +100,7 @@ class MixtureOfDepths(MoELayer):
 
     def __init__(self, block: nn.Module, *, d_model: int, capacity: float, predictor: bool = True,
                  predictor_hidden: Optional[int] = None, aux_loss_coef: float = 0.01,
-                 score_activation: str = "sigmoid"):
+                 score_activation: str = "sigmoid", positions: bool = False):
         super().__init__()
         check_instance("block", block, nn.Module)
         self.d_model = check_int("d_model", d_model, min=1)
@@ -108,6 +113,7 @@ class MixtureOfDepths(MoELayer):
         hidden = check_int("predictor_hidden", d_model if predictor_hidden is None else predictor_hidden, min=1)
         self.aux_loss_coef = check_number("aux_loss_coef", aux_loss_coef, min=0.0)
         self.score_activation = check_choice("score_activation", score_activation, ("sigmoid", "none"))
+        self.positions = check_bool("positions", positions)
         self.block = block
         self.router = nn.Linear(d_model, 1, bias=False)
         # The predictor reads a stop-gradient copy of x: it learns to imitate the router, never steers it.
@@ -158,7 +164,8 @@ class MixtureOfDepths(MoELayer):
         B, K = idx_BK.shape
         D = self.d_model
         idx_BKD = idx_BK[..., None].expand(B, K, D)
-        upd_BKD = self.block(x_BSD.gather(1, idx_BKD))
+        x_BKD = x_BSD.gather(1, idx_BKD)
+        upd_BKD = self.block(x_BKD, idx_BK) if self.positions else self.block(x_BKD)
         if not isinstance(upd_BKD, torch.Tensor) or upd_BKD.shape != (B, K, D):
             got = tuple(upd_BKD.shape) if isinstance(upd_BKD, torch.Tensor) else type(upd_BKD).__name__
             raise ValueError(f"block must map (B, K, D) = {(B, K, D)} to the same shape, got {got}")
@@ -223,4 +230,5 @@ class MixtureOfDepths(MoELayer):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, capacity={self.capacity}, predictor={self.use_predictor}, "
-                f"aux_loss_coef={self.aux_loss_coef}, score_activation={self.score_activation!r}")
+                f"aux_loss_coef={self.aux_loss_coef}, score_activation={self.score_activation!r}"
+                + (", positions=True" if self.positions else ""))

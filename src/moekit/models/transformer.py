@@ -9,6 +9,12 @@ The feed-forward of a block is either a dense SwiGLU/MLP or a sparse MoE layer (
 optional number of leading dense layers (DeepSeekMoE keeps its first layer dense), with any
 registered router that suits a causal LM (`check_causal_lm_router`) and optional shared experts.
 
+Mixture-of-Depths (Raposo et al. 2024, METHODS.md CC1; ``mod_layers``): in the chosen blocks
+only the top ``⌈mod_capacity · S⌉`` tokens of each sequence (by a linear router) run attention and
+FFN, at their own rotary positions; the rest ride the residual stream. In eval mode those blocks
+decide per token by the causal predictor (`moekit.layers.MixtureOfDepths`), so no token's
+computation depends on later tokens; with MoE FFNs this is MoDE.
+
 `dense_twin(config)` is the dense model with the same *active* parameters per token: each
 MoE layer becomes a dense FFN of hidden ``K · F_expert + shared hidden`` (the router's D·E
 weights are the only active parameters the twin does not have).
@@ -26,11 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.experts import DenseFFN
-from moekit.layers import MoE, MoEConfig, default_hidden
+from moekit.layers import MixtureOfDepths, MoE, MoEConfig, default_hidden
+from moekit.layers.depths import capacity_tokens
 from moekit.validate import check_instance, check_int, check_number
 
 __all__ = ["TransformerConfig", "TransformerLM", "KVCache", "dense_twin", "param_counts", "flops_per_token",
-           "experts_per_token", "check_causal_lm_router", "FLAT_MOE_KEYS"]
+           "experts_per_token", "check_causal_lm_router", "FLAT_MOE_KEYS", "DepthRoutedBlock"]
 
 _PLACEMENTS = ("every", "every_other", "none")
 
@@ -53,6 +60,9 @@ class TransformerConfig:
     moe: the MoE layers (`moekit.MoEConfig`, or a dict of its fields); any registered router
         that suits a causal LM. Unset ``moe.expert`` / ``moe.d_hidden`` follow the dense FFN
         (``ffn`` / ``ffn_hidden``), see `block_moe`. ``moe.top_k=None`` is the router's own K.
+    mod_layers: Mixture-of-Depths blocks: ``"none"`` (default) | ``"every"`` | ``"every_other"``
+        (blocks 1, 3, …, the paper's choice); see `DepthRoutedBlock`.
+    mod_capacity: fraction c ∈ (0, 1] of each sequence a MoD block processes in training.
 
     `from_dict` also takes the MoE fields flat (``num_experts``, ``top_k``, ``expert_hidden``
     for ``moe.d_hidden``, ``shared_hidden`` for ``moe.shared_d_hidden`` …, see `FLAT_MOE_KEYS`).
@@ -71,6 +81,8 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     dropout: float = 0.0
+    mod_layers: str = "none"
+    mod_capacity: float = 0.125
 
     def __post_init__(self):
         def pos_int(name):
@@ -88,6 +100,9 @@ class TransformerConfig:
         if not isinstance(self.first_dense_layers, int) or not 0 <= self.first_dense_layers <= self.n_layers:
             raise ValueError(f"first_dense_layers must be an int in [0, n_layers={self.n_layers}], "
                              f"got {self.first_dense_layers!r}")
+        if self.mod_layers not in _PLACEMENTS:
+            raise ValueError(f"mod_layers must be one of {_PLACEMENTS}, got {self.mod_layers!r}")
+        check_number("mod_capacity", self.mod_capacity, min=0.0, max=1.0, min_open=True)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if isinstance(self.moe, dict):
@@ -118,6 +133,10 @@ class TransformerConfig:
         if self.moe_layers == "none" or i < self.first_dense_layers:
             return False
         return self.moe_layers == "every" or (i - self.first_dense_layers) % 2 == 1
+
+    def is_mod_layer(self, i: int) -> bool:
+        """Whether block i is a Mixture-of-Depths block."""
+        return self.mod_layers == "every" or (self.mod_layers == "every_other" and i % 2 == 1)
 
     @property
     def moe_layer_ids(self) -> list[int]:
@@ -281,6 +300,77 @@ class Block(nn.Module):
         h = self.ffn(h, token_ids=idx_BS) if self._wants_token_ids else self.ffn(h)
         return x_BSD + self.drop(h)
 
+    def update(self, x_BSD, cos_Sh, sin_Sh, idx_BS):
+        """The block's residual update ``forward(x) − x`` = ``a + ffn(norm(x + a))``, a = attn(norm x)."""
+        a_BSD = self.drop(self.attn(self.attn_norm(x_BSD), cos_Sh, sin_Sh))
+        h = self.ffn_norm(x_BSD + a_BSD)
+        h = self.ffn(h, token_ids=idx_BS) if self._wants_token_ids else self.ffn(h)
+        return a_BSD + self.drop(h)
+
+
+class _SelectedUpdate(nn.Module):
+    """MoD's ``f``: a `Block`'s residual update on the selected tokens ``(B, K, D)`` at their
+    positions ``pos_BK``; the rotary tables and token ids of the whole sequence are lent by
+    `DepthRoutedBlock.forward` for the duration of one call."""
+
+    def __init__(self, block: Block):
+        super().__init__()
+        self.block = block
+        self.context = None
+
+    def forward(self, x_BKD, pos_BK):
+        cos_Sh, sin_Sh, idx_BS = self.context
+        # (B, 1, K, h): each selected token rotated by its own position, broadcast over heads.
+        cos, sin = cos_Sh[pos_BK].unsqueeze(1), sin_Sh[pos_BK].unsqueeze(1)
+        return self.block.update(x_BKD, cos, sin, idx_BS.gather(1, pos_BK))
+
+
+class DepthRoutedBlock(nn.Module):
+    """A `Block` inside `moekit.layers.MixtureOfDepths` (METHODS.md CC1): a router picks the top
+    ``⌈c·S⌉`` tokens of each sequence, which run attention (causally, among themselves, at their
+    positions) and the FFN; their update is scaled by σ(router logit); the others are unchanged.
+
+    `causal_eval` (default True): in eval mode decide per token by the causal predictor (what a
+    decoder can do); False keeps training's top-K over the sequence in eval too.
+    """
+
+    def __init__(self, config: TransformerConfig, moe: bool):
+        super().__init__()
+        self.mod = MixtureOfDepths(_SelectedUpdate(Block(config, moe)), d_model=config.d_model,
+                                   capacity=config.mod_capacity, positions=True)
+        self.causal_eval = True
+
+    @property
+    def inner(self) -> Block:
+        return self.mod.block.block
+
+    @property
+    def is_moe(self) -> bool:
+        return self.inner.is_moe
+
+    @property
+    def ffn(self) -> nn.Module:
+        return self.inner.ffn
+
+    def forward(self, x_BSD, cos_Sh, sin_Sh, idx_BS, kv=None):
+        if kv is not None:
+            raise ValueError("a Mixture-of-Depths block has no KV cache (its processed tokens differ per "
+                             "sequence); generate with use_cache=False")
+        self.mod.block.context = (cos_Sh, sin_Sh, idx_BS)
+        try:
+            return self.mod(x_BSD, causal=not self.training and self.causal_eval)
+        finally:
+            self.mod.block.context = None
+
+    def processed_fraction(self, seq_len: int, *, measured: bool = False) -> float:
+        """Share of tokens that run the block: ``⌈c·S⌉ / S`` in training, or (``measured``) the
+        last pass's."""
+        if measured:
+            if self.mod.last_stats is None:
+                raise ValueError("measured=True needs a forward pass of every MoD block first (last_stats is None)")
+            return float(self.mod.last_stats.processed_fraction)
+        return capacity_tokens(self.mod.capacity, seq_len) / seq_len
+
 
 class TransformerLM(nn.Module):
     """``forward(idx_BS, targets_BS=None) -> (logits_BSV, loss or None)``; loss is the mean
@@ -292,7 +382,8 @@ class TransformerLM(nn.Module):
             raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config, config.is_moe_layer(i)) for i in range(config.n_layers))
+        self.blocks = nn.ModuleList((DepthRoutedBlock if config.is_mod_layer(i) else Block)(
+            config, config.is_moe_layer(i)) for i in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=1e-6)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -355,15 +446,17 @@ class TransformerLM(nn.Module):
         sequence per step. Once the context reaches max_seq_len it is cropped to the last
         max_seq_len tokens and recomputed each step, as without the cache. The default (None)
         uses the cache unless some MoE layer routes a token depending on other tokens (a
-        capacity limit in eval mode, or a router with ``causal_safe = False``): routing only the
-        new tokens would then change what the model computes. Ids in `suppress_ids` (e.g. a
+        capacity limit in eval mode, or a router with ``causal_safe = False``) or the model has
+        Mixture-of-Depths blocks (no cache there): routing only the new tokens would then change
+        what the model computes. Ids in `suppress_ids` (e.g. a
         tokenizer's unknown-character id) are never drawn.
         """
         check_int("max_new_tokens", max_new_tokens, min=0)
         check_number("temperature", temperature, min=0)
         check_int("top_k", top_k, min=1, max=self.config.vocab_size, allow_none=True)
         if use_cache is None:
-            use_cache = not any(_routes_across_tokens(b.ffn.router) for b in self.moe_blocks)
+            use_cache = not any(_routes_across_tokens(b.ffn.router) for b in self.moe_blocks) and \
+                not any(isinstance(b, DepthRoutedBlock) for b in self.blocks)
         cache = KVCache(len(self.blocks)) if use_cache else None
         for _ in range(max_new_tokens):
             if cache is not None and idx_BS.shape[1] <= self.config.max_seq_len:
@@ -436,4 +529,22 @@ def flops_per_token(model: TransformerLM, seq_len: int, *, measured: bool = Fals
     head = c.vocab_size * c.d_model
     matmul = counts["active"] - counts["embedding"] - norms - (0 if c.tie_embeddings else head)
     fwd = 2 * matmul + 2 * head + 2 * c.n_layers * seq_len * c.d_model
+    for block in model.blocks:
+        if isinstance(block, DepthRoutedBlock):
+            # Only the processed share f of the tokens runs the block's matmuls, and they attend
+            # among themselves: the attention term shrinks by f². Router and predictor run on all.
+            f = block.processed_fraction(seq_len, measured=measured)
+            fwd -= (1 - f) * 2 * _block_matmul_params(block.inner, measured) + (1 - f * f) * 2 * seq_len * c.d_model
+    fwd = round(fwd)
     return {"forward": fwd, "train": 3 * fwd}
+
+
+def _block_matmul_params(block: Block, measured: bool) -> float:
+    """Matmul parameters one token uses in `block`: attention, and the FFN's active share."""
+    n = sum(p.numel() for p in block.attn.parameters())
+    if not block.is_moe:
+        return n + sum(p.numel() for p in block.ffn.parameters())
+    moe = block.ffn
+    bank = sum(p.numel() for p in moe.experts.parameters())
+    rest = sum(p.numel() for p in moe.parameters()) - bank
+    return n + rest + bank * experts_per_token(moe, measured=measured) / moe.num_experts
