@@ -114,7 +114,8 @@ def run(args) -> dict:
     fams = result["np", CONTEXTS[0]]["family"]
     print(f"  per family, context {CONTEXTS[0]}, log-likelihood per point (np / moe-np):  " + "  ".join(
         f"{f} {result['np', CONTEXTS[0]]['ll'][:, fams == i].mean():.2f} / "
-        f"{result['moe-np', CONTEXTS[0]]['ll'][:, fams == i].mean():.2f}" for i, f in enumerate(FAMILIES)))
+        f"{result['moe-np', CONTEXTS[0]]['ll'][:, fams == i].mean():.2f}" for i, f in enumerate(FAMILIES)
+        if (fams == i).any()))
     return result
 
 
