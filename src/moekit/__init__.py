@@ -20,11 +20,11 @@ __all__ = [
     "MoE", "MoEConfig", "MoEStats", "SoftMoE", "Routing", "Router", "ExpertBank", "GLUExperts", "MLPExperts",
     "SharedExperts",
     "aux_loss", "moe_layers", "update_router_biases", "available_routers", "build_router",
-    "register_router", "experts", "layers", "losses", "models", "ops", "routing", "__version__",
+    "register_router", "experts", "layers", "losses", "meta", "models", "ops", "routing", "__version__",
 ]
 
 # Loaded on first use, so `import moekit` stays light (no trainer, recipes, analysis, plotting).
-_LAZY_SUBPACKAGES = ("models", "parallel", "optim", "recipes", "hf", "train", "analysis", "validate")
+_LAZY_SUBPACKAGES = ("models", "meta", "parallel", "optim", "recipes", "hf", "train", "analysis", "validate")
 
 
 def __getattr__(name: str):

@@ -25,6 +25,7 @@ from moekit.train.data import (
 )
 from moekit.train.experiment import load_results, load_run_config, run_experiment
 from moekit.train.metrics import MetricsLogger, read_metrics
+from moekit.train.mnist import MNIST5k, load_mnist_5k
 from moekit.train.sample import generate_text, load_model
 from moekit.train.tokenizer import ByteTokenizer, CharTokenizer
 from moekit.train.trainer import NonFiniteLossError, Trainer, lr_at, train_variant
@@ -36,5 +37,5 @@ __all__ = [
     "BatchSampler", "eval_batches", "CharTokenizer", "ByteTokenizer",
     "Trainer", "train_variant", "NonFiniteLossError", "lr_at", "run_experiment", "load_results",
     "load_run_config", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "MetricsLogger",
-    "read_metrics", "comparison_rows", "comparison_table", "load_model", "generate_text",
+    "read_metrics", "MNIST5k", "load_mnist_5k", "comparison_rows", "comparison_table", "load_model", "generate_text",
 ]

@@ -1,0 +1,20 @@
+"""Meta-learning methods with experts (METHODS.md §8): neural processes with expert latents
+(MoE-NPs, M4) beside the latent NP they extend, a mixture of meta-learners with a gate that
+reads the support set (MxML, M1), and an online mixture of MAML initialisations with a
+Chinese-restaurant-process prior (M2). Studies that use them live in ``projects/``."""
+from moekit.meta.mxml import (
+                              DomainEpisodes,
+                              MixtureOfMetaLearners,
+                              SupportGate,
+                              TaskDomain,
+                              episode_log_probs,
+                              evaluate_domain,
+                              meta_train_domains,
+                              train_gate,
+)
+from moekit.meta.neural_process import LatentNP, MoENP, gaussian_kl, train_neural_process
+from moekit.meta.online_maml import OnlineMAMLMixture
+
+__all__ = ["LatentNP", "MoENP", "gaussian_kl", "train_neural_process",
+           "TaskDomain", "DomainEpisodes", "SupportGate", "MixtureOfMetaLearners", "episode_log_probs",
+           "meta_train_domains", "train_gate", "evaluate_domain", "OnlineMAMLMixture"]
