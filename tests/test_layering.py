@@ -25,6 +25,7 @@ ORDER = [
     ("parallel",),
     ("optim",),            # the one optimizer / schedule / update step
     ("models",),
+    ("continual",),        # continual-learning methods (METHODS §7), built on models (C1, C2 live there)
     ("recipes",),          # model surgery, distillation, Hugging Face conversion
     ("hf",),               # the Hugging Face façade over recipes.hf_convert
     ("train",),
@@ -128,7 +129,7 @@ def test_import_moekit_is_light():
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     heavy = [m for m in loaded if m.split(".")[0] in ("projects", "transformers", "matplotlib", "safetensors", "triton")
              or (m.startswith("moekit.") and m.split(".")[1] in ("recipes", "hf", "train", "analysis", "cli",
-                                                                "models"))]
+                                                                "models", "continual"))]
     assert not heavy, f"import moekit loaded {heavy}"
 
 
