@@ -29,3 +29,15 @@ __all__ = ["SEED", "class_overlap", "fit_gaussian", "gaussian_kl", "gaussian_log
            "backward_transfer", "dense_task_net", "distillation_kl", "start_task", "task_accuracy", "task_moe_net",
            "token_moe_net", "train_sequentially", "train_task",
            "ExpertGate", "GatedAccuracy", "gated_accuracy", "gated_predict"]
+
+from moekit.continual.locality import (  # noqa: E402
+    AssignedTaskRouter,
+    ContinualLinearMoE,
+    LocalityRouter,
+    assigned_task_net,
+    learn_task_locality,
+    min_norm_update,
+)
+
+__all__ += ["AssignedTaskRouter", "ContinualLinearMoE", "LocalityRouter", "assigned_task_net", "learn_task_locality",
+            "min_norm_update"]
