@@ -25,7 +25,7 @@ ORDER = [
     ("parallel",),
     ("optim",),            # the one optimizer / schedule / update step
     ("models",),
-    ("meta",),             # meta-learning methods (MoE-NPs, MxML); MxML mixes the ProtoNets of models
+    ("meta", "continual"),  # paradigm methods built on models: meta-learning (MoE-NPs, MxML), continual (§7)
     ("recipes",),          # model surgery, distillation, Hugging Face conversion
     ("hf",),               # the Hugging Face façade over recipes.hf_convert
     ("train",),
@@ -129,7 +129,7 @@ def test_import_moekit_is_light():
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     heavy = [m for m in loaded if m.split(".")[0] in ("projects", "transformers", "matplotlib", "safetensors", "triton")
              or (m.startswith("moekit.") and m.split(".")[1] in ("recipes", "hf", "train", "analysis", "cli",
-                                                                "models", "meta"))]
+                                                                "models", "meta", "continual"))]
     assert not heavy, f"import moekit loaded {heavy}"
 
 

@@ -1,5 +1,6 @@
-"""Continual learning on Split Fashion-MNIST: a growing, freezing MoE (with an Expert Gate when the
-task id is unknown) against fine-tuning and joint training.
+"""Continual learning on Split Fashion-MNIST: the MoE methods of METHODS §7 (C1 Expert Gate, C2
+Lifelong-MoE task- and input-routed, C4 SEED, C5 locality-gated experts; C3 is not implemented)
+against fine-tuning and joint training.
 
     python -m projects.continual_split_fmnist.run [--train-per-task 12000] [--epochs 2] [--gate-epochs 5]
                                                   [--seeds 0 1 2] [--quick]
@@ -20,6 +21,16 @@ known at test time):
 - **MoE grow, no freeze**: the same growth, nothing frozen (what freezing buys).
 - **Task-MoE**: E = 10 from the start, routed by task (Kudugunta et al. 2021), trained
   sequentially with nothing frozen (what growth + freezing buy over plain task routing).
+- **C2 input-routed (+ KL)**: Lifelong-MoE as in the paper, a top-k router on the input (no task
+  id at test time), grown and frozen like grow+freeze, with (``--kl-coef``) or without the output
+  KL to the model before each task (`moekit.continual.token_moe_net`, `distillation_kl`).
+- **C4 SEED** (Rypeść et al. 2024, `moekit.continual.SEED`): ``--seed-experts`` MLP experts
+  ``784 → F → Z``, per-class Gaussians in each expert's latent space, the least-overlap expert
+  fine-tuned with feature distillation, Bayes ensemble; task-aware accuracy predicts among the
+  task's classes, class-IL among all.
+- **C5 locality MoE** (Li et al. 2024/2025, `moekit.continual.LocalityRouter` +
+  `learn_task_locality`): ``--c5-experts`` MLP experts, each task routed on its mean input to one
+  expert, which alone trains; locality + balance router losses, router stopped after ``--c5-t1``.
 - **MoE grow+freeze + Expert Gate** (Aljundi et al. 2017, `moekit.models.expert_gate`): the same
   trained net; at test time without the task id, one auto-encoder per task (``784 → 100 → 784``,
   ReLU, trained ``--gate-epochs`` on that task's training images only, then frozen) picks the task
@@ -34,7 +45,8 @@ the Expert Gate's task relatedness when each task arrives (``Rel(a, k)``, the ol
 paper would start task k from) and its task identification on the test sets, then average
 accuracy and forgetting (Chaudhry et al. 2018), backward transfer, class-incremental accuracy
 (no task id: argmax over every task's own class logits, or the gate's task for Expert Gate),
-parameters and wall time. With several ``--seeds`` the summary also gives mean ± std over them.
+parameters, the parameter entries the last task changed (``trained``), and wall time. With
+several ``--seeds`` the summary also gives mean ± std over them.
 """
 from __future__ import annotations
 
@@ -48,18 +60,25 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from moekit.models.continual import (
+from moekit.continual import (
+    SEED,
+    ExpertGate,
+    LocalityRouter,
+    accuracy_matrix,
+    assigned_task_net,
     average_accuracy,
     average_forgetting,
     backward_transfer,
     dense_task_net,
+    gated_accuracy,
+    learn_task_locality,
     start_task,
     task_accuracy,
     task_moe_net,
+    token_moe_net,
     train_sequentially,
     train_task,
 )
-from moekit.models.expert_gate import ExpertGate, gated_accuracy
 from moekit.train.images import FASHION_MNIST_CLASSES
 from projects.continual_split_fmnist.data import TASK_CLASSES, load_split_fashion_mnist
 
@@ -75,6 +94,15 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--gate-hidden", type=int, default=100, help="H of each Expert Gate auto-encoder")
     p.add_argument("--gate-epochs", type=int, default=5, help="epochs of each auto-encoder on its task")
+    p.add_argument("--kl-coef", type=float, default=1.0, help="C2 input-routed: weight of the output KL")
+    p.add_argument("--seed-experts", type=int, default=3, help="C4 SEED: K experts")
+    p.add_argument("--seed-hidden", type=int, default=400, help="C4 SEED: F of each expert")
+    p.add_argument("--seed-latent", type=int, default=32, help="C4 SEED: Z, the Gaussians' dimension")
+    p.add_argument("--c5-experts", type=int, default=3, help="C5: M experts")
+    p.add_argument("--c5-hidden", type=int, default=213, help="C5: F of each expert")
+    p.add_argument("--c5-t1", type=int, default=3, help="C5: router termination round T1")
+    p.add_argument("--c5-lr", type=float, default=1.0, help="C5: router step size")
+    p.add_argument("--c5-alpha", type=float, default=2.0, help="C5: weight of the balance loss")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="500 images per task, 1 epoch")
     args = p.parse_args(argv)
@@ -125,29 +153,46 @@ def run_seed(tasks, x_test, y_test, args, seed: int) -> dict:
     def grow(freeze):
         return lambda net, t: start_task(net, t, experts_per_task=n, freeze=freeze)
 
-    methods = {   # name: (net builder, before_task)
-        "fine-tune (dense)": (lambda: dense_task_net(d_in=D, d_hidden=T * n * F_e, **common), None),
-        "MoE grow+freeze": (lambda: moe_net(num_experts=n), grow(True)),
-        "MoE grow, no freeze": (lambda: moe_net(num_experts=n), grow(False)),
-        "Task-MoE (E fixed)": (lambda: moe_net(num_experts=T * n, growing=False), None),
+    def token_net():
+        torch.manual_seed(seed)
+        return token_moe_net(d_in=D, d_expert=F_e, num_experts=n, top_k=n, **common)
+
+    methods = {   # name: (net builder, before_task, KL coefficient)
+        "fine-tune (dense)": (lambda: dense_task_net(d_in=D, d_hidden=T * n * F_e, **common), None, 0.0),
+        "MoE grow+freeze": (lambda: moe_net(num_experts=n), grow(True), 0.0),
+        "MoE grow, no freeze": (lambda: moe_net(num_experts=n), grow(False), 0.0),
+        "Task-MoE (E fixed)": (lambda: moe_net(num_experts=T * n, growing=False), None, 0.0),
+        "C2 input-routed, no KL": (token_net, grow(True), 0.0),
+        "C2 input-routed + KL": (token_net, grow(True), args.kl_coef),
     }
     results, nets = {}, {}
-    for name, (build, before) in methods.items():
+    for name, (build, before, kl) in methods.items():
         torch.manual_seed(seed)
         net = build()
+        snap = {}
+
+        def before_task(net, t, before=before, snap=snap):
+            if before is not None:
+                before(net, t)
+            if t == T - 1:
+                snap.update(snapshot(net))
+
         t0 = time.perf_counter()
-        R, _ = train_sequentially(net, tasks, before_task=before, **train_kw)
+        R, _ = train_sequentially(net, tasks, before_task=before_task, kl_coef=kl, **train_kw)
         wall = time.perf_counter() - t0
         cil = float((net.predict_class_incremental(x_test, T) == y_test).float().mean())
         print_matrix(name, R)
         extra = ""
-        if hasattr(net.body, "router"):
+        if getattr(net, "routed", False):
             extra = "  experts per task: " + ", ".join(
                 str(net.body.router.task_experts(t)[0].tolist()) for t in range(T))
             print(extra)
         results[name] = dict(A=average_accuracy(R), F=average_forgetting(R), BWT=backward_transfer(R), CIL=cil,
-                             params=sum(p.numel() for p in net.parameters()), wall=wall)
+                             params=sum(p.numel() for p in net.parameters()), trained=changed(net, snap), wall=wall)
         nets[name] = net
+
+    results["C4 SEED"] = run_seed_method(tasks, x_test, y_test, args, seed)
+    results["C5 locality MoE"] = run_locality_method(tasks, x_test, y_test, args, seed)
 
     # Expert Gate in front of grow+freeze: the task id comes from the auto-encoders, not the user.
     gate, gate_wall = train_gate(tasks, args, seed)
@@ -159,9 +204,10 @@ def run_seed(tasks, x_test, y_test, args, seed: int) -> dict:
     for i, row in enumerate(res.confusion.tolist()):
         print(f"    task{i} " + "".join(f"{v:6d}" for v in row))
     base = results["MoE grow+freeze"]
+    ae_params = sum(p.numel() for p in gate.autoencoders[-1].parameters())
     results["MoE grow+freeze + Expert Gate"] = dict(
         base, CIL=res.accuracy, params=base["params"] + sum(p.numel() for p in gate.parameters()),
-        wall=base["wall"] + gate_wall)
+        trained=base["trained"] + ae_params, wall=base["wall"] + gate_wall)
 
     # Joint training: every task's data at once, the same number of examples seen in total.
     torch.manual_seed(seed)
@@ -175,22 +221,86 @@ def run_seed(tasks, x_test, y_test, args, seed: int) -> dict:
     results["joint (dense, upper bound)"] = dict(
         A=sum(accs) / T, F=float("nan"), BWT=float("nan"),
         CIL=float((joint.predict_class_incremental(x_test, T) == y_test).float().mean()),
-        params=sum(p.numel() for p in joint.parameters()), wall=wall)
+        params=sum(p.numel() for p in joint.parameters()), trained=sum(p.numel() for p in joint.parameters()),
+        wall=wall)
 
     print_table(results)
     return results
 
 
+def snapshot(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(module, snap: dict) -> int:
+    """Parameter entries that differ from `snap` (the state before the last task): what the last
+    task trained, measured rather than declared."""
+    return sum(int((p.detach() != snap[k]).sum()) for k, p in module.named_parameters() if k in snap)
+
+
+def run_seed_method(tasks, x_test, y_test, args, seed: int) -> dict:
+    """C4 SEED: K experts, one trained per task, per-class Gaussians; task-aware accuracy predicts
+    among the task's classes, class-IL among all classes learned."""
+    torch.manual_seed(seed)
+    model = SEED(d_in=tasks[0][0].shape[1], num_experts=args.seed_experts, d_hidden=args.seed_hidden,
+                 d_latent=args.seed_latent, num_classes=10)
+    rows, snap = [], {}
+    t0 = time.perf_counter()
+    for t, (x, y, _, _) in enumerate(tasks):
+        if t == len(tasks) - 1:
+            snap = snapshot(model)
+        model.learn_task(x, y, TASK_CLASSES[t], epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=t)
+        rows.append([float((model.predict(xt, TASK_CLASSES[j]) == yt).float().mean()) if j <= t else float("nan")
+                     for j, (_, _, xt, yt) in enumerate(tasks)])
+    wall = time.perf_counter() - t0
+    R = accuracy_matrix(rows)
+    print_matrix("C4 SEED", R)
+    print("  expert per task: " + ", ".join(str(h["expert"]) for h in model.history) + "; overlaps at selection: "
+          + "; ".join(", ".join(f"{v:.1f}" for v in h["overlap"].tolist()) for h in model.history if "overlap" in h))
+    return dict(A=average_accuracy(R), F=average_forgetting(R), BWT=backward_transfer(R),
+                CIL=float((model.predict(x_test) == y_test).float().mean()),
+                params=sum(p.numel() for p in model.parameters()), trained=changed(model, snap), wall=wall)
+
+
+def run_locality_method(tasks, x_test, y_test, args, seed: int) -> dict:
+    """C5 on deep experts: the locality router picks one expert per task (on its mean input),
+    only that expert and the task's head rows train; the router stops after T1 tasks."""
+    D, T = tasks[0][0].shape[1], len(tasks)
+    torch.manual_seed(seed)
+    net = assigned_task_net(d_in=D, d_expert=args.c5_hidden, num_experts=args.c5_experts, num_classes=10,
+                            task_classes=TASK_CLASSES)
+    router = LocalityRouter(D, args.c5_experts, lr=args.c5_lr, alpha=args.c5_alpha, terminate_after=args.c5_t1,
+                            seed=seed)
+    rows, chosen, snap = [], [], {}
+    t0 = time.perf_counter()
+    for t, (x, y, _, _) in enumerate(tasks):
+        if t == T - 1:
+            snap = snapshot(net)
+        chosen.append(learn_task_locality(net, router, x, y, t, epochs=args.epochs, batch_size=args.batch_size,
+                                          lr=args.lr, seed=t))
+        rows.append([task_accuracy(net, xt, yt, j) if j <= t else float("nan")
+                     for j, (_, _, xt, yt) in enumerate(tasks)])
+    wall = time.perf_counter() - t0
+    R = accuracy_matrix(rows)
+    print_matrix("C5 locality MoE", R)
+    print(f"  expert per task: {chosen} (router terminated after {args.c5_t1} tasks)")
+    return dict(A=average_accuracy(R), F=average_forgetting(R), BWT=backward_transfer(R),
+                CIL=float((net.predict_class_incremental(x_test, T) == y_test).float().mean()),
+                params=sum(p.numel() for p in net.parameters()) + router.weight.numel(),
+                trained=changed(net, snap), wall=wall)
+
+
 def print_table(results: dict) -> None:
     print(f"\n{'method':31s} {'avg acc':>8s} {'forgetting':>10s} {'BWT':>7s} {'class-IL':>9s} "
-          f"{'params':>9s} {'wall s':>7s}")
+          f"{'params':>9s} {'trained':>9s} {'wall s':>7s}")
     for name, r in results.items():
         fmt = lambda v: "     n/a" if v != v else f"{100 * v:7.2f}%"     # noqa: E731
         print(f"{name:31s} {fmt(r['A']):>8s} {fmt(r['F']):>10s} {fmt(r['BWT']):>7s} {fmt(r['CIL']):>9s} "
-              f"{r['params']:9,d} {r['wall']:7.1f}")
+              f"{r['params']:9,d} {r['trained']:9,d} {r['wall']:7.1f}")
     print("\n(task-incremental average accuracy and forgetting; class-IL: all 10,000 test images, no task id; "
           "MoE nets use K = 2 of their experts per example; + Expert Gate: the same net, the task from the gate, "
-          "so its task-incremental numbers are grow+freeze's)")
+          "so its task-incremental numbers are grow+freeze's; trained: parameter entries the last task changed, "
+          "plus the gate's new auto-encoder; C3 is not implemented)")
 
 
 def summarise(per_seed: list[dict]) -> dict:
@@ -198,7 +308,7 @@ def summarise(per_seed: list[dict]) -> dict:
     out = {}
     for name in per_seed[0]:
         out[name] = {}
-        for key in ("A", "F", "BWT", "CIL", "params", "wall"):
+        for key in ("A", "F", "BWT", "CIL", "params", "trained", "wall"):
             vals = [r[name][key] for r in per_seed]
             if any(v != v for v in vals):
                 out[name][key] = (float("nan"), float("nan"))

@@ -28,13 +28,17 @@ from moekit.models.continual import (  # noqa: E402
                                      average_forgetting,
                                      backward_transfer,
                                      dense_task_net,
+                                     distillation_kl,
                                      start_task,
                                      task_moe_net,
+                                     token_moe_net,
                                      train_sequentially,
+                                     train_task,
 )
 
 __all__ += ["GrowingTaskRouter", "TaskIncrementalNet", "accuracy_matrix", "average_accuracy", "average_forgetting",
-            "backward_transfer", "dense_task_net", "start_task", "task_moe_net", "train_sequentially"]
+            "backward_transfer", "dense_task_net", "distillation_kl", "start_task", "task_moe_net", "token_moe_net",
+            "train_sequentially", "train_task"]
 
 from moekit.models.rl import (  # noqa: E402
                                      ActorCritic,

@@ -11,10 +11,18 @@ task t a new task embedding, and freezes every older expert and router row
 ``g = TopK(softmax(W · emb(task)))``, K constant, so compute per example stays K experts.
 `GrowingTaskRouter` adds one rule: task m may only choose experts that existed when it arrived
 (the others' logits are −∞). Task t can thus reuse frozen old experts, and no older task ever
-sees a new expert. Departures from the paper: routing by task id instead of by token (the
-task-incremental setting gives the id), and no output-level KL regulariser — with the mask and
-the freeze, an old task's whole path (its experts, router rows, embedding and head rows) is
-bit-identical after later tasks, so there is nothing left for it to protect.
+sees a new expert. Departures from the paper: routing by task id (the task-incremental setting
+gives the id); with the mask and the freeze, an old task's whole path (its experts, router rows,
+embedding and head rows) is bit-identical after later tasks, so there is nothing left to protect.
+
+The paper's own form routes by input, so it needs no task id at test time: `token_moe_net`
+builds the body with a top-k router on x (`moekit.routing.TopKRouter`); `start_task` grows it
+the same way (old experts and old router rows frozen), but new router rows now compete for old
+tasks' inputs, so the paper's output-level regulariser applies: while task t trains, a frozen
+copy of the model before task t (the teacher) sees the same inputs, and the loss adds
+``λ · τ² · KL(softmax(z_old / τ) ‖ softmax(z_new / τ))`` over the classes of tasks < t
+(`distillation_kl`; Hinton et al. 2015's temperature scaling). `train_sequentially(kl_coef=λ)`
+makes the snapshots.
 
 Metrics (Chaudhry et al. 2018, "Riemannian Walk for Incremental Learning", ECCV) read the
 accuracy matrix ``R[i, j]`` = test accuracy on task j after training task i (T × T):
@@ -24,6 +32,7 @@ averaged over j (entries before task j was learned, l < j, are not used); backwa
 """
 from __future__ import annotations
 
+import copy
 import time
 from typing import Callable, Optional, Sequence
 
@@ -36,11 +45,12 @@ from moekit.layers import MoE
 from moekit.layers.grow import add_experts, freeze_experts
 from moekit.optim import UpdateStep, build_optimizer
 from moekit.routing.task import TaskRouter
+from moekit.routing.topk import TopKRouter
 from moekit.validate import check_bool, check_int, check_number
 
-__all__ = ["GrowingTaskRouter", "TaskIncrementalNet", "dense_task_net", "task_moe_net", "start_task",
-           "train_task", "task_accuracy", "train_sequentially", "accuracy_matrix", "average_accuracy",
-           "average_forgetting", "backward_transfer"]
+__all__ = ["GrowingTaskRouter", "TaskIncrementalNet", "dense_task_net", "task_moe_net", "token_moe_net",
+           "start_task", "distillation_kl", "train_task", "task_accuracy", "train_sequentially", "accuracy_matrix",
+           "average_accuracy", "average_forgetting", "backward_transfer"]
 
 
 class GrowingTaskRouter(TaskRouter):
@@ -84,9 +94,10 @@ class GrowingTaskRouter(TaskRouter):
 class TaskIncrementalNet(nn.Module):
     """``x_BD → body → linear head over all L classes`` (one head, class rows per task).
 
-    body: a dense module ``(B, D) → (B, D)`` or a `moekit.MoE` routed by task
-    (``body(x, task_ids=...)``). Training on task t uses `task_logits`, which keeps only
-    task t's classes (a multi-head classifier sharing one matrix: other rows get no gradient).
+    body: a dense module ``(B, D) → (B, D)``, a `moekit.MoE` routed by task (a `TaskRouter`:
+    ``body(x, task_ids=...)``) or a `moekit.MoE` routed by input (no task id). Training on task t
+    uses `task_logits`, which keeps only task t's classes (a multi-head classifier sharing one
+    matrix: other rows get no gradient).
     """
 
     def __init__(self, body: nn.Module, *, d_in: int, num_classes: int, task_classes: Sequence[Sequence[int]]):
@@ -99,10 +110,11 @@ class TaskIncrementalNet(nn.Module):
         self.body, self.d_in = body, d_in
         self.head = nn.Linear(d_in, num_classes)
         self.task_classes = [list(cs) for cs in task_classes]
-        self.routed = isinstance(body, MoE)
+        self.routed = isinstance(body, MoE) and isinstance(body.router, TaskRouter)
 
     def forward(self, x_BD: torch.Tensor, task_id: int) -> torch.Tensor:
-        """(B, D) → (B, L) logits over all classes, the body routed for `task_id`."""
+        """(B, D) → (B, L) logits over all classes, the body routed for `task_id` (ignored by a
+        body that routes by input)."""
         if x_BD.dim() != 2 or x_BD.shape[1] != self.d_in:
             raise ValueError(f"x must have shape (B, {self.d_in}), got {tuple(x_BD.shape)}")
         if self.routed:
@@ -151,35 +163,87 @@ def task_moe_net(*, d_in: int, d_expert: int, num_experts: int, top_k: int, num_
     return TaskIncrementalNet(moe, d_in=d_in, num_classes=num_classes, task_classes=task_classes)
 
 
+def token_moe_net(*, d_in: int, d_expert: int, num_experts: int, top_k: int, num_classes: int, task_classes,
+                  activation: str = "gelu") -> TaskIncrementalNet:
+    """Lifelong-MoE as in the paper: MLP experts ``D → F → D`` behind a softmax top-k router on the
+    input (no task id at test time), and the shared head. Grow it with `start_task`."""
+    check_int("d_expert", d_expert, min=1)
+    router = TopKRouter(d_in, num_experts, top_k)
+    moe = MoE(d_model=d_in, num_experts=num_experts, router=router, expert="mlp", d_hidden=d_expert,
+              activation=activation, aux_loss_coef=0.0)
+    return TaskIncrementalNet(moe, d_in=d_in, num_classes=num_classes, task_classes=task_classes)
+
+
 def start_task(net: TaskIncrementalNet, task_id: int, *, experts_per_task: int, freeze: bool = True) -> list[int]:
-    """Before training task `task_id` ≥ 1 of a growing MoE net: add experts and the task, freeze
-    the old experts (if `freeze`). Returns the new expert ids. Build the optimizer after this."""
+    """Before training task `task_id` ≥ 1 of a growing MoE net: add experts (and the task, for a
+    task router), freeze the old experts and their router rows (if `freeze`). Returns the new
+    expert ids. Build the optimizer after this.
+
+    An input-routed net (`token_moe_net`) gets new router rows of zeros (logit 0): they compete
+    with the old rows from the start, which is what the output-level KL regulariser is for.
+    """
     check_int("experts_per_task", experts_per_task, min=1)
     check_bool("freeze", freeze)
-    router = net.body.router
-    if not isinstance(router, GrowingTaskRouter):
-        raise ValueError(f"start_task needs a net from task_moe_net(growing=True), got router {type(router).__name__}")
-    if task_id != router.num_tasks:
-        raise ValueError(f"tasks must start in order: the router has {router.num_tasks} tasks, got task_id={task_id}")
+    router = getattr(net.body, "router", None)
+    if isinstance(router, GrowingTaskRouter):
+        if task_id != router.num_tasks:
+            raise ValueError(f"tasks must start in order: the router has {router.num_tasks} tasks, "
+                             f"got task_id={task_id}")
+    elif not isinstance(router, TopKRouter) or isinstance(router, TaskRouter):
+        raise ValueError(f"start_task needs a net from task_moe_net(growing=True) or token_moe_net, "
+                         f"got router {type(router).__name__}")
     old = list(range(net.body.num_experts))
     new = add_experts(net.body, experts_per_task)
-    router.add_task(prefer=new)
+    if isinstance(router, GrowingTaskRouter):
+        router.add_task(prefer=new)
     if freeze:
         freeze_experts(net.body, old)
     return new
 
 
+def distillation_kl(student_BL: torch.Tensor, teacher_BL: torch.Tensor, classes: Sequence[int], *,
+                    temperature: float = 2.0) -> torch.Tensor:
+    """``τ² · mean_b KL(softmax(t_b / τ) ‖ softmax(s_b / τ))`` over the columns `classes` only
+    (Lifelong-MoE's output regulariser, in Hinton et al. 2015's form; the τ² keeps its gradient
+    scale independent of τ). Scalar, 0 exactly when the two logit rows agree up to a constant;
+    the teacher gets no gradient."""
+    temperature = check_number("temperature", temperature, min=0, min_open=True)
+    if student_BL.shape != teacher_BL.shape or student_BL.dim() != 2:
+        raise ValueError(f"student and teacher logits must have one shape (B, L), got {tuple(student_BL.shape)} "
+                         f"and {tuple(teacher_BL.shape)}")
+    cols = list(classes)
+    if not cols:
+        raise ValueError("classes must name at least one column")
+    log_p_BC = F.log_softmax(teacher_BL.detach()[:, cols].float() / temperature, dim=-1)
+    log_q_BC = F.log_softmax(student_BL[:, cols].float() / temperature, dim=-1)
+    kl_B = (log_p_BC.exp() * (log_p_BC - log_q_BC)).sum(-1)
+    return temperature ** 2 * kl_B.mean()
+
+
 def train_task(net: TaskIncrementalNet, x_ND: torch.Tensor, y_N: torch.Tensor, task_id: Optional[int], *,
                epochs: int, batch_size: int, lr: float, seed: int = 0,
-               task_ids_N: Optional[torch.Tensor] = None) -> float:
+               task_ids_N: Optional[torch.Tensor] = None, teacher: Optional[TaskIncrementalNet] = None,
+               kl_coef: float = 0.0, kl_temperature: float = 2.0) -> float:
     """Adam at a constant lr (fresh, no weight decay: frozen rows stay bit-identical) on
     shuffled epochs, each step a `moekit.optim.UpdateStep`.
 
     Sequential training: ``task_id`` set, loss on that task's classes (`task_logits`). Joint
     training: ``task_id=None`` and a dense body, plain 10-way cross-entropy. Returns seconds.
+    teacher / kl_coef: add ``kl_coef · distillation_kl`` to the teacher's logits over the classes
+    of tasks before `task_id` (Lifelong-MoE; ``kl_coef=0`` is exactly the plain loss).
     """
     epochs = check_int("epochs", epochs, min=1)
     batch_size = check_int("batch_size", batch_size, min=1)
+    kl_coef = check_number("kl_coef", kl_coef, min=0)
+    old_classes = [c for cs in net.task_classes[:task_id or 0] for c in cs]
+    use_kl = kl_coef > 0 and bool(old_classes)
+    if use_kl and not isinstance(teacher, TaskIncrementalNet):
+        raise ValueError(f"kl_coef={kl_coef} needs a teacher TaskIncrementalNet, got {type(teacher).__name__}")
+    if use_kl and teacher.routed:
+        raise ValueError("the KL teacher must route by input (token_moe_net) or be dense: a task-routed teacher "
+                         f"has no route for the new task {task_id}")
+    if use_kl:
+        teacher.eval()
     opt = build_optimizer(net, name="adam", lr=lr)
     update = UpdateStep(net, opt, lr=lr, total_steps=epochs * -(-len(y_N) // batch_size), schedule="constant")
     gen = torch.Generator().manual_seed(seed)
@@ -187,8 +251,18 @@ def train_task(net: TaskIncrementalNet, x_ND: torch.Tensor, y_N: torch.Tensor, t
     net.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(y_N), generator=gen).split(batch_size):
-            logits = net(x_ND[idx], 0) if task_id is None else net.task_logits(x_ND[idx], task_id)
-            update(F.cross_entropy(logits, y_N[idx]))
+            if task_id is None:
+                update(F.cross_entropy(net(x_ND[idx], 0), y_N[idx]))
+                continue
+            logits_BL = net(x_ND[idx], task_id)
+            keep_L = torch.zeros(logits_BL.shape[1], dtype=torch.bool, device=logits_BL.device)
+            keep_L[net.task_classes[task_id]] = True
+            loss = F.cross_entropy(logits_BL.masked_fill(~keep_L, float("-inf")), y_N[idx])
+            if use_kl:
+                with torch.no_grad():
+                    teacher_BL = teacher(x_ND[idx], task_id)
+                loss = loss + kl_coef * distillation_kl(logits_BL, teacher_BL, old_classes, temperature=kl_temperature)
+            update(loss)
     return time.perf_counter() - t0
 
 
@@ -203,15 +277,22 @@ def task_accuracy(net: TaskIncrementalNet, x_ND: torch.Tensor, y_N: torch.Tensor
 
 
 def train_sequentially(net: TaskIncrementalNet, tasks: Sequence[tuple], *, before_task: Optional[Callable] = None,
-                       **train_kwargs) -> tuple[torch.Tensor, float]:
+                       kl_coef: float = 0.0, **train_kwargs) -> tuple[torch.Tensor, float]:
     """Train on ``tasks = [(x_train, y_train, x_test, y_test), ...]`` in order; after task t
     evaluate tasks 0..t (later ones are NaN). ``before_task(net, t)`` runs before task t ≥ 1
-    (e.g. `start_task`). Returns the (T, T) accuracy matrix and the training seconds."""
+    (e.g. `start_task`). ``kl_coef > 0``: before task t ≥ 1 (and before `before_task`) a frozen
+    copy of the net becomes the teacher of `train_task`'s output KL. Returns the (T, T) accuracy
+    matrix and the training seconds."""
+    kl_coef = check_number("kl_coef", kl_coef, min=0)
     rows, seconds = [], 0.0
     for t, (x, y, _, _) in enumerate(tasks):
+        teacher = None
+        if kl_coef > 0 and t > 0:
+            teacher = copy.deepcopy(net).requires_grad_(False).eval()
         if before_task is not None and t > 0:
             before_task(net, t)
-        seconds += train_task(net, x, y, t, seed=t, **train_kwargs)
+        seconds += train_task(net, x, y, t, seed=t, teacher=teacher, kl_coef=kl_coef if teacher else 0.0,
+                              **train_kwargs)
         rows.append([task_accuracy(net, xt, yt, j) if j <= t else float("nan")
                      for j, (_, _, xt, yt) in enumerate(tasks)])
     return accuracy_matrix(rows), seconds

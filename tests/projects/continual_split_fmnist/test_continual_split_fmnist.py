@@ -50,15 +50,23 @@ def _synthetic_tasks(d=12, n=60, seed=0):
 
 def test_run_seed_on_synthetic_tasks():
     tasks, x_test, y_test = _synthetic_tasks()
-    args = argparse.Namespace(epochs=3, expert_hidden=4, experts_per_task=2, lr=1e-2, batch_size=16,
-                              gate_hidden=4, gate_epochs=3, train_per_task=60)
+    args = argparse.Namespace(**{**vars(parse_args([])), **dict(
+        epochs=3, expert_hidden=4, experts_per_task=2, lr=1e-2, batch_size=16, gate_hidden=4, gate_epochs=3,
+        train_per_task=60, seed_hidden=8, seed_latent=3, c5_hidden=4)})
     res = run_seed(tasks, x_test, y_test, args, seed=0)
     assert set(res) == {"fine-tune (dense)", "MoE grow+freeze", "MoE grow, no freeze", "Task-MoE (E fixed)",
+                        "C2 input-routed, no KL", "C2 input-routed + KL", "C4 SEED", "C5 locality MoE",
                         "MoE grow+freeze + Expert Gate", "joint (dense, upper bound)"}
     assert res["MoE grow+freeze"]["F"] == 0.0          # an old task's path is bit-identical
     assert res["MoE grow+freeze + Expert Gate"]["A"] == res["MoE grow+freeze"]["A"]
     assert res["MoE grow+freeze + Expert Gate"]["params"] > res["MoE grow+freeze"]["params"]
     assert math.isnan(res["joint (dense, upper bound)"]["F"])
+    # what the last task trained: SEED one expert (784 → 8 → 3 here: 12·8 + 8 + 8·3 + 3 entries at most),
+    # fine-tuning (nearly) everything, joint all
+    assert 0 < res["C4 SEED"]["trained"] <= 12 * 8 + 8 + 8 * 3 + 3
+    assert res["joint (dense, upper bound)"]["trained"] == res["joint (dense, upper bound)"]["params"]
+    assert res["MoE grow+freeze"]["trained"] < res["fine-tune (dense)"]["trained"]
+    assert all(0 <= r["A"] <= 1 and 0 <= r["CIL"] <= 1 for r in res.values())
     # equal final size: the dense MLP of T·n·F hidden units vs 10 experts of F (plus the router)
     assert abs(res["fine-tune (dense)"]["params"] - res["MoE grow+freeze"]["params"]) < 300
     s = summarise([res, res])
