@@ -22,7 +22,7 @@ def test_area_split_is_disjoint_and_scaled_on_train_blocks():
     train = torch.stack([split.scene_CHW[:, r:r + 64, c:c + 64] for r, c in split.train_blocks])
     assert torch.allclose(train.amin((0, 2, 3)), torch.zeros(4), atol=1e-6)
     assert torch.allclose(train.amax((0, 2, 3)), torch.ones(4), atol=1e-6)
-    assert area_split(scene, block=64, test_blocks=4).test_blocks == split.test_blocks     # fixed, not seeded by training
+    assert area_split(scene, block=64, test_blocks=4).test_blocks == split.test_blocks   # fixed split
     with pytest.raises(ValueError, match="test_blocks"):
         area_split(scene, block=64, test_blocks=16)
 
