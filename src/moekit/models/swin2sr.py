@@ -35,6 +35,11 @@ FFNs are, by ``ffn=``:
   Smart-Merger": the same per-image gate, experts and balance loss, outputs summed by gate;
 - ``"moe_sm"``: `MoESM` with the Smart-Merger (the paper's model).
 
+``residual="bicubic"`` (not in the official model, off by default) adds the bicubic upsampling of
+the input to the output and zero-initialises the upsampler's convolution, so an untrained
+network *is* bicubic (VDSR's global residual; Swin2SR's ``pixelshuffle_aux`` upsampler also
+adds a bicubic branch): short trainings then start from the classical baseline.
+
 Departures from the official code: no stochastic depth (its ``drop_path_rate=0.1`` comment
 says "no impact on SR results"), no input mean subtraction (it is 0 for C ≠ 3), the attention
 mask is built for each input size rather than stored, and the window never shrinks to the
@@ -53,11 +58,12 @@ from torch import nn
 from moekit.layers import MoESM
 from moekit.validate import check_bool, check_choice, check_instance, check_int, check_number
 
-__all__ = ["POSITION_BIASES", "FFNS", "window_partition", "window_reverse", "shifted_window_mask",
+__all__ = ["POSITION_BIASES", "FFNS", "RESIDUALS", "window_partition", "window_reverse", "shifted_window_mask",
            "WindowAttentionV2", "SwinMLP", "SwinV2Block", "Swin2MoSE", "swin_param_counts"]
 
 POSITION_BIASES = ("cpb", "table", "none")
 FFNS = ("mlp", "moe", "moe_sm")
+RESIDUALS = ("none", "bicubic")
 MASK_VALUE = -100.0          # Swin's value for the logits between non-neighbouring shifted regions
 
 
@@ -291,6 +297,7 @@ class Swin2MoSE(nn.Module):
             official configurations).
         num_experts, top_k, balance_coef, with_noise: the MoE-SM layers' (E, K, 1e-2, off).
         position_bias, lepe: see `WindowAttentionV2`.
+        residual: ``"none"`` (official) or ``"bicubic"`` (see the module docstring).
         backend: the expert banks' backend.
     """
 
@@ -298,13 +305,14 @@ class Swin2MoSE(nn.Module):
                  depths: Sequence[int] = (6, 6, 6, 6), num_heads: Sequence[int] = (6, 6, 6, 6),
                  window_size: int = 16, ffn: str = "moe_sm", mlp_ratio: Optional[float] = None,
                  num_experts: int = 8, top_k: int = 2, balance_coef: float = 1e-2, with_noise: bool = False,
-                 position_bias: str = "table", lepe: bool = True, backend: str = "auto"):
+                 position_bias: str = "table", lepe: bool = True, residual: str = "none", backend: str = "auto"):
         super().__init__()
         check_int("in_channels", in_channels, min=1)
         check_int("scale", scale, min=1)
         check_int("embed_dim", embed_dim, min=1)
         check_int("window_size", window_size, min=1)
         check_choice("ffn", ffn, FFNS)
+        check_choice("residual", residual, RESIDUALS)
         depths, num_heads = tuple(depths), tuple(num_heads)
         if not depths or len(depths) != len(num_heads):
             raise ValueError(f"depths and num_heads must be non-empty and of one length, got {depths} and {num_heads}")
@@ -315,6 +323,7 @@ class Swin2MoSE(nn.Module):
             mlp_ratio = 2.0 if ffn == "mlp" else 1.0
         mlp_ratio = check_number("mlp_ratio", mlp_ratio, min=0, min_open=True)
         self.in_channels, self.scale, self.window_size, self.ffn_kind = in_channels, scale, window_size, ffn
+        self.residual = residual
         D, hidden = embed_dim, max(1, int(embed_dim * mlp_ratio))
 
         def make_ffn() -> nn.Module:
@@ -335,6 +344,9 @@ class Swin2MoSE(nn.Module):
         self.conv_after_body = nn.Conv2d(D, D, 3, padding=1)
         self.upsample = nn.Sequential(nn.Conv2d(D, in_channels * scale ** 2, 3, padding=1), nn.PixelShuffle(scale))
         self.apply(_init_weights)
+        if residual == "bicubic":
+            nn.init.zeros_(self.upsample[0].weight)
+            nn.init.zeros_(self.upsample[0].bias)
 
     def forward(self, lr_BCHW: torch.Tensor) -> torch.Tensor:
         if not isinstance(lr_BCHW, torch.Tensor) or not lr_BCHW.is_floating_point() or lr_BCHW.dim() != 4 \
@@ -354,7 +366,10 @@ class Swin2MoSE(nn.Module):
         t = self.norm(t)
         deep = t.transpose(1, 2).reshape(B, -1, Hp, Wp)
         out = self.upsample(self.conv_after_body(deep) + shallow)              # (B, C, s·Hp, s·Wp)
-        return out[:, :, :H * self.scale, :W * self.scale]
+        out = out[:, :, :H * self.scale, :W * self.scale]
+        if self.residual == "bicubic":
+            out = out + F.interpolate(lr_BCHW, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        return out
 
 
 def _init_weights(m: nn.Module) -> None:
