@@ -1,6 +1,7 @@
 """Reusable networks built from moekit layers and the paradigm methods that train them: the decoder-only
 transformer LM, the V-MoE ViT, multi-task / multi-domain towers, continual learning (task-routed nets,
-Expert Gate), PPO actor-critic torsos, CondConv super-resolution nets, Prototypical Networks."""
+Expert Gate), PPO actor-critic torsos, CondConv super-resolution nets, Swin2-MoSE (Swin V2 SR with
+MoE-SM FFNs) and its SSIM / NCC losses, Prototypical Networks."""
 from moekit.models.transformer import (
                                      KVCache,
                                      TransformerConfig,
@@ -78,3 +79,16 @@ __all__ += ["ExpertGate", "GatedAccuracy", "gated_accuracy", "gated_predict"]
 from moekit.models.multidomain import BiLevelStep, MultiDomainConfig, MultiDomainModel, domain_task_bce  # noqa: E402  (METHODS.md MT3)
 
 __all__ += ["BiLevelStep", "MultiDomainConfig", "MultiDomainModel", "domain_task_bce"]
+
+from moekit.models.image_quality import gaussian_window, ncc, ncc_loss, ssim, ssim_loss  # noqa: E402  (METHODS.md CV2)
+from moekit.models.swin2sr import (  # noqa: E402  (METHODS.md CV2)
+                                     Swin2MoSE,
+                                     SwinMLP,
+                                     SwinV2Block,
+                                     WindowAttentionV2,
+                                     shifted_window_mask,
+                                     swin_param_counts,
+)
+
+__all__ += ["gaussian_window", "ncc", "ncc_loss", "ssim", "ssim_loss", "Swin2MoSE", "SwinMLP", "SwinV2Block",
+            "WindowAttentionV2", "shifted_window_mask", "swin_param_counts"]
