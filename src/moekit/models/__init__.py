@@ -1,6 +1,6 @@
 """Reusable networks built from moekit layers and the paradigm methods that train them: the decoder-only
 transformer LM, the V-MoE ViT, multi-task / multi-domain towers, continual learning (task-routed nets,
-Expert Gate), PPO actor-critic torsos, CondConv super-resolution nets, Prototypical Networks."""
+Expert Gate), PPO actor-critic torsos, CondConv super-resolution nets, Prototypical Networks, the binary-expert artifact detector for histopathology."""
 from moekit.models.transformer import (
                                      KVCache,
                                      TransformerConfig,
@@ -74,3 +74,25 @@ __all__ += ["ExpertGate", "GatedAccuracy", "gated_accuracy", "gated_predict"]
 from moekit.models.multidomain import BiLevelStep, MultiDomainConfig, MultiDomainModel, domain_task_bce  # noqa: E402  (METHODS.md MT3)
 
 __all__ += ["BiLevelStep", "MultiDomainConfig", "MultiDomainModel", "domain_task_bce"]
+
+from moekit.models.pathology import (  # noqa: E402  (METHODS.md CV3)
+                                     BinaryExpertMoE,
+                                     MobileNetTiny,
+                                     MulticlassDetector,
+                                     SlideResult,
+                                     classifier_macs,
+                                     decide,
+                                     detect_slide,
+                                     fit_tile_classifier,
+                                     fuse_free_probability,
+                                     latency_per_tile,
+                                     save_overlays,
+                                     tile_grid,
+                                     tissue_mask,
+                                     tune_threshold,
+                                     vit_tile_classifier,
+)
+
+__all__ += ["BinaryExpertMoE", "MobileNetTiny", "MulticlassDetector", "SlideResult", "classifier_macs", "decide",
+            "detect_slide", "fit_tile_classifier", "fuse_free_probability", "latency_per_tile", "save_overlays",
+            "tile_grid", "tissue_mask", "tune_threshold", "vit_tile_classifier"]
