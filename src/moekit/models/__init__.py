@@ -1,6 +1,7 @@
 """Reusable networks built from moekit layers and the paradigm methods that train them: the decoder-only
 transformer LM, the V-MoE ViT, multi-task / multi-domain towers, continual learning (task-routed nets,
-Expert Gate), PPO actor-critic torsos, CondConv super-resolution nets, Prototypical Networks, the binary-expert artifact detector for histopathology."""
+Expert Gate), PPO actor-critic torsos, CondConv super-resolution nets, Prototypical Networks,
+the binary-expert artifact detector for histopathology."""
 from moekit.models.transformer import (
                                      KVCache,
                                      TransformerConfig,

@@ -405,7 +405,7 @@ def save_overlays(image_HWC: np.ndarray, result: SlideResult, out_dir: Union[str
     each artifact its colour, background untouched) and ``{stem}_free_mask.png`` (the
     artifact-free mask, white = usable) into `out_dir`; return ``{"overlay": path, "mask": path,
     "colours": {name: rgb}}``. Needs Pillow (a dependency of matplotlib, the ``plots`` extra)."""
-    from PIL import Image       # optional dependency, imported only here
+    from PIL import Image  # optional dependency, imported only here
 
     image_HWC = _check_image(image_HWC)[..., :3]
     alpha = check_number("alpha", alpha, min=0, max=1)
