@@ -1,7 +1,8 @@
 """Reusable networks built from moekit layers and the paradigm methods that train them: the decoder-only
 transformer LM, the V-MoE ViT, multi-task / multi-domain towers, continual learning (task-routed nets,
 Expert Gate), PPO actor-critic torsos, CondConv super-resolution nets, Swin2-MoSE (Swin V2 SR with
-MoE-SM FFNs) and its SSIM / NCC losses, Prototypical Networks."""
+MoE-SM FFNs) and its SSIM / NCC losses, Prototypical Networks, the binary-expert artifact detector
+for histopathology."""
 from moekit.models.transformer import (
                                      KVCache,
                                      TransformerConfig,
@@ -92,3 +93,25 @@ from moekit.models.swin2sr import (  # noqa: E402  (METHODS.md CV2)
 
 __all__ += ["gaussian_window", "ncc", "ncc_loss", "ssim", "ssim_loss", "Swin2MoSE", "SwinMLP", "SwinV2Block",
             "WindowAttentionV2", "shifted_window_mask", "swin_param_counts"]
+
+from moekit.models.pathology import (  # noqa: E402  (METHODS.md CV3)
+                                     BinaryExpertMoE,
+                                     MobileNetTiny,
+                                     MulticlassDetector,
+                                     SlideResult,
+                                     classifier_macs,
+                                     decide,
+                                     detect_slide,
+                                     fit_tile_classifier,
+                                     fuse_free_probability,
+                                     latency_per_tile,
+                                     save_overlays,
+                                     tile_grid,
+                                     tissue_mask,
+                                     tune_threshold,
+                                     vit_tile_classifier,
+)
+
+__all__ += ["BinaryExpertMoE", "MobileNetTiny", "MulticlassDetector", "SlideResult", "classifier_macs", "decide",
+            "detect_slide", "fit_tile_classifier", "fuse_free_probability", "latency_per_tile", "save_overlays",
+            "tile_grid", "tissue_mask", "tune_threshold", "vit_tile_classifier"]
