@@ -99,26 +99,28 @@ def analyse(run: RunConfig, ckpt: Path, val, *, quantiles: int = 4) -> dict:
 
 def study(run: RunConfig, out: Path, seeds: Sequence[int], *, sweep_seeds: Sequence[int] = None,
           progress: bool = False, log=sys.stderr) -> dict:
-    """Train the variants of `run` for every seed (``out/seed<N>/<variant>``; finished variants
-    are kept and not retrained) and analyse each; returns and writes ``out/results.json``.
-    Top-p variants other than p = `MAIN_P` train only with `sweep_seeds` (None: every seed)."""
+    """Train the variants of `run` for every seed and analyse each; returns and writes
+    ``out/results.json``. Top-1, top-2 and top-p at p = `MAIN_P` train first, with every seed
+    (``out/seed<N>/<variant>``); the other top-p variants then with `sweep_seeds` (None: every
+    seed; ``out/sweep-seed<N>/<variant>``). Finished variants are kept and not retrained."""
     out = Path(out)
     rows = {v: [] for v in run.variant_names}
     main = [v for v in run.variant_names if not v.startswith("top_p") or v == f"top_p{MAIN_P:g}"]
     val = None
-    for seed in dict.fromkeys(list(seeds) + list(sweep_seeds or [])):
-        names = run.variant_names if sweep_seeds is None or seed in sweep_seeds else main
-        if seed not in seeds:
-            names = [v for v in names if v not in main]
+    sweep = [v for v in run.variant_names if v not in main]
+    # The main comparison first, every seed; then the sweep, each set in its own run folder.
+    jobs = [(seed, main, f"seed{seed}") for seed in seeds]
+    jobs += [(seed, sweep, f"sweep-seed{seed}") for seed in (seeds if sweep_seeds is None else sweep_seeds)]
+    for seed, names, folder in jobs:
         if not names:
             continue
         r = apply_overrides(run, [f"train.seed={seed}", "variants=" + ",".join(names)])
         t0 = time.time()
-        res = run_experiment(r, out / f"seed{seed}", resume="auto", progress=progress, stream=log)
-        print(f"seed {seed}: trained in {time.time() - t0:.0f} s", file=log, flush=True)
+        res = run_experiment(r, out / folder, resume="auto", progress=progress, stream=log)
+        print(f"{folder} ({', '.join(names)}): trained in {time.time() - t0:.0f} s", file=log, flush=True)
         for result in res["results"]:
             name = result["variant"]
-            ckpt = out / f"seed{seed}" / name / "checkpoints"
+            ckpt = out / folder / name / "checkpoints"
             if val is None:
                 _, tok, _ = load_model(ckpt)
                 _, _, val = build_corpus(run.data, tokenizer=tok)
