@@ -93,8 +93,9 @@ class TransformerConfig:
         if isinstance(self.moe, dict):
             object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))
         check_instance("moe", self.moe, MoEConfig, what="a moekit.MoEConfig or a dict of its fields")
+        layer = self.block_moe.check(self.d_model)
         try:
-            check_causal_lm_router(self.block_moe.check(self.d_model), self.vocab_size)
+            check_causal_lm_router(layer, self.vocab_size)
         except ValueError as e:
             raise ValueError(f"moe.router={self.moe.router!r} does not suit a causal LM: {e}") from None
 
