@@ -135,9 +135,17 @@ def test_tiny_preset_takes_routers_that_choose_their_own_count(router):
     cfg = variant_model_config(run, "moe", vocab_size=50)
     assert cfg.moe.router == router and cfg.moe.top_k is None
     assert variant_model_config(run, "dense", vocab_size=50).moe_layers == "none"
+    # The default preset sets top_k = 2: a router that picks its own count drops it, unless
+    # top_k is set in the same call (then it is checked, and refused).
+    for ov in (["model.router=top_p"], ["model.router=top_p", "model.top_k=none"]):
+        assert variant_model_config(apply_overrides(get_preset("default"), ov), "moe", vocab_size=50).moe.top_k is None
     with pytest.raises(ValueError, match="top_k does not apply"):
-        apply_overrides(get_preset("default"), ["model.router=top_p"])       # default sets top_k = 2
-    apply_overrides(get_preset("default"), ["model.router=top_p", "model.top_k=none"])
+        apply_overrides(get_preset("default"), ["model.router=top_p", "model.top_k=2"])
+    assert apply_overrides(get_preset("default"), ["model.router=noisy_topk"]).to_dict()["model"]["top_k"] == 2
+    run = apply_overrides(get_preset("routers"), ["variants.topk2.router=top_p"])
+    assert dict(dict(run.variants)["topk2"])["top_k"] is None
+    with pytest.raises(ValueError, match="router must be one of .*got 'nope'"):
+        apply_overrides(get_preset("default"), ["model.router=nope"])
 
 
 def test_top_p_run_trains_both_variants(tmp_path, data):

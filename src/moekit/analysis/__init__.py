@@ -4,6 +4,7 @@ from moekit.analysis.routing import (
                                      RoutingProbe,
                                      coactivation,
                                      domain_specialisation,
+                                     experts_per_token_histogram,
                                      load_over_training,
                                      mutual_information,
                                      probe_routing,
@@ -11,4 +12,5 @@ from moekit.analysis.routing import (
 )
 
 __all__ = ["RoutingProbe", "probe_routing", "load_over_training", "specialisation", "coactivation",
-           "mutual_information", "domain_specialisation", "write_report", "analyse_variant"]
+           "mutual_information", "domain_specialisation", "experts_per_token_histogram", "write_report",
+           "analyse_variant"]

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 __all__ = ["have_matplotlib", "plot_loss_curves", "plot_load_heatmap", "plot_doc_specialisation",
-           "plot_domain_experts", "plot_token_specialisation", "plot_coactivation"]
+           "plot_domain_experts", "plot_token_specialisation", "plot_coactivation", "plot_experts_per_token"]
 
 
 def have_matplotlib() -> bool:
@@ -235,4 +235,30 @@ def _coactivation_figure(plt, coact: Sequence[dict]):
         _integer_ticks(ax.xaxis, cond.shape[1])
         _integer_ticks(ax.yaxis, cond.shape[0])
     fig.colorbar(im, ax=axes.ravel().tolist(), label="P(next | this)")
+    return fig
+
+
+def plot_experts_per_token(hist: Sequence[dict], path, title: str = "") -> Optional[Path]:
+    """Share of tokens that kept 0, 1, …, E experts, one panel per MoE layer (the entries of
+    `moekit.analysis.experts_per_token_histogram`), with each layer's mean marked."""
+    plt = _plt()
+    if plt is None or not hist:
+        return None
+    return _save(_experts_per_token_figure(plt, hist, title), path)
+
+
+def _experts_per_token_figure(plt, hist: Sequence[dict], title: str = ""):
+    L = len(hist)
+    fig, axes = plt.subplots(1, L, figsize=(3.0 * L + 1, 3.2), squeeze=False, sharey=True, layout="constrained")
+    for ax, h in zip(axes[0], hist):
+        share = np.asarray(h["share"], dtype=np.float64)
+        ax.bar(np.arange(len(share)), share, color="tab:blue", width=0.8)
+        ax.axvline(h["mean"], color="tab:red", ls="--", lw=1)
+        ax.set_title(f"layer {h['layer']}: mean {h['mean']:.2f}", fontsize=9)
+        ax.set_xlabel("experts per token")
+        _integer_ticks(ax.xaxis, len(share))
+        ax.set_xlim(-0.6, len(share) - 0.4)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0, 0].set_ylabel("share of tokens")
+    fig.suptitle(title or "experts per token (validation text); dashed: the mean")
     return fig

@@ -7,7 +7,9 @@ batches through it (`probe_routing`) and writes
 - ``summary.json``: per variant validation loss (and per domain, for a multi-domain run),
   parameters (total, active), FLOPs per token, tokens/s, wall time and status; the equal-steps /
   equal-time comparison; routing analytics, with routing by domain (domain × expert shares,
-  NMI, purity per layer) for a multi-domain run;
+  NMI, purity per layer) for a multi-domain run; each MoE layer's histogram of experts per
+  token (how many tokens kept 0, 1, …, E experts) and its mean, plotted for routers whose
+  count varies between tokens (top-p, ReLU, null experts … or capacity drops);
 - ``plots/*.png`` (when matplotlib is installed) and ``report.html`` with the plots embedded
   as base64, so the page can be mailed or archived alone.
 """
@@ -27,6 +29,7 @@ from moekit.analysis.plots import (
     plot_coactivation,
     plot_doc_specialisation,
     plot_domain_experts,
+    plot_experts_per_token,
     plot_load_heatmap,
     plot_loss_curves,
     plot_token_specialisation,
@@ -34,6 +37,7 @@ from moekit.analysis.plots import (
 from moekit.analysis.routing import (
     coactivation,
     domain_specialisation,
+    experts_per_token_histogram,
     load_over_training,
     probe_routing,
     specialisation,
@@ -59,6 +63,7 @@ def analyse_variant(checkpoint: os.PathLike, val_corpus, run, *, device: str = "
         names = [tok.token_str(i) for i in range(tok.vocab_size)]
         out["specialisation"] = specialisation(probe, token_names=names, doc_names=val_corpus.doc_names)
         out["coactivation"] = coactivation(probe)
+        out["experts_per_token"] = experts_per_token_histogram(probe)
         if val_corpus.num_domains > 1:
             out["domains"] = domain_specialisation(probe, val_corpus.doc_domains.tolist(), val_corpus.domain_names)
         out["_probe"] = probe
@@ -119,6 +124,10 @@ def write_report(run_dir: os.PathLike, *, device: str = "cpu", samples: bool = T
         plots[f"coact_{name}"] = plot_coactivation(a["coactivation"], plots_dir / f"coact_{name}.png")
         if "domains" in a:
             plots[f"domains_{name}"] = plot_domain_experts(a["domains"], plots_dir / f"domains_{name}.png")
+        if any(h["dynamic"] for h in a["experts_per_token"]):
+            plots[f"experts_{name}"] = plot_experts_per_token(
+                a["experts_per_token"], plots_dir / f"experts_{name}.png",
+                title=f"{name}: experts per token (validation text); dashed: the mean")
 
     comp = comparison_rows(results)
     summary = {
@@ -132,6 +141,7 @@ def write_report(run_dir: os.PathLike, *, device: str = "cpu", samples: bool = T
                                       for s in a["specialisation"]],
                            "coactivation": [{k: c[k] for k in ("from_layer", "to_layer", "mi", "nmi")}
                                             for c in a["coactivation"]],
+                           "experts_per_token": a["experts_per_token"],
                            **({"domains": a["domains"]} if "domains" in a else {})}
                     for name, a in analyses.items() if "specialisation" in a},
         "plots": {k: str(v.relative_to(run_dir)) for k, v in plots.items() if v is not None},
@@ -177,6 +187,20 @@ def _domain_html(spec: list, plot) -> list:
     return out
 
 
+def _experts_html(hist: list, plot) -> list:
+    """Experts per token: the per-layer histogram plot and its numbers."""
+    E = len(hist[0]["counts"]) - 1
+    out = ["<h3>Experts per token</h3>",
+           "<p>How many experts each validation token kept in each MoE layer (this router picks its own "
+           "count, or capacity dropped pairs). FLOPs and active parameters follow the mean.</p>", _img(plot),
+           "<table><tr><th>layer</th><th>mean</th>" + "".join(f"<th>{n}</th>" for n in range(E + 1)) + "</tr>"]
+    for h in hist:
+        cells = "".join(f"<td>{100 * v:.1f}%</td>" for v in h["share"])
+        out.append(f"<tr><td>{h['layer']}</td><td>{h['mean']:.3f}</td>{cells}</tr>")
+    out.append("</table>")
+    return out
+
+
 def _html(run, results, table: str, analyses: dict, plots: dict) -> str:
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>moekit run {e(run.name)}</title>",
@@ -198,6 +222,8 @@ def _html(run, results, table: str, analyses: dict, plots: dict) -> str:
         parts.append(f"<h2>Routing of <code>{e(name)}</code></h2>")
         if "domains" in a:
             parts += _domain_html(a["domains"], plots.get(f"domains_{name}"))
+        if any(h["dynamic"] for h in a["experts_per_token"]):
+            parts += _experts_html(a["experts_per_token"], plots.get(f"experts_{name}"))
         parts += [_img(plots.get(f"load_{name}")), _img(plots.get(f"tokens_{name}")),
                   _img(plots.get(f"docs_{name}")), _img(plots.get(f"coact_{name}"))]
         parts.append("<table><tr><th>layer</th><th>NMI(expert; token)</th><th>NMI(expert; document)</th>"

@@ -14,6 +14,9 @@ Legend: L MoE layers, E experts, V vocabulary, P documents (plays), G domains.
   (a group of documents: plays, speeches, code) uses — the domain × expert share matrix, the
   mutual information ``I(domain; expert)`` normalised by ``H(domain)`` (1: each expert serves
   one domain) and each expert's purity (the share of its load from its top domain).
+- `experts_per_token_histogram(probe)`: per layer, how many tokens kept 0, 1, …, E experts —
+  the compute each token actually used under routers that pick their own count (top-p, ReLU,
+  null experts, dense-to-sparse …) or drop pairs by capacity.
 - `coactivation(probe)`: joint counts of top-1 experts in consecutive MoE layers and their
   normalised mutual information (do tokens follow fixed expert paths through depth?).
 """
@@ -28,16 +31,17 @@ import torch
 from moekit.train.metrics import read_metrics
 
 __all__ = ["load_over_training", "RoutingProbe", "probe_routing", "mutual_information", "specialisation",
-           "domain_specialisation", "coactivation"]
+           "domain_specialisation", "coactivation", "experts_per_token_histogram"]
 
 
 def load_over_training(metrics_path) -> dict:
     """``{"steps": [n], "layers": [L], "fraction": (n, L, E) list, "load_imbalance": (n, L),
-    "drop_fraction": (n, L), "router_entropy": (n, L)}`` from the ``routing`` records."""
+    "drop_fraction": (n, L), "router_entropy": (n, L), "experts_per_token": (n, L)}`` from the
+    ``routing`` records (``experts_per_token`` is empty for records written before it existed)."""
     recs = read_metrics(metrics_path, kind="routing")
     if not recs:
         return {"steps": [], "layers": [], "fraction": [], "load_imbalance": [], "drop_fraction": [],
-                "router_entropy": []}
+                "router_entropy": [], "experts_per_token": []}
     layers = recs[0]["layers"]
     frac = []
     for r in recs:
@@ -46,7 +50,9 @@ def load_over_training(metrics_path) -> dict:
     return {"steps": [r["step"] for r in recs], "layers": layers, "fraction": frac,
             "load_imbalance": [r["load_imbalance"] for r in recs],
             "drop_fraction": [r["drop_fraction"] for r in recs],
-            "router_entropy": [r["router_entropy"] for r in recs]}
+            "router_entropy": [r["router_entropy"] for r in recs],
+            "experts_per_token": [r["experts_per_token"] for r in recs] if all("experts_per_token" in r for r in recs)
+            else []}
 
 
 @dataclass
@@ -56,6 +62,7 @@ class RoutingProbe:
     layers: block index of each MoE layer. by_token: (L, E, V). by_doc: (L, E, P).
     top1: (L, T) top-1 expert of every probed token (-1 if all its pairs were dropped).
     tokens: (T,) token ids; docs: (T,) document ids. dropped: (L,) pairs dropped.
+    experts_hist: (L, E + 1) tokens that kept exactly n = 0 … E experts in each layer.
     """
 
     layers: list
@@ -67,6 +74,7 @@ class RoutingProbe:
     docs: np.ndarray
     dropped: np.ndarray
     entropy: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    experts_hist: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
 
 
 @torch.no_grad()
@@ -84,6 +92,7 @@ def probe_routing(model, batches: Sequence, *, num_docs: int, device: Optional[t
     top1, toks, docs = [[] for _ in range(L)], [], []
     dropped = np.zeros(L, dtype=np.int64)
     entropy = np.zeros(L)
+    experts_hist = np.zeros((L, E + 1), dtype=np.int64)
     was_training = model.training
     model.eval()
     try:
@@ -107,13 +116,14 @@ def probe_routing(model, batches: Sequence, *, num_docs: int, device: Optional[t
                 best_e.scatter_reduce_(0, t_N[is_best], e_N[is_best], reduce="amin")
                 top1[j].append(torch.where(best_e == E, -1, best_e).numpy())
                 dropped[j] += int(r.dropped)
+                experts_hist[j] += torch.bincount(torch.bincount(t_N, minlength=T), minlength=E + 1).numpy()
                 if moe.last_stats is not None and moe.last_stats.router_entropy is not None:
                     entropy[j] += float(moe.last_stats.router_entropy) / len(batches)
     finally:
         model.train(was_training)
     return RoutingProbe(layers=[i for i, _ in blocks], num_experts=E, by_token=by_token, by_doc=by_doc,
                         top1=np.stack([np.concatenate(t) for t in top1]), tokens=np.concatenate(toks),
-                        docs=np.concatenate(docs), dropped=dropped, entropy=entropy)
+                        docs=np.concatenate(docs), dropped=dropped, entropy=entropy, experts_hist=experts_hist)
 
 
 def mutual_information(joint: np.ndarray) -> tuple[float, float]:
@@ -225,4 +235,25 @@ def coactivation(probe: RoutingProbe) -> list[dict]:
         mi, nmi = mutual_information(joint)
         out.append({"from_layer": probe.layers[j], "to_layer": probe.layers[j + 1], "joint": joint.tolist(),
                     "mi": mi, "nmi": nmi})
+    return out
+
+
+def experts_per_token_histogram(probe: RoutingProbe) -> list[dict]:
+    """Per MoE layer, the distribution of kept experts per token over the probed tokens:
+
+    - ``counts`` (E + 1,): tokens that kept exactly n = 0, 1, …, E experts; ``share``: the same
+      as fractions of the tokens;
+    - ``mean``: mean experts per token (what the layer's FLOPs and active parameters scale with);
+    - ``dynamic``: whether the count varies between tokens (more than one non-empty bin) — true
+      for routers that pick their own count, and for fixed-K routers that drop pairs by capacity.
+    """
+    if probe.experts_hist.shape[0] != len(probe.layers):
+        raise ValueError(f"the probe holds no experts-per-token counts for its {len(probe.layers)} layers "
+                         f"(experts_hist shape {probe.experts_hist.shape})")
+    out = []
+    for j, layer in enumerate(probe.layers):
+        c = probe.experts_hist[j].astype(np.int64)
+        n = max(int(c.sum()), 1)
+        out.append({"layer": layer, "counts": c.tolist(), "share": (c / n).tolist(),
+                    "mean": float((np.arange(len(c)) * c).sum() / n), "dynamic": int((c > 0).sum()) > 1})
     return out

@@ -108,7 +108,11 @@ class TransformerConfig:
         if isinstance(self.moe, dict):
             object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))
         check_instance("moe", self.moe, MoEConfig, what="a moekit.MoEConfig or a dict of its fields")
-        check_causal_lm_router(self.block_moe.check(self.d_model), self.vocab_size)
+        layer = self.block_moe.check(self.d_model)
+        try:
+            check_causal_lm_router(layer, self.vocab_size)
+        except ValueError as e:
+            raise ValueError(f"moe.router={self.moe.router!r} does not suit a causal LM: {e}") from None
 
     @property
     def dense_hidden(self) -> int:
@@ -498,32 +502,46 @@ class KVCache:
         return first[0].shape[2] if first else 0
 
 
-def param_counts(model: TransformerLM, *, measured: bool = False) -> dict:
+def param_counts(model: TransformerLM, *, measured: bool = False,
+                 experts: Optional[Sequence[float]] = None) -> dict:
     """``total``, ``active`` (used per token) and ``embedding`` parameter counts.
 
     Active counts each MoE layer's routed experts at ``k/E`` of their size (what one token
     touches), k from `experts_per_token`: the router's K, a nominal count for routers that pick
-    their own (top-p, expert choice …), or with ``measured=True`` the mean of each layer's last
-    forward pass. A tied output head is counted once.
+    their own (top-p, expert choice …), with ``measured=True`` the mean of each layer's last
+    forward pass, or with `experts` the given mean experts per token of each MoE layer (in
+    `TransformerLM.moe_blocks` order; e.g. averaged by the trainer over a whole evaluation).
+    A tied output head is counted once.
     """
+    blocks = model.moe_blocks
+    if experts is not None:
+        if measured:
+            raise ValueError("give measured=True or experts=, not both")
+        experts = list(experts)
+        if len(experts) != len(blocks):
+            raise ValueError(f"experts must hold one mean per MoE layer ({len(blocks)}), got {len(experts)}")
+        for j, k in enumerate(experts):
+            check_number(f"experts[{j}]", k, min=0, max=blocks[j].ffn.num_experts)
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
-    for block in model.moe_blocks:
+    for j, block in enumerate(blocks):
         moe = block.ffn
         bank = sum(p.numel() for p in moe.experts.parameters())
-        k = experts_per_token(moe, measured=measured)
+        k = experts[j] if experts is not None else experts_per_token(moe, measured=measured)
         used = bank * k // moe.num_experts if isinstance(k, int) else round(bank * k / moe.num_experts)
         inactive += bank - used
     embedding = model.embed.weight.numel()
     return {"total": total, "active": total - inactive, "embedding": embedding}
 
 
-def flops_per_token(model: TransformerLM, seq_len: int, *, measured: bool = False) -> dict:
+def flops_per_token(model: TransformerLM, seq_len: int, *, measured: bool = False,
+                    experts: Optional[Sequence[float]] = None) -> dict:
     """Matmul FLOPs per token: ``forward = 2·N_active_nonembed + 2·V·D (head) + 2·L·S·D``
     (causal attention scores and values, half of a full S×S), training = 3 × forward
-    (Kaplan et al. 2020's 6N rule plus the attention term). `measured`: as in `param_counts`."""
+    (Kaplan et al. 2020's 6N rule plus the attention term). `measured`, `experts`: as in
+    `param_counts`."""
     c = model.config
-    counts = param_counts(model, measured=measured)
+    counts = param_counts(model, measured=measured, experts=experts)
     # Norm weights are not matmuls; embedding lookup is free, the output head is a matmul.
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     head = c.vocab_size * c.d_model

@@ -19,6 +19,12 @@ Blocks are pre-norm, ``x + attn(LN(x))``, ``x + mlp(LN(x))``, with LayerNorm as 
 bidirectional ``nn.MultiheadAttention`` and learned position embeddings; the image is read
 through a class token or by mean pooling.
 
+Every registered router fits (`moekit.available_routers()`): the encoder sees the whole image,
+so routers that look at other tokens (expert choice, BASE, Sinkhorn) need no causal fallback.
+Routers that route by token id (hash, StableMoE's distilled stage) get each token's position in
+the sequence (0 the class token, then the patches in raster order) as its id — a fixed spatial
+routing; a router that needs another per-token input (task ids) is refused by `ViTConfig`.
+
 `vit_dense_twin(config)` is the dense ViT with the same active parameters per token: each MoE
 MLP becomes one dense MLP of hidden ``K · F_expert`` (the routers' D·E weights are the only
 active parameters the twin does not have; `active_param_counts` counts both).
@@ -26,6 +32,7 @@ active parameters the twin does not have; `active_param_counts` counts both).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -93,7 +100,18 @@ class ViTConfig:
             object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))
         check_instance("moe", self.moe, MoEConfig, what="a moekit.MoEConfig or a dict of its fields")
         if any(self.is_moe_position(i) for i in range(self.n_layers)):
-            self.block_moe(next(i for i in range(self.n_layers) if self.is_moe_position(i))).check(self.d_model)
+            layer = self.block_moe(next(i for i in range(self.n_layers) if self.is_moe_position(i))).check(self.d_model)
+            inputs = [n for n, p in inspect.signature(layer.router.forward).parameters.items()
+                      if p.kind == p.KEYWORD_ONLY and n not in ("mask", "token_ids")]
+            if inputs:
+                raise ValueError(f"moe.router={self.moe.router!r} routes by per-token inputs {inputs}, which a "
+                                 f"ViTMoE does not have (it gives token_ids: the token positions)")
+            v = getattr(layer.router, "vocab_size", None)
+            S = self.num_patches + (self.pool == "cls")
+            if isinstance(v, int) and v < S:
+                raise ValueError(f"moe.router={self.moe.router!r} routes token ids below router_kwargs "
+                                 f"vocab_size={v}; a ViTMoE gives the {S} token positions as ids "
+                                 f"(set router_kwargs={{'vocab_size': {S}}})")
 
     @property
     def num_patches(self) -> int:
@@ -151,16 +169,24 @@ class ViTBlock(nn.Module):
         self.attn = nn.MultiheadAttention(c.d_model, c.n_heads, batch_first=True)
         self.mlp_norm = nn.LayerNorm(c.d_model, eps=1e-6)
         self.is_moe = c.sparse and c.is_moe_position(index)
+        self._wants_token_ids = False
         if self.is_moe:
             self.mlp = c.block_moe(index).build(c.d_model)
+            # Routers that route by token id (hash) take the token positions (see the module docstring).
+            self._wants_token_ids = "token_ids" in inspect.signature(self.mlp.router.forward).parameters
         else:
             self.mlp = DenseFFN(c.d_model, c.mlp_width(index), expert=c.mlp)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
         h_BSD = self.attn_norm(x_BSD)
         x_BSD = x_BSD + self.attn(h_BSD, h_BSD, h_BSD, need_weights=False)[0]
         # The MoE layer flattens all B·S tokens: capacity and BPR's priority order span the batch.
-        return x_BSD + self.mlp(self.mlp_norm(x_BSD))
+        h_BSD = self.mlp_norm(x_BSD)
+        if self._wants_token_ids:
+            pos_BS = torch.arange(S, device=x_BSD.device).expand(B, S)
+            return x_BSD + self.mlp(h_BSD, token_ids=pos_BS)
+        return x_BSD + self.mlp(h_BSD)
 
 
 class ViTMoE(nn.Module):
@@ -215,11 +241,12 @@ class ViTMoE(nn.Module):
         return logits_BL, loss
 
 
-def active_param_counts(model: nn.Module) -> dict:
+def active_param_counts(model: nn.Module, *, measured: bool = False) -> dict:
     """``total`` and ``active`` (used per token) parameter counts of any model with MoE layers.
 
     Active counts each MoE layer's expert bank at ``K/E`` of its size (K: the nominal experts per
-    token, `moekit.models.transformer.experts_per_token`); routers are active.
+    token, `moekit.models.transformer.experts_per_token`; with ``measured=True`` the mean of the
+    layer's last forward pass, for routers that pick their own count); routers are active.
     """
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
@@ -228,5 +255,5 @@ def active_param_counts(model: nn.Module) -> dict:
         if experts is None or not hasattr(moe, "router"):
             continue
         bank = sum(p.numel() for p in experts.parameters())
-        inactive += bank - int(bank * experts_per_token(moe) // moe.num_experts)
+        inactive += bank - int(bank * experts_per_token(moe, measured=measured) // moe.num_experts)
     return {"total": total, "active": total - inactive}

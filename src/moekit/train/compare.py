@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-__all__ = ["loss_at_step", "loss_at_time", "domain_names", "comparison_rows", "format_table", "comparison_table"]
+__all__ = ["loss_at_step", "loss_at_time", "domain_names", "comparison_rows", "format_table", "comparison_table",
+           "mean_experts_per_token"]
 
 
 def _loss(e: dict, domain: Optional[str]) -> Optional[float]:
@@ -100,6 +101,7 @@ def comparison_rows(results: Sequence[dict]) -> dict:
         rows_s.append({"variant": r["variant"], "val_loss": ls,
                        "delta": None if ls is None or ref_step is None else ls - ref_step,
                        "params_total": r.get("params_total"), "params_active": r.get("params_active"),
+                       "experts_per_token": mean_experts_per_token(r),
                        "flops_per_token": r.get("flops_per_token_train"), "tokens_per_s": r.get("tokens_per_s"),
                        "train_time_s": r.get("train_time_s")})
         rows_t.append({"variant": r["variant"], "val_loss": lt,
@@ -121,6 +123,13 @@ def comparison_rows(results: Sequence[dict]) -> dict:
     return out
 
 
+def mean_experts_per_token(result: dict):
+    """Mean over MoE layers of the experts per token measured in the last evaluation (None for a
+    dense model or a result written before the trainer measured it)."""
+    ept = (result.get("experts_per_token") or {}).get("eval")
+    return sum(ept) / len(ept) if ept else None
+
+
 def _f(v, fmt):
     return "-" if v is None else format(v, fmt)
 
@@ -139,9 +148,10 @@ def comparison_table(results: Sequence[dict]) -> str:
         return "(no evaluated variants)"
     ref = c["reference"]
     a = format_table(
-        ["variant", "val loss", f"vs {ref}", "params", "active", "train FLOPs/tok", "tok/s", "train s"],
+        ["variant", "val loss", f"vs {ref}", "params", "active", "experts/tok", "train FLOPs/tok", "tok/s", "train s"],
         [[r["variant"], _f(r["val_loss"], ".4f"), _f(r["delta"], "+.4f"), _f(r["params_total"], ","),
-          _f(r["params_active"], ","), _f(r["flops_per_token"], ".3g"), _f(r["tokens_per_s"], ",.0f"),
+          _f(r["params_active"], ","), _f(r.get("experts_per_token"), ".2f"),
+          _f(r["flops_per_token"], ".3g"), _f(r["tokens_per_s"], ",.0f"),
           _f(r["train_time_s"], ".0f")] for r in c["equal_steps"]["rows"]])
     b = format_table(
         ["variant", "val loss", f"vs {ref}", "last eval step", "note"],

@@ -279,8 +279,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def apply_overrides(run: RunConfig, items: list[str]) -> RunConfig:
     """Apply ``section.key=value`` overrides (``variants.NAME.key=value`` for a variant;
-    ``variants=a,b`` keeps only those variants). Errors name the valid keys."""
+    ``variants=a,b`` keeps only those variants). Errors name the valid keys.
+
+    A router set without a ``top_k`` drops the ``top_k`` it would inherit when the new router
+    refuses one (routers that pick their own count: ``--set model.router=top_p`` on a preset
+    with ``top_k = 2``); a ``top_k`` set in the same call is kept and checked."""
     d = run.to_dict()
+    retry = []                     # sections whose router was set here without a top_k
     for item in items:
         parts, value = parse_override(item)
         sec = parts[0]
@@ -294,6 +299,8 @@ def apply_overrides(run: RunConfig, items: list[str]) -> RunConfig:
             d["variants"] = {k: d["variants"][k] for k in keep}
         elif sec == "variants" and len(parts) == 3:
             d["variants"].setdefault(parts[1], {})[parts[2]] = value
+            if parts[2] in ("router", "top_k"):
+                retry.append((("variants", parts[1]), parts[2]))
         elif sec in ("model", "data", "optim", "train") and len(parts) == 2:
             if sec != "model":
                 valid = [f.name for f in dataclasses.fields(_SECTIONS[sec])]
@@ -301,11 +308,29 @@ def apply_overrides(run: RunConfig, items: list[str]) -> RunConfig:
                     raise ValueError(f"unknown key {parts[1]!r} in [{sec}]; valid keys: {valid}")
             else:
                 check_model_keys({parts[1]: value}, "model")
+                if parts[1] in ("router", "top_k"):
+                    retry.append((("model",), parts[1]))
             d[sec][parts[1]] = value
         else:
             raise ValueError(f"cannot set {'.'.join(parts)!r}: use model.KEY, data.KEY, optim.KEY, "
                              f"train.KEY, variants.NAME.KEY, variants=a,b or name")
-    return config_from_dict(d)
+    try:
+        return config_from_dict(d)
+    except ValueError as first:
+        # Sections given a router but no top_k here: retry with the router's own K.
+        with_k = {where for where, key in retry if key == "top_k"}
+        changed = False
+        for where in {where for where, key in retry if key == "router"} - with_k:
+            sec = d["model"] if where == ("model",) else d["variants"][where[1]]
+            if sec.get("top_k") is not None:
+                sec["top_k"] = None
+                changed = True
+        if not changed:
+            raise
+        try:
+            return config_from_dict(d)
+        except ValueError:
+            raise first from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,10 @@ One `Trainer` trains one model variant of a `RunConfig` into its own folder:
 - bf16 autocast on CUDA (``train.amp="auto"``), optional `torch.compile`;
 - every random draw (init, data windows, router noise) comes from seeded generators whose
   states are checkpointed, so ``--resume`` continues bit-exactly;
+- active parameters and FLOPs per token come from the routing taken: each MoE layer's mean
+  experts per token over the training steps (training FLOPs) and over the last evaluation
+  (forward FLOPs, active parameters), so routers that pick their own count (top-p, dense,
+  ReLU, null experts …) are charged for what they used, not for a nominal K;
 - a non-finite loss or gradient norm stops the run with `NonFiniteLossError` *before* the
   optimizer step, keeping the last good checkpoint; Ctrl-C saves the last completed step.
 """
@@ -101,6 +105,7 @@ class _RoutingAccumulator:
         self.counts = [None] * len(self.layers)
         self.dropped = [0.0] * len(self.layers)
         self.entropy = [0.0] * len(self.layers)
+        self.experts = [0.0] * len(self.layers)
         self.n = 0
 
     def add(self):
@@ -113,12 +118,26 @@ class _RoutingAccumulator:
             self.dropped[j] += s.dropped.detach().float()
             if s.router_entropy is not None:
                 self.entropy[j] += s.router_entropy.detach().float()
+            self.experts[j] += s.experts_per_token.detach().float()
         self.n += 1
 
+    def merge(self, other: "_RoutingAccumulator") -> None:
+        """Add `other`'s sums (one step) to this accumulator's (a logging interval)."""
+        self.counts = [c if a is None else (a if c is None else a + c) for a, c in zip(self.counts, other.counts)]
+        self.dropped = [a + b for a, b in zip(self.dropped, other.dropped)]
+        self.entropy = [a + b for a, b in zip(self.entropy, other.entropy)]
+        self.experts = [a + b for a, b in zip(self.experts, other.experts)]
+        self.n += other.n
+
+    def experts_per_token(self) -> list:
+        """Mean kept experts per token of each layer over the added micro-batches (all of one size)."""
+        return [float(e) / max(self.n, 1) for e in self.experts]
+
     def summary(self) -> dict:
-        """Per layer: tokens per expert, load imbalance (max/mean), drop fraction, entropy."""
+        """Per layer: tokens per expert, load imbalance (max/mean), drop fraction, entropy and
+        mean experts per token."""
         out = {"layers": [], "tokens_per_expert": [], "load_imbalance": [], "drop_fraction": [],
-               "router_entropy": []}
+               "router_entropy": [], "experts_per_token": []}
         for j, (i, _) in enumerate(self.layers):
             c = self.counts[j]
             if c is None:
@@ -130,6 +149,7 @@ class _RoutingAccumulator:
             out["load_imbalance"].append(float(c.max() / c.mean().clamp_min(1e-9)))
             out["drop_fraction"].append(drop / max(kept + drop, 1.0))
             out["router_entropy"].append(float(self.entropy[j]) / max(self.n, 1))
+            out["experts_per_token"].append(float(self.experts[j]) / max(self.n, 1))
         return out
 
 
@@ -157,6 +177,9 @@ class Trainer:
 
         _seed_everything(tc.seed)
         self.model = TransformerLM(self.model_config).to(self.device)
+        self.lm = self.model                # unwrapped, for parameter and FLOP counts
+        # Nominal counts (the router's K, or a nominal count for routers that pick their own);
+        # `result` replaces them with counts from the routing measured in training and evaluation.
         self.counts = param_counts(self.model)
         self.flops = flops_per_token(self.model, run.data.seq_len)
         if self.dist is not None:
@@ -186,6 +209,10 @@ class Trainer:
         self.train_time = 0.0
         self.tokens_seen = 0
         self.evals: list[dict] = []
+        # Sum over training micro-batches of each MoE layer's mean experts per token, and their number.
+        self.train_experts_sum = [0.0] * len(self.lm.moe_blocks)
+        self.train_micro_batches = 0
+        self.eval_experts: Optional[list] = None
         self.progress_enabled = progress and self.is_main
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.last_good: Optional[Path] = None
@@ -201,7 +228,8 @@ class Trainer:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(),
                 "sampler": sampler_state if sampler_state is not None else self.sampler.state_dict(),
                 "rng": rng_state(), "train_time": self.train_time, "tokens_seen": self.tokens_seen,
-                "evals": list(self.evals)}
+                "evals": list(self.evals), "train_experts_sum": list(self.train_experts_sum),
+                "train_micro_batches": self.train_micro_batches}
 
     def save(self, sampler_state=None) -> Path:
         state = self.trainer_state(sampler_state)
@@ -271,6 +299,10 @@ class Trainer:
         self.train_time = float(ts["train_time"])
         self.tokens_seen = int(ts["tokens_seen"])
         self.evals = list(ts["evals"])
+        # Checkpoints written before the measured counts existed resume without the earlier steps' sums.
+        self.train_experts_sum = [float(v) for v in ts.get("train_experts_sum", self.train_experts_sum)]
+        self.train_micro_batches = int(ts.get("train_micro_batches", 0))
+        self.eval_experts = self.evals[-1].get("experts_per_token") if self.evals else None
         self.resumed = True
         return True
 
@@ -282,8 +314,10 @@ class Trainer:
     def evaluate_domains(self) -> tuple:
         """``(mean validation cross-entropy, {domain: its mean cross-entropy} or None)``; the
         per-domain losses exist when the corpus has several domains (each domain's windows
-        are an equal share of the batches, so the mean is the mean of the domains' losses)."""
+        are an equal share of the batches, so the mean is the mean of the domains' losses).
+        Each MoE layer's mean experts per token over these batches is kept in `eval_experts`."""
         self.model.eval()
+        routing = _RoutingAccumulator(self.model)
         corpus = self.val_corpus
         G = corpus.num_domains
         total, n = 0.0, 0
@@ -293,6 +327,7 @@ class Trainer:
             for x, y, doc in self.val_batches:
                 with self.autocast():
                     logits, loss = self.forward(x.to(self.device), y.to(self.device))
+                routing.add()
                 if G == 1:
                     total += float(loss) * y.numel()
                     n += y.numel()
@@ -303,6 +338,7 @@ class Trainer:
                 sum_G += torch.bincount(dom_BS, weights=ce_BS, minlength=G)
                 cnt_G += torch.bincount(dom_BS, minlength=G).double()
         self.model.train()
+        self.eval_experts = routing.experts_per_token() if routing.layers else None
         if G == 1:
             return total / n, None
         by_domain = {name: float(sum_G[g] / cnt_G[g]) for g, name in enumerate(corpus.domain_names) if cnt_G[g] > 0}
@@ -394,11 +430,9 @@ class Trainer:
                 self.tokens_seen += tokens_per_step
                 tps = tokens_per_step / dt
                 tps_ema = tps if tps_ema is None else 0.9 * tps_ema + 0.1 * tps
-                interval.counts = [c if a is None else (a if c is None else a + c)
-                                   for a, c in zip(interval.counts, routing.counts)]
-                interval.dropped = [a + b for a, b in zip(interval.dropped, routing.dropped)]
-                interval.entropy = [a + b for a, b in zip(interval.entropy, routing.entropy)]
-                interval.n += routing.n
+                interval.merge(routing)
+                self.train_experts_sum = [a + float(b) for a, b in zip(self.train_experts_sum, routing.experts)]
+                self.train_micro_batches += routing.n
                 rs = routing.summary()
                 imb = float(np.mean(rs["load_imbalance"])) if rs["layers"] else None
                 drop = float(np.mean(rs["drop_fraction"])) if rs["layers"] else None
@@ -414,6 +448,8 @@ class Trainer:
                     rec = {"step": self.step, "train_time": self.train_time, "val_loss": vl, "tokens": self.tokens_seen}
                     if by_domain is not None:
                         rec["val_loss_by_domain"] = by_domain
+                    if self.eval_experts is not None:
+                        rec["experts_per_token"] = self.eval_experts
                     self.evals.append(rec)
                     log.log("eval", self.step, **{k: v for k, v in rec.items() if k != "step"})
                     bar.message(f"[{self.variant}] step {self.step}: val loss {vl:.4f}")
@@ -439,16 +475,40 @@ class Trainer:
             (self.out_dir / "result.json").write_text(json.dumps(result, indent=2))
         return result
 
+    def measured_counts(self) -> dict:
+        """Active parameters and FLOPs per token from the routing taken, with each MoE layer's
+        mean experts per token: ``experts_per_token`` (``layers``, ``train``: over the training
+        micro-batches, ``eval``: over the last evaluation; None when not measured yet). Forward
+        FLOPs and active parameters use the evaluation's means, training FLOPs (3 × forward) the
+        training means; a count not measured yet is the nominal one."""
+        seq = self.run.data.seq_len
+        layers = [i for i, b in enumerate(self.lm.blocks) if b.is_moe]
+        train = ([s / self.train_micro_batches for s in self.train_experts_sum]
+                 if layers and self.train_micro_batches else None)
+        ev = self.eval_experts if layers else None
+        return {"params_active": param_counts(self.lm, experts=ev)["active"] if ev else self.counts["active"],
+                "flops_per_token_forward": flops_per_token(self.lm, seq, experts=ev)["forward"] if ev
+                else self.flops["forward"],
+                "flops_per_token_train": flops_per_token(self.lm, seq, experts=train)["train"] if train
+                else self.flops["train"],
+                "experts_per_token": {"layers": layers, "train": train, "eval": ev} if layers else None}
+
     def result(self, status: str) -> dict:
         final = self.evals[-1]["val_loss"] if self.evals else None
         by_domain = self.evals[-1].get("val_loss_by_domain") if self.evals else None
+        measured = self.measured_counts()
         return {"variant": self.variant, "status": status, "steps": self.step,
                 "val_loss": final, "val_loss_by_domain": by_domain, "evals": list(self.evals),
                 "train_time_s": self.train_time, "tokens_seen": self.tokens_seen,
                 "tokens_per_s": self.tokens_seen / self.train_time if self.train_time > 0 else None,
-                "params_total": self.counts["total"], "params_active": self.counts["active"],
+                "params_total": self.counts["total"], "params_active": measured["params_active"],
                 "params_embedding": self.counts["embedding"],
-                "flops_per_token_forward": self.flops["forward"], "flops_per_token_train": self.flops["train"],
+                "flops_per_token_forward": measured["flops_per_token_forward"],
+                "flops_per_token_train": measured["flops_per_token_train"],
+                "experts_per_token": measured["experts_per_token"],
+                "params_active_nominal": self.counts["active"],
+                "flops_per_token_forward_nominal": self.flops["forward"],
+                "flops_per_token_train_nominal": self.flops["train"],
                 "model": self.model_config.to_dict(), "device": str(self.device),
                 "checkpoint": str(self.last_good) if self.last_good else None}
 
