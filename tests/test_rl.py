@@ -186,6 +186,22 @@ def test_cartpole_matches_gymnasium_step_for_step():
         assert g_term                                     # random actions end every episode
 
 
+@pytest.mark.parametrize("mode", ["vector_entry_point", "sync"])
+def test_rollouts_on_gymnasium_vector_envs(mode):
+    # gymnasium's own vectorised CartPole and its SyncVectorEnv wrapper give the same rollout
+    # contract as the numpy fast path: next-step reset rows invalid, one episode per done row.
+    pytest.importorskip("gymnasium")
+    envs = make_gym_vec_env("CartPole-v1", 3, vectorization_mode=mode, max_episode_steps=15)
+    agent = ActorCriticConfig(torso="soft_moe", **SMALL).build(obs_dim=4, num_actions=2)
+    col = RolloutCollector(envs, seed=0)
+    ro = col.collect(agent, 60)
+    done = ro.terminated_TB | ro.truncated_TB
+    assert torch.equal(ro.valid_TB[1:], ~done[:-1]) and ro.truncated_TB.any()
+    assert len(col.episodes) == int(done.sum()) and all(1 <= r <= 15 for _, _, r in col.episodes)
+    with pytest.raises(ValueError, match="vectorization_mode must be one of"):
+        make_gym_vec_env("CartPole-v1", 2, vectorization_mode="threads")
+
+
 def _reach_return(agent, seed):
     """Mean return of the episodes that end within 60 steps of 64 fresh Reach envs (≥ 2 each)."""
     col = RolloutCollector(ReachVecEnv(64), seed=seed)
