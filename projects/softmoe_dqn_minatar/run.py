@@ -1,7 +1,7 @@
 """Soft MoE vs dense penultimate layers in DQN on MinAtar: the expert-scaling question (METHODS.md RL1).
 
     pip install 'moekit[rl]'                         # gymnasium + minatar
-    python -m projects.softmoe_dqn_minatar.run [--game Breakout] [--steps 40000] [--seeds 0 1 2] [--quick]
+    python -m projects.softmoe_dqn_minatar.run [--game Breakout] [--steps 20000] [--seeds 0 1 2] [--quick]
 
 Obando-Ceron et al. (ICML 2024) replace the penultimate dense layer of DQN's value network by a
 Soft MoE over PerConv tokens and find that returns grow with the number of experts, while
@@ -50,6 +50,9 @@ def run_one(method: str, seed: int, game: str, steps: int, num_envs: int, config
     n_params = sum(p.numel() for p in qnet.parameters())
     res = train_dqn(qnet, envs, total_steps=steps, config=config, seed=seed)
     envs.close()
+    late = [ret for s, _, ret in res.episodes if s > 0.9 * steps]
+    print(f"  done {method} seed {seed}: last-10% return {np.mean(late) if late else float('nan'):.2f}, "
+          f"{res.wall_s:.0f} s", flush=True)
     return method, seed, n_params, res.episodes, res.wall_s
 
 
@@ -89,7 +92,7 @@ def main(argv=None):
     ap.add_argument("--game", default="Breakout", choices=["Asterix", "Breakout", "Freeway", "Seaquest",
                                                            "SpaceInvaders"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=40_000, help="environment steps per run")
+    ap.add_argument("--steps", type=int, default=20_000, help="environment steps per run")
     ap.add_argument("--num-envs", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--methods", default=",".join(METHODS))

@@ -3,6 +3,10 @@
 Value-based (RL1, `moekit.models.rl.dqn`): `QNetwork` — a DQN whose penultimate layer is dense,
 Soft MoE or top-k MoE over PerConv tokens (Obando-Ceron et al., ICML 2024) — and `train_dqn`.
 
+Continuous control (RL2, `moekit.models.rl.pmoe`): `MixtureGaussianPolicy` — PMOE's Gaussian
+mixture policy (Ren et al. 2021) — trained by `train_sac` (SAC with PMOE's winner-expert and
+frequency gate losses, or plain SAC).
+
 Actor-critic (below): PPO agents with MoE torsos.
 
 Legend: T rollout steps, B parallel environments, N = T·B samples (valid ones only after
@@ -51,6 +55,14 @@ from moekit.models.rl.dqn import (
 )
 from moekit.models.rl.envs import CartPoleVecEnv, MultiTaskVecEnv, ReachVecEnv, make_gym_vec_env
 from moekit.models.rl.network import TORSOS, ActorCritic, ActorCriticConfig, actor_critic_dense_twin
+from moekit.models.rl.pmoe import (
+                                   MixtureGaussianPolicy,
+                                   SACConfig,
+                                   TwinQ,
+                                   mixture_log_prob,
+                                   sac_update,
+                                   train_sac,
+)
 from moekit.models.rl.ppo import (
                                   PPOConfig,
                                   RLTrainResult,
@@ -68,4 +80,5 @@ __all__ = ["TORSOS", "ActorCriticConfig", "ActorCritic", "actor_critic_dense_twi
            "clipped_policy_loss", "Rollout", "RolloutCollector", "PPOConfig", "ppo_update", "RLTrainResult",
            "train_ppo", "expert_usage", "CartPoleVecEnv", "ReachVecEnv", "MultiTaskVecEnv", "make_gym_vec_env",
            "check_next_step_autoreset", "Q_HEADS", "QNetworkConfig", "QNetwork", "perconv_tokens", "ReplayBuffer",
-           "dqn_targets", "DQNConfig", "linear_epsilon", "train_dqn"]
+           "dqn_targets", "DQNConfig", "linear_epsilon", "train_dqn", "MixtureGaussianPolicy", "TwinQ",
+           "mixture_log_prob", "SACConfig", "sac_update", "train_sac"]

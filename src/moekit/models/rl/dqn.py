@@ -63,6 +63,10 @@ class QNetworkConfig:
         (default M / E, so the total number of slots — and the expert FLOPs — stay M whatever E);
         ``"moe"`` — `moekit.MoE` with a top-``top_k`` router on the same tokens and experts.
         The token outputs are flattened into the Q layer.
+    normalize: Soft MoE's L2 normalisation of tokens and slot parameters (Puigcerver et al. advise
+        it for large D). Off by default: with D = 16 channels the normalised logits start in
+        [−1, 1], so every slot begins as a near-uniform average of the M tokens and the position
+        of each object — what a MinAtar Q-value depends on — is washed out.
     """
 
     head: str = "soft_moe"
@@ -74,6 +78,7 @@ class QNetworkConfig:
     slots_per_expert: Optional[int] = None
     top_k: int = 1
     aux_loss_coef: float = 0.01
+    normalize: bool = False
 
     def __post_init__(self):
         check_choice("head", self.head, Q_HEADS)
@@ -81,6 +86,7 @@ class QNetworkConfig:
             check_int(name, getattr(self, name), min=1)
         check_int("slots_per_expert", self.slots_per_expert, min=1, allow_none=True)
         check_number("aux_loss_coef", self.aux_loss_coef, min=0)
+        check_bool("normalize", self.normalize)
         if self.head != "dense" and self.width_mult != 1:
             raise ValueError(f"width_mult widens the dense head only; got width_mult={self.width_mult} "
                              f"with head={self.head!r} (scale num_experts instead)")
@@ -113,7 +119,7 @@ class QNetwork(nn.Module):
         elif c.head == "soft_moe":
             P = c.slots_per_expert if c.slots_per_expert is not None else max(1, M // c.num_experts)
             self.penultimate = SoftMoE(d_model=C, num_experts=c.num_experts, slots_per_expert=P,
-                                       d_hidden=c.d_hidden, expert="mlp", activation="relu")
+                                       d_hidden=c.d_hidden, expert="mlp", activation="relu", normalize=c.normalize)
             q_in = M * C
         else:
             self.penultimate = MoE(d_model=C, num_experts=c.num_experts, top_k=c.top_k, d_hidden=c.d_hidden,
@@ -142,13 +148,15 @@ class QNetwork(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 class ReplayBuffer:
-    """Uniform replay of ``(obs, action, reward, next_obs, terminated)`` in a numpy ring buffer."""
+    """Uniform replay of ``(obs, action, reward, next_obs, terminated)`` in a numpy ring buffer
+    (discrete actions by default; ``action_shape=(A,), action_dtype=np.float32`` for continuous)."""
 
-    def __init__(self, capacity: int, obs_shape: Sequence[int], obs_dtype=np.float32):
+    def __init__(self, capacity: int, obs_shape: Sequence[int], obs_dtype=np.float32, *,
+                 action_shape: Sequence[int] = (), action_dtype=np.int64):
         self.capacity = check_int("capacity", capacity, min=1)
         shape = (self.capacity, *obs_shape)
         self.obs, self.next_obs = np.zeros(shape, obs_dtype), np.zeros(shape, obs_dtype)
-        self.actions = np.zeros(self.capacity, np.int64)
+        self.actions = np.zeros((self.capacity, *action_shape), action_dtype)
         self.rewards = np.zeros(self.capacity, np.float32)
         self.terminated = np.zeros(self.capacity, bool)
         self.pos, self.size = 0, 0
