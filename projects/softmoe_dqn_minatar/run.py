@@ -31,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import torch
 
-from moekit.models.rl import DQNConfig, QNetworkConfig, make_gym_vec_env, train_dqn
+from moekit.models.rl import DQNConfig, QNetworkConfig, late_return, make_gym_vec_env, return_curve, train_dqn
 
 METHODS = {
     **{f"dense_x{w}": QNetworkConfig(head="dense", width_mult=w) for w in (1, 2, 4, 8)},
@@ -50,19 +50,9 @@ def run_one(method: str, seed: int, game: str, steps: int, num_envs: int, config
     n_params = sum(p.numel() for p in qnet.parameters())
     res = train_dqn(qnet, envs, total_steps=steps, config=config, seed=seed)
     envs.close()
-    late = [ret for s, _, ret in res.episodes if s > 0.9 * steps]
-    print(f"  done {method} seed {seed}: last-10% return {np.mean(late) if late else float('nan'):.2f}, "
+    print(f"  done {method} seed {seed}: last-10% return {late_return(res.episodes, steps, 0.1):.2f}, "
           f"{res.wall_s:.0f} s", flush=True)
     return method, seed, n_params, res.episodes, res.wall_s
-
-
-def curve(episodes, steps: int, bins: int = 10):
-    """Mean return of the episodes that finished in each tenth of training (NaN if none)."""
-    out = []
-    for i in range(bins):
-        r = [ret for s, _, ret in episodes if i * steps / bins < s <= (i + 1) * steps / bins]
-        out.append(float(np.mean(r)) if r else float("nan"))
-    return out
 
 
 def mean_std(xs):
@@ -122,8 +112,8 @@ def main(argv=None):
     summary, curves = {}, {}
     for m in methods:
         runs = [r for r in results if r[0] == m]
-        curves[m] = np.array([curve(r[3], args.steps) for r in runs])
-        final = [float(np.mean([ret for s, _, ret in r[3] if s > 0.9 * args.steps] or [np.nan])) for r in runs]
+        curves[m] = np.array([return_curve(r[3], args.steps) for r in runs])
+        final = [late_return(r[3], args.steps, 0.1) for r in runs]
         auc = [float(np.mean([ret for _, _, ret in r[3]] or [np.nan])) for r in runs]
         summary[m] = (runs[0][2], mean_std(final), mean_std(auc), mean_std([r[4] for r in runs]))
         print(f"  {m:10s}" + " ".join(f"{v:6.2f}" for v in np.nanmean(curves[m], 0)))

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from projects.softmoe_dqn_minatar.run import METHODS, QUICK_METHODS, curve, main, mean_std
+from projects.softmoe_dqn_minatar.run import METHODS, QUICK_METHODS, main, mean_std
 
 
 def test_method_grid_scales_dense_width_and_soft_moe_experts():
@@ -15,11 +15,8 @@ def test_method_grid_scales_dense_width_and_soft_moe_experts():
     assert set(QUICK_METHODS) <= set(METHODS)
 
 
-def test_curve_bins_episodes_by_the_step_they_finished():
-    episodes = [(10, 0, 1.0), (50, 0, 3.0), (51, 0, 5.0), (60, 0, 7.0)]
-    out = curve(episodes, steps=100, bins=4)
-    assert out[:3] == [1.0, 3.0, 6.0] and math.isnan(out[3])
-    assert mean_std([1.0, 3.0]) == (2.0, math.sqrt(2.0))
+def test_mean_std():
+    assert mean_std([1.0, 3.0]) == (2.0, math.sqrt(2.0)) and mean_std([4.0]) == (4.0, 0.0)
 
 
 def test_quick_run_of_one_method():

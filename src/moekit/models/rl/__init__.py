@@ -54,14 +54,15 @@ from moekit.models.rl.dqn import (
                                   train_dqn,
 )
 from moekit.models.rl.envs import CartPoleVecEnv, MultiTaskVecEnv, ReachVecEnv, make_gym_vec_env
+from moekit.models.rl.metrics import late_return, return_curve
 from moekit.models.rl.network import TORSOS, ActorCritic, ActorCriticConfig, actor_critic_dense_twin
 from moekit.models.rl.pmoe import (
-                                   MixtureGaussianPolicy,
-                                   SACConfig,
-                                   TwinQ,
-                                   mixture_log_prob,
-                                   sac_update,
-                                   train_sac,
+                                  MixtureGaussianPolicy,
+                                  SACConfig,
+                                  TwinQ,
+                                  mixture_log_prob,
+                                  sac_update,
+                                  train_sac,
 )
 from moekit.models.rl.ppo import (
                                   PPOConfig,
@@ -81,4 +82,4 @@ __all__ = ["TORSOS", "ActorCriticConfig", "ActorCritic", "actor_critic_dense_twi
            "train_ppo", "expert_usage", "CartPoleVecEnv", "ReachVecEnv", "MultiTaskVecEnv", "make_gym_vec_env",
            "check_next_step_autoreset", "Q_HEADS", "QNetworkConfig", "QNetwork", "perconv_tokens", "ReplayBuffer",
            "dqn_targets", "DQNConfig", "linear_epsilon", "train_dqn", "MixtureGaussianPolicy", "TwinQ",
-           "mixture_log_prob", "SACConfig", "sac_update", "train_sac"]
+           "mixture_log_prob", "SACConfig", "sac_update", "train_sac", "return_curve", "late_return"]

@@ -204,7 +204,8 @@ def sac_update(state: _SACState, batch: dict, *, updates: dict, config: SACConfi
     with torch.no_grad():
         for p, pt in zip(state.critic.parameters(), state.critic_target.parameters()):
             pt.lerp_(p, c.tau)
-    return dict(critic_loss=float(critic_loss), actor_loss=float(actor_loss), gate_loss=float(gate_loss),
+    return dict(critic_loss=float(critic_loss.detach()), actor_loss=float(actor_loss.detach()),
+                gate_loss=float(gate_loss.detach()),
                 alpha=float(alpha))
 
 
