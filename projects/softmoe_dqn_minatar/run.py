@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -109,6 +110,7 @@ def main(argv=None):
     print(f"MinAtar/{args.game}-v1, DQN, {args.steps} env steps × seeds {args.seeds}, "
           f"{args.workers} worker processes\n")
     print("mean return per tenth of training (mean over seeds):")
+    warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)   # a tenth without episodes: NaN
     summary, curves = {}, {}
     for m in methods:
         runs = [r for r in results if r[0] == m]
