@@ -63,10 +63,10 @@ class QNetworkConfig:
         (default M / E, so the total number of slots — and the expert FLOPs — stay M whatever E);
         ``"moe"`` — `moekit.MoE` with a top-``top_k`` router on the same tokens and experts.
         The token outputs are flattened into the Q layer.
-    normalize: Soft MoE's L2 normalisation of tokens and slot parameters (Puigcerver et al. advise
-        it for large D). Off by default: with D = 16 channels the normalised logits start in
-        [−1, 1], so every slot begins as a near-uniform average of the M tokens and the position
-        of each object — what a MinAtar Q-value depends on — is washed out.
+    normalize: Soft MoE's L2 normalisation of tokens and slot parameters, which Puigcerver et
+        al. introduce for large D. Off by default: MinAtar tokens have C = 16 features, and with
+        it the logits are confined to [−scale, scale] (scale starts at 1), so every slot starts
+        as a near-uniform average of the M tokens.
     """
 
     head: str = "soft_moe"
