@@ -1,6 +1,7 @@
 """Reusable networks built from moekit layers and the paradigm methods that train them: the decoder-only
 transformer LM, the V-MoE ViT, multi-task / multi-domain towers, continual learning (task-routed nets,
-Expert Gate), PPO actor-critic torsos, CondConv super-resolution nets, Prototypical Networks."""
+Expert Gate), RL agents (PPO torsos, Soft MoE DQN, PMOE policies for SAC), CondConv super-resolution
+nets, Prototypical Networks."""
 from moekit.models.transformer import (
                                      KVCache,
                                      TransformerConfig,
@@ -39,13 +40,21 @@ __all__ += ["GrowingTaskRouter", "TaskIncrementalNet", "accuracy_matrix", "avera
 from moekit.models.rl import (  # noqa: E402
                                      ActorCritic,
                                      ActorCriticConfig,
+                                     DQNConfig,
+                                     MixtureGaussianPolicy,
                                      PPOConfig,
+                                     QNetwork,
+                                     QNetworkConfig,
+                                     SACConfig,
                                      actor_critic_dense_twin,
                                      gae_advantages,
+                                     train_dqn,
                                      train_ppo,
+                                     train_sac,
 )
 
-__all__ += ["ActorCritic", "ActorCriticConfig", "PPOConfig", "actor_critic_dense_twin", "gae_advantages", "train_ppo"]
+__all__ += ["ActorCritic", "ActorCriticConfig", "PPOConfig", "actor_critic_dense_twin", "gae_advantages", "train_ppo",
+            "QNetworkConfig", "QNetwork", "DQNConfig", "train_dqn", "MixtureGaussianPolicy", "SACConfig", "train_sac"]
 
 from moekit.models.superres import SRNet, bicubic_upsample, condconv_from_dense, downsample, psnr, sr_macs  # noqa: E402
 
