@@ -21,7 +21,9 @@ from moekit.models.rl import (
     actor_critic_dense_twin,
     clipped_policy_loss,
     gae_advantages,
+    late_return,
     make_gym_vec_env,
+    return_curve,
     train_ppo,
 )
 
@@ -184,6 +186,31 @@ def test_cartpole_matches_gymnasium_step_for_step():
             if g_term:
                 break
         assert g_term                                     # random actions end every episode
+
+
+@pytest.mark.parametrize("mode", ["vector_entry_point", "sync"])
+def test_rollouts_on_gymnasium_vector_envs(mode):
+    # gymnasium's own vectorised CartPole and its SyncVectorEnv wrapper give the same rollout
+    # contract as the numpy fast path: next-step reset rows invalid, one episode per done row.
+    pytest.importorskip("gymnasium")
+    envs = make_gym_vec_env("CartPole-v1", 3, vectorization_mode=mode, max_episode_steps=15)
+    agent = ActorCriticConfig(torso="soft_moe", **SMALL).build(obs_dim=4, num_actions=2)
+    col = RolloutCollector(envs, seed=0)
+    ro = col.collect(agent, 60)
+    done = ro.terminated_TB | ro.truncated_TB
+    assert torch.equal(ro.valid_TB[1:], ~done[:-1]) and ro.truncated_TB.any()
+    assert len(col.episodes) == int(done.sum()) and all(1 <= r <= 15 for _, _, r in col.episodes)
+    with pytest.raises(ValueError, match="vectorization_mode must be one of"):
+        make_gym_vec_env("CartPole-v1", 2, vectorization_mode="threads")
+
+
+def test_return_curve_and_late_return_bin_episodes_by_their_last_step():
+    episodes = [(10, 0, 1.0), (50, 1, 3.0), (51, 0, 5.0), (60, 0, 7.0), (95, 1, 2.0)]  # (env step, task, return)
+    out = return_curve(episodes, steps=100, bins=4)           # bins (0, 25], (25, 50], (50, 75], (75, 100]
+    assert out == [1.0, 3.0, 6.0, 2.0]
+    assert math.isnan(return_curve(episodes, steps=100, bins=4, task=0)[3])
+    assert late_return(episodes, 100, 0.5) == pytest.approx((5.0 + 7.0 + 2.0) / 3)
+    assert math.isnan(late_return(episodes, 100, 0.01))
 
 
 def _reach_return(agent, seed):

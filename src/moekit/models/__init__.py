@@ -1,8 +1,8 @@
 """Reusable networks built from moekit layers and the paradigm methods that train them: the decoder-only
 transformer LM, the V-MoE ViT, multi-task / multi-domain towers, continual learning (task-routed nets,
-Expert Gate), PPO actor-critic torsos, CondConv super-resolution nets, Swin2-MoSE (Swin V2 SR with
-MoE-SM FFNs) and its SSIM / NCC losses, Prototypical Networks, the binary-expert artifact detector
-for histopathology."""
+Expert Gate), RL agents (PPO torsos, Soft MoE DQN, PMOE policies for SAC), CondConv super-resolution
+nets, Swin2-MoSE (Swin V2 SR with MoE-SM FFNs) and its SSIM / NCC losses, Prototypical Networks, the
+binary-expert artifact detector for histopathology."""
 from moekit.models.transformer import (
                                      KVCache,
                                      TransformerConfig,
@@ -45,13 +45,21 @@ __all__ += ["GrowingTaskRouter", "TaskIncrementalNet", "accuracy_matrix", "avera
 from moekit.models.rl import (  # noqa: E402
                                      ActorCritic,
                                      ActorCriticConfig,
+                                     DQNConfig,
+                                     MixtureGaussianPolicy,
                                      PPOConfig,
+                                     QNetwork,
+                                     QNetworkConfig,
+                                     SACConfig,
                                      actor_critic_dense_twin,
                                      gae_advantages,
+                                     train_dqn,
                                      train_ppo,
+                                     train_sac,
 )
 
-__all__ += ["ActorCritic", "ActorCriticConfig", "PPOConfig", "actor_critic_dense_twin", "gae_advantages", "train_ppo"]
+__all__ += ["ActorCritic", "ActorCriticConfig", "PPOConfig", "actor_critic_dense_twin", "gae_advantages", "train_ppo",
+            "QNetworkConfig", "QNetwork", "DQNConfig", "train_dqn", "MixtureGaussianPolicy", "SACConfig", "train_sac"]
 
 from moekit.models.superres import SRNet, bicubic_upsample, condconv_from_dense, downsample, psnr, sr_macs  # noqa: E402
 

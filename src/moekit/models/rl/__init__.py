@@ -1,4 +1,13 @@
-"""PPO actor-critic agents with Mixture-of-Experts torsos (METHODS.md §10, RL1 and RL5).
+"""Reinforcement-learning agents with Mixture-of-Experts networks (METHODS.md §10, RL1, RL2 and RL5).
+
+Value-based (RL1, `moekit.models.rl.dqn`): `QNetwork` — a DQN whose penultimate layer is dense,
+Soft MoE or top-k MoE over PerConv tokens (Obando-Ceron et al., ICML 2024) — and `train_dqn`.
+
+Continuous control (RL2, `moekit.models.rl.pmoe`): `MixtureGaussianPolicy` — PMOE's Gaussian
+mixture policy (Ren et al. 2021) — trained by `train_sac` (SAC with PMOE's winner-expert and
+frequency gate losses, or plain SAC).
+
+Actor-critic (below): PPO agents with MoE torsos.
 
 Legend: T rollout steps, B parallel environments, N = T·B samples (valid ones only after
 `flatten_valid`), O observation features, A actions, L tasks, D torso width, F expert hidden
@@ -33,13 +42,34 @@ out of the loss. `CartPoleVecEnv` (Barto, Sutton & Anderson 1983, gymnasium's co
 `ReachVecEnv` are pure-numpy environments with that API for tests; `make_gym_vec_env` builds
 gymnasium's (optional extra ``moekit[rl]``).
 """
+from moekit.models.rl.dqn import (
+                                  Q_HEADS,
+                                  DQNConfig,
+                                  QNetwork,
+                                  QNetworkConfig,
+                                  ReplayBuffer,
+                                  dqn_targets,
+                                  linear_epsilon,
+                                  perconv_tokens,
+                                  train_dqn,
+)
 from moekit.models.rl.envs import CartPoleVecEnv, MultiTaskVecEnv, ReachVecEnv, make_gym_vec_env
+from moekit.models.rl.metrics import late_return, return_curve
 from moekit.models.rl.network import TORSOS, ActorCritic, ActorCriticConfig, actor_critic_dense_twin
+from moekit.models.rl.pmoe import (
+                                  MixtureGaussianPolicy,
+                                  SACConfig,
+                                  TwinQ,
+                                  mixture_log_prob,
+                                  sac_update,
+                                  train_sac,
+)
 from moekit.models.rl.ppo import (
                                   PPOConfig,
                                   RLTrainResult,
                                   Rollout,
                                   RolloutCollector,
+                                  check_next_step_autoreset,
                                   clipped_policy_loss,
                                   expert_usage,
                                   gae_advantages,
@@ -49,4 +79,7 @@ from moekit.models.rl.ppo import (
 
 __all__ = ["TORSOS", "ActorCriticConfig", "ActorCritic", "actor_critic_dense_twin", "gae_advantages",
            "clipped_policy_loss", "Rollout", "RolloutCollector", "PPOConfig", "ppo_update", "RLTrainResult",
-           "train_ppo", "expert_usage", "CartPoleVecEnv", "ReachVecEnv", "MultiTaskVecEnv", "make_gym_vec_env"]
+           "train_ppo", "expert_usage", "CartPoleVecEnv", "ReachVecEnv", "MultiTaskVecEnv", "make_gym_vec_env",
+           "check_next_step_autoreset", "Q_HEADS", "QNetworkConfig", "QNetwork", "perconv_tokens", "ReplayBuffer",
+           "dqn_targets", "DQNConfig", "linear_epsilon", "train_dqn", "MixtureGaussianPolicy", "TwinQ",
+           "mixture_log_prob", "SACConfig", "sac_update", "train_sac", "return_curve", "late_return"]

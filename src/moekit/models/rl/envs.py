@@ -1,14 +1,23 @@
-"""Vector environments with gymnasium's API and next-step autoreset: numpy CartPole and Reach
-(for tests, no gymnasium needed), a multi-task wrapper, and gymnasium's own (extra ``rl``).
+"""Vector environments with gymnasium's API and next-step autoreset.
+
+moekit's RL loops run on gymnasium's vector API (`make_gym_vec_env`: ``gymnasium.make_vec``,
+`gymnasium.vector.SyncVectorEnv`, MinAtar included; extra ``rl``). Beside it, pure-numpy vector
+envs with the same API: `CartPoleVecEnv`, a fast path for CartPole-v1 that needs no gymnasium
+and steps all environments in one array operation (a test checks it step for step against
+gymnasium's CartPole-v1), and `ReachVecEnv`, a toy task for tests; `MultiTaskVecEnv` puts
+several vector envs side by side.
 
 Legend: B parallel environments, O observation features, A actions, L tasks.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Optional, Sequence
 
 import numpy as np
+
+from moekit.validate import check_choice, check_int
 
 __all__ = ["CartPoleVecEnv", "ReachVecEnv", "MultiTaskVecEnv", "make_gym_vec_env"]
 
@@ -156,17 +165,42 @@ class MultiTaskVecEnv:
                 np.concatenate(trunc).astype(bool), {})
 
 
-def make_gym_vec_env(env_id: str, num_envs: int):
-    """gymnasium's ``make_vec`` (its own vectorised env where one exists, else ``"sync"``).
+def make_gym_vec_env(env_id: str, num_envs: int, *, vectorization_mode: Optional[str] = None, **kwargs):
+    """A gymnasium vector env: ``gymnasium.make_vec(env_id, num_envs, ...)`` (next-step autoreset).
 
-    Needs the optional extra: ``pip install 'moekit[rl]'``.
+    ``vectorization_mode=None`` takes the env's own vectorised implementation where it has one
+    (CartPole-v1 does) and `gymnasium.vector.SyncVectorEnv` otherwise; ``"sync"`` / ``"async"``
+    force gymnasium's wrappers. ``"MinAtar/<Game>-v0|v1"`` ids (Young & Tian 2019; v1 = the
+    game's minimal action set) are registered on first use from the ``minatar`` package.
+    `kwargs` go to the env's constructor. Needs the optional extra: ``pip install 'moekit[rl]'``.
     """
+    check_int("num_envs", num_envs, min=1)
+    check_choice("vectorization_mode", vectorization_mode, ("sync", "async", "vector_entry_point"), allow_none=True)
     try:
         import gymnasium as gym
     except ImportError as e:
         raise ImportError("moekit.models.rl.make_gym_vec_env needs gymnasium; install the extra with "
                           "pip install 'moekit[rl]'") from e
+    if env_id.startswith("MinAtar/") and env_id not in gym.registry:
+        _register_minatar(gym)
+    if vectorization_mode is not None:
+        return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=vectorization_mode, **kwargs)
     try:
-        return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point")
+        return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point", **kwargs)
     except (gym.error.Error, ValueError, TypeError):
-        return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync")
+        return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync", **kwargs)
+
+
+def _register_minatar(gym) -> None:
+    # minatar's modules log a warning at import when seaborn (only needed to render) is absent.
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import minatar.gym
+    except ImportError as e:
+        raise ImportError("MinAtar environments need the minatar package; install the extra with "
+                          "pip install 'moekit[rl]'") from e
+    finally:
+        logger.setLevel(level)
+    minatar.gym.register_envs()

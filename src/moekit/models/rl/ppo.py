@@ -19,7 +19,8 @@ from moekit.models.rl.network import ActorCritic
 from moekit.optim import UpdateStep, build_optimizer
 from moekit.validate import check_int
 
-__all__ = ["gae_advantages", "clipped_policy_loss", "Rollout", "RolloutCollector", "PPOConfig", "ppo_update",
+__all__ = ["gae_advantages", "clipped_policy_loss", "check_next_step_autoreset", "Rollout", "RolloutCollector",
+           "PPOConfig", "ppo_update",
            "RLTrainResult", "train_ppo", "expert_usage"]
 
 
@@ -61,6 +62,15 @@ def clipped_policy_loss(*, logp_new_N: torch.Tensor, logp_old_N: torch.Tensor, a
 
 # ---------------------------------------------------------------------------------------------
 # Rollouts
+def check_next_step_autoreset(envs) -> None:
+    """Refuse a vector env whose ``metadata["autoreset_mode"]`` is not next-step (gymnasium's default),
+    the semantics every moekit RL loop assumes (an env without the key is taken as next-step)."""
+    mode = getattr(envs, "metadata", {}).get("autoreset_mode")
+    if mode is not None and str(getattr(mode, "value", mode)).lower().replace("_", "").replace("-", "") != "nextstep":
+        raise ValueError(f"the RL loops need a vector env with next-step autoreset (gymnasium's default), "
+                         f"got autoreset_mode={mode!r}")
+
+
 @dataclass
 class Rollout:
     """T steps of B environments. ``valid_TB`` is False on next-step reset rows (action ignored)."""
@@ -86,10 +96,7 @@ class RolloutCollector:
     """
 
     def __init__(self, envs, *, seed: Optional[int] = None):
-        mode = getattr(envs, "metadata", {}).get("autoreset_mode")
-        if mode is not None and str(getattr(mode, "value", mode)).lower().replace("_", "").replace("-",
-                                                                                                   "") != "nextstep":
-            raise ValueError(f"RolloutCollector needs next-step autoreset (gymnasium's default), got {mode!r}")
+        check_next_step_autoreset(envs)
         self.envs = envs
         obs, _ = envs.reset(seed=seed)
         self.obs_BO = np.asarray(obs, dtype=np.float32)
@@ -229,7 +236,8 @@ def expert_usage(agent: ActorCritic, obs_NO: torch.Tensor, task_N: Optional[torc
 
 @dataclass
 class RLTrainResult:
-    """``episodes``: (env step, task, return) of every finished episode; ``updates``: `ppo_update` dicts."""
+    """``episodes``: (env step, task, return) of every finished episode; ``updates``: the training
+    loop's logged dicts (`ppo_update`'s for `train_ppo`, periodic loss summaries for `train_dqn`)."""
 
     episodes: list
     updates: list = field(default_factory=list)
