@@ -24,7 +24,8 @@ __all__ = [
 ]
 
 # Loaded on first use, so `import moekit` stays light (no trainer, recipes, analysis, plotting).
-_LAZY_SUBPACKAGES = ("models", "meta", "continual", "parallel", "optim", "recipes", "hf", "train", "analysis", "validate")
+_LAZY_SUBPACKAGES = ("models", "meta", "continual", "parallel", "optim", "recipes", "hf", "train", "analysis",
+                     "validate")
 
 
 def __getattr__(name: str):
