@@ -26,6 +26,7 @@ The first rows time ``import torch`` and ``import moekit`` in fresh interpreters
     python benchmarks/bench_cpu.py                       # everything above
     python benchmarks/bench_cpu.py --quick               # small shapes, a smoke run (seconds)
     python benchmarks/bench_cpu.py --json benchmarks/cpu_results.json
+    python benchmarks/bench_cpu.py --keep-freed-memory   # the allocator `moekit train` sets up
 Peers: ``pip install 'moekit[bench]'``; a missing one is a row saying why.
 """
 from __future__ import annotations
@@ -342,6 +343,9 @@ def main():
     ap.add_argument("--no-decode", action="store_true", help="skip the decode table")
     ap.add_argument("--no-train", action="store_true", help="skip the forward + backward tables")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="tune glibc's allocator as `moekit train` does (moekit.train.keep_freed_memory): "
+                         "large blocks from the heap, no page faults; applies to every row alike")
     args = ap.parse_args()
     if args.reps is None:
         args.reps = 2 if args.quick else 5
@@ -352,13 +356,18 @@ def main():
     check_int("--warmup", args.warmup, min=0)
     check_number("--max-gib", args.max_gib, min=0)
 
+    allocator = "glibc default"
+    if args.keep_freed_memory:
+        from moekit.train.allocator import keep_freed_memory
+        allocator = "keep_freed_memory" if keep_freed_memory() else "glibc default (keep_freed_memory unavailable)"
     load_start = os.getloadavg()
     v = P.versions()
     print(f"{time.strftime('%Y-%m-%d %H:%M')} — torch {v['torch']}, transformers {v['transformers']}, "
-          f"torchtitan {v['torchtitan']} — {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, float32")
+          f"torchtitan {v['torchtitan']} — {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, float32, "
+          f"allocator: {allocator}")
     print("load average at start (1/5/15 min): " + " ".join(f"{v:.2f}" for v in load_start), flush=True)
     results = dict(date=time.strftime("%Y-%m-%d"), versions=v, threads=torch.get_num_threads(),
-                   cpus=os.cpu_count(), load_start=load_start)
+                   cpus=os.cpu_count(), allocator=allocator, load_start=load_start)
 
     results["import"] = P.import_times(1 if args.quick else args.import_reps, _SRC)
     print(import_line(results["import"]), flush=True)

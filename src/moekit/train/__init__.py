@@ -1,4 +1,5 @@
 """Training: data, tokenizers, configs and presets, the trainer, checkpoints, metrics."""
+from moekit.train.allocator import keep_freed_memory
 from moekit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from moekit.train.compare import comparison_rows, comparison_table
 from moekit.train.config import (
@@ -38,4 +39,5 @@ __all__ = [
     "Trainer", "train_variant", "NonFiniteLossError", "lr_at", "run_experiment", "load_results",
     "load_run_config", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "MetricsLogger",
     "read_metrics", "MNIST5k", "load_mnist_5k", "comparison_rows", "comparison_table", "load_model", "generate_text",
+    "keep_freed_memory",
 ]

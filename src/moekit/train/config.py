@@ -102,6 +102,9 @@ class TrainConfig:
     amp: ``"auto"`` (bf16 autocast on CUDA, none on CPU) | ``"bf16"`` | ``"none"``.
     device: ``"auto"`` | ``"cpu"`` | ``"cuda"`` | ``"cuda:N"``.
     threads: torch intra-op threads on CPU (None: leave torch's default).
+    keep_freed_memory: on CPU runs, tune glibc's allocator to keep freed memory in the
+    process (`moekit.train.allocator.keep_freed_memory`): no page faults for the activations
+    allocated again every step; the process keeps its high-water memory until it exits.
     fsdp: under torchrun, shard the non-expert parameters with FSDP2 (experts are always
     expert-parallel); in a single process it is an error, not silently ignored.
     """
@@ -118,6 +121,7 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_checkpoints: int = 2
     threads: Optional[int] = None
+    keep_freed_memory: bool = True
     fsdp: bool = False
 
     def __post_init__(self):
@@ -128,6 +132,7 @@ class TrainConfig:
         check_choice("train.amp", self.amp, ("auto", "bf16", "none"))
         check_bool("train.compile", self.compile)
         check_bool("train.fsdp", self.fsdp)
+        check_bool("train.keep_freed_memory", self.keep_freed_memory)
         # The name only: whether this machine has the device is checked when the run starts.
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
                                                     or self.device.startswith("cuda:")):

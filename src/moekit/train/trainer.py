@@ -36,6 +36,7 @@ import torch
 import moekit
 from moekit.models.transformer import TransformerLM, flops_per_token, param_counts
 from moekit.optim import NonFiniteError, UpdateStep, build_optimizer, lr_at
+from moekit.train.allocator import keep_freed_memory
 from moekit.train.checkpoint import (
     CheckpointError,
     clean_stale,
@@ -57,8 +58,8 @@ __all__ = ["Trainer", "NonFiniteLossError", "lr_at", "resolve_device", "train_va
 
 # Settings that change neither the numbers a run computes nor what it stores: a resume may
 # differ in them without --allow-config-change.
-_RESUME_NEUTRAL = {"name", "train.device", "train.threads", "train.log_every", "train.keep_checkpoints",
-                   "data.cache_dir"}
+_RESUME_NEUTRAL = {"name", "train.device", "train.threads", "train.keep_freed_memory", "train.log_every",
+                   "train.keep_checkpoints", "data.cache_dir"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -179,6 +180,8 @@ class Trainer:
             self.device = torch.device(self.device)
         if tc.threads is not None and self.device.type == "cpu":
             torch.set_num_threads(tc.threads)
+        if tc.keep_freed_memory and self.device.type == "cpu":
+            keep_freed_memory()
         self.tokenizer, self.train_corpus, self.val_corpus = data if data is not None else build_corpus(run.data)
         self.model_config = variant_model_config(run, variant, vocab_size=self.tokenizer.vocab_size)
 
