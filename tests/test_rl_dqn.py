@@ -185,3 +185,26 @@ def test_minatar_through_gymnasium_vector_api():
     res = train_dqn(q, envs, total_steps=200, config=DQNConfig(learning_starts=100, batch_size=8), seed=0)
     assert res.env_steps >= 200 and len(res.episodes) > 0
     assert all(np.isfinite(r) and r >= 0 for _, _, r in res.episodes)      # Breakout: +1 per brick
+
+
+def test_off_policy_collector_skips_reset_steps_and_counts_updates():
+    from moekit.models.rl import OffPolicyCollector
+    buf = ReplayBuffer(10, (1,), np.float32)
+    col = OffPolicyCollector(buf, 2)
+    o = lambda v: np.array([[v], [v + 0.5]], np.float32)          # noqa: E731
+    # Step 1: env 1 terminates. Step 2: env 1 resets (invalid), env 0 is truncated.
+    # Step 3: env 0 resets (invalid). Rewards of invalid steps are never counted.
+    n1 = col.record(o(0), np.array([0, 1]), [1.0, 2.0], o(1), [False, True], [False, False])
+    n2 = col.record(o(1), np.array([1, 0]), [3.0, 99.0], o(2), [False, False], [True, False])
+    n3 = col.record(o(2), np.array([0, 0]), [99.0, 4.0], o(3), [False, False], [False, False])
+    assert (n1, n2, n3) == (2, 1, 1) and col.env_steps == 4 and len(buf) == 4
+    assert col.episodes == [(2, 0, 2.0), (3, 0, 4.0)]               # (valid env step, task, return)
+    assert buf.rewards[:4].tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert buf.terminated[:4].tolist() == [False, True, False, False]
+    col2 = OffPolicyCollector(ReplayBuffer(4, (1,)), 1)
+    col2.env_steps = 5
+    assert col2.updates_due(5, learning_starts=10, train_every=2) == 0     # before learning_starts
+    col2.env_steps = 10
+    assert [col2.updates_due(n, learning_starts=10, train_every=2) for n in (1, 1, 3, 0)] == [0, 1, 1, 0]
+    with pytest.raises(ValueError, match="num_envs"):
+        OffPolicyCollector(buf, 0)

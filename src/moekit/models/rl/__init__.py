@@ -45,6 +45,7 @@ gymnasium's (optional extra ``moekit[rl]``).
 from moekit.models.rl.dqn import (
                                   Q_HEADS,
                                   DQNConfig,
+                                  OffPolicyCollector,
                                   QNetwork,
                                   QNetworkConfig,
                                   ReplayBuffer,
@@ -81,5 +82,6 @@ __all__ = ["TORSOS", "ActorCriticConfig", "ActorCritic", "actor_critic_dense_twi
            "clipped_policy_loss", "Rollout", "RolloutCollector", "PPOConfig", "ppo_update", "RLTrainResult",
            "train_ppo", "expert_usage", "CartPoleVecEnv", "ReachVecEnv", "MultiTaskVecEnv", "make_gym_vec_env",
            "check_next_step_autoreset", "Q_HEADS", "QNetworkConfig", "QNetwork", "perconv_tokens", "ReplayBuffer",
+           "OffPolicyCollector",
            "dqn_targets", "DQNConfig", "linear_epsilon", "train_dqn", "MixtureGaussianPolicy", "TwinQ",
            "mixture_log_prob", "SACConfig", "sac_update", "train_sac", "return_curve", "late_return"]

@@ -37,8 +37,8 @@ from moekit.models.rl.ppo import RLTrainResult, check_next_step_autoreset
 from moekit.optim import UpdateStep, build_optimizer
 from moekit.validate import check_bool, check_choice, check_int, check_number
 
-__all__ = ["Q_HEADS", "QNetworkConfig", "QNetwork", "perconv_tokens", "ReplayBuffer", "dqn_targets",
-           "DQNConfig", "linear_epsilon", "train_dqn"]
+__all__ = ["Q_HEADS", "QNetworkConfig", "QNetwork", "perconv_tokens", "ReplayBuffer", "OffPolicyCollector",
+           "dqn_targets", "DQNConfig", "linear_epsilon", "train_dqn"]
 
 Q_HEADS = ("dense", "soft_moe", "moe")
 
@@ -181,6 +181,47 @@ class ReplayBuffer:
                     terminated=torch.from_numpy(self.terminated[idx]))
 
 
+class OffPolicyCollector:
+    """The bookkeeping of off-policy collection on a vector env with next-step autoreset, shared
+    by `train_dqn` and `moekit.models.rl.pmoe.train_sac`: `record` stores a step's valid
+    transitions in `buffer` (not the reset step after an episode end), counts valid env steps
+    and keeps finished episodes as ``(env step, 0, return)``; `updates_due` says how many
+    updates to run now — one per ``train_every`` valid steps once ``learning_starts`` is reached."""
+
+    def __init__(self, buffer: ReplayBuffer, num_envs: int):
+        self.buffer = buffer
+        self.prev_done_B = np.zeros(check_int("num_envs", num_envs, min=1), bool)
+        self.ep_return_B = np.zeros(num_envs)
+        self.episodes: list = []
+        self.env_steps = 0
+        self._pending = 0
+
+    def record(self, obs, action_B, reward, next_obs, terminated, truncated) -> int:
+        """Book one vector step (arrays over the B envs); returns its number of valid transitions."""
+        valid_B = ~self.prev_done_B
+        reward_B = np.asarray(reward, dtype=np.float64)
+        term_B = np.asarray(terminated, bool)
+        done_B = term_B | np.asarray(truncated, bool)
+        if valid_B.any():
+            self.buffer.add(obs[valid_B], action_B[valid_B], reward_B[valid_B], next_obs[valid_B], term_B[valid_B])
+        n_valid = int(valid_B.sum())
+        self.env_steps += n_valid
+        self.ep_return_B += np.where(valid_B, reward_B, 0.0)
+        for b in np.flatnonzero(done_B & valid_B):
+            self.episodes.append((self.env_steps, 0, float(self.ep_return_B[b])))
+        self.ep_return_B[~valid_B | done_B] = 0.0
+        self.prev_done_B = done_B
+        return n_valid
+
+    def updates_due(self, n_valid: int, *, learning_starts: int, train_every: int) -> int:
+        if self.env_steps < learning_starts:
+            return 0
+        self._pending += n_valid
+        due = self._pending // train_every
+        self._pending -= due * train_every
+        return due
+
+
 def dqn_targets(*, rewards_B: torch.Tensor, terminated_B: torch.Tensor, next_q_target_BA: torch.Tensor,
                 gamma: float, next_q_online_BA: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``r + γ·(1 − terminated)·Q̄(s', a*)`` with ``a* = argmax Q̄(s', ·)`` (DQN) or
@@ -248,38 +289,22 @@ def train_dqn(qnet: QNetwork, envs, *, total_steps: int, config: DQNConfig = DQN
     obs, _ = envs.reset(seed=seed)
     obs = np.asarray(obs)
     B = obs.shape[0]
-    buffer = ReplayBuffer(c.buffer_size, obs.shape[1:], obs.dtype)
-    prev_done_B, ep_return_B = np.zeros(B, bool), np.zeros(B)
-    episodes, logs, env_steps, pending, t0 = [], [], 0, 0, time.perf_counter()
+    collect = OffPolicyCollector(ReplayBuffer(c.buffer_size, obs.shape[1:], obs.dtype), B)
+    logs, t0 = [], time.perf_counter()
     loss_sum, q_sum, n_sum = 0.0, 0.0, 0
     qnet.train()
-    while env_steps < total_steps:
-        eps = linear_epsilon(env_steps, start=c.eps_start, end=c.eps_end, decay_steps=c.eps_decay_steps)
+    while collect.env_steps < total_steps:
+        eps = linear_epsilon(collect.env_steps, start=c.eps_start, end=c.eps_end, decay_steps=c.eps_decay_steps)
         with torch.no_grad():
             greedy_B = qnet(torch.from_numpy(obs)).argmax(-1).numpy()
         explore_B = rng.random(B) < eps
         action_B = np.where(explore_B, rng.integers(0, qnet.num_actions, size=B), greedy_B)
         next_obs, reward, terminated, truncated, _ = envs.step(action_B)
         next_obs = np.asarray(next_obs)
-        valid_B = ~prev_done_B
-        reward_B = np.asarray(reward, dtype=np.float64)
-        term_B = np.asarray(terminated, bool)
-        done_B = term_B | np.asarray(truncated, bool)
-        if valid_B.any():
-            buffer.add(obs[valid_B], action_B[valid_B], reward_B[valid_B], next_obs[valid_B], term_B[valid_B])
-        n_valid = int(valid_B.sum())
-        env_steps += n_valid
-        ep_return_B += np.where(valid_B, reward_B, 0.0)
-        for b in np.flatnonzero(done_B & valid_B):
-            episodes.append((env_steps, 0, float(ep_return_B[b])))
-        ep_return_B[~valid_B | done_B] = 0.0
-        prev_done_B, obs = done_B, next_obs
-        if env_steps < c.learning_starts:
-            continue
-        pending += n_valid
-        while pending >= c.train_every:
-            pending -= c.train_every
-            batch = buffer.sample(c.batch_size, rng)
+        n_valid = collect.record(obs, action_B, reward, next_obs, terminated, truncated)
+        obs = next_obs
+        for _ in range(collect.updates_due(n_valid, learning_starts=c.learning_starts, train_every=c.train_every)):
+            batch = collect.buffer.sample(c.batch_size, rng)
             with torch.no_grad():
                 next_q_target = target(batch["next_obs"])
                 next_q_online = qnet(batch["next_obs"]) if c.double else None
@@ -292,6 +317,7 @@ def train_dqn(qnet: QNetwork, envs, *, total_steps: int, config: DQNConfig = DQN
             if update.step % c.target_update == 0:
                 target.load_state_dict(qnet.state_dict())
             if update.step % 100 == 0:
-                logs.append(dict(step=env_steps, loss=loss_sum / n_sum, q_mean=q_sum / n_sum))
+                logs.append(dict(step=collect.env_steps, loss=loss_sum / n_sum, q_mean=q_sum / n_sum))
                 loss_sum, q_sum, n_sum = 0.0, 0.0, 0
-    return RLTrainResult(episodes=episodes, updates=logs, env_steps=env_steps, wall_s=time.perf_counter() - t0)
+    return RLTrainResult(episodes=collect.episodes, updates=logs, env_steps=collect.env_steps,
+                         wall_s=time.perf_counter() - t0)

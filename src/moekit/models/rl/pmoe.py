@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.models.rl.dqn import ReplayBuffer
+from moekit.models.rl.dqn import OffPolicyCollector, ReplayBuffer
 from moekit.models.rl.ppo import RLTrainResult, check_next_step_autoreset
 from moekit.optim import UpdateStep, build_optimizer
 from moekit.validate import check_int, check_number
@@ -232,35 +232,23 @@ def train_sac(policy: MixtureGaussianPolicy, critic: TwinQ, envs, *, total_steps
     B, A = obs.shape[0], policy.action_dim
     low, high = (policy.offset_A - policy.scale_A).numpy(), (policy.offset_A + policy.scale_A).numpy()
     buffer = ReplayBuffer(c.buffer_size, obs.shape[1:], np.float32, action_shape=(A,), action_dtype=np.float32)
-    prev_done_B, ep_return_B = np.zeros(B, bool), np.zeros(B)
-    episodes, logs, env_steps, pending, n_updates, t0 = [], [], 0, 0, 0, time.perf_counter()
-    while env_steps < total_steps:
-        if env_steps < c.learning_starts:
+    collect = OffPolicyCollector(buffer, B)
+    logs, n_updates, t0 = [], 0, time.perf_counter()
+    while collect.env_steps < total_steps:
+        if collect.env_steps < c.learning_starts:
             action = rng.uniform(low, high, size=(B, A)).astype(np.float32)
         else:
             with torch.no_grad():
                 action = policy.sample(torch.from_numpy(obs))[0].numpy()
         next_obs, reward, terminated, truncated, _ = envs.step(action)
         next_obs = np.asarray(next_obs, np.float32)
-        valid = ~prev_done_B
-        reward, term = np.asarray(reward, np.float64), np.asarray(terminated, bool)
-        done = term | np.asarray(truncated, bool)
-        if valid.any():
-            buffer.add(obs[valid], action[valid], reward[valid], next_obs[valid], term[valid])
-        env_steps += int(valid.sum())
-        ep_return_B += np.where(valid, reward, 0.0)
-        for b in np.flatnonzero(done & valid):
-            episodes.append((env_steps, 0, float(ep_return_B[b])))
-        ep_return_B[~valid | done] = 0.0
-        prev_done_B, obs = done, next_obs
-        if env_steps < c.learning_starts:
-            continue
-        pending += int(valid.sum())
-        while pending >= c.train_every:
-            pending -= c.train_every
+        n_valid = collect.record(obs, action, reward, next_obs, terminated, truncated)
+        obs = next_obs
+        for _ in range(collect.updates_due(n_valid, learning_starts=c.learning_starts, train_every=c.train_every)):
             info = sac_update(state, buffer.sample(c.batch_size, rng), updates=updates, config=c)
             n_updates += 1
             if n_updates % 100 == 0:
-                logs.append(dict(step=env_steps, **info))
-    return RLTrainResult(episodes=episodes, updates=logs, env_steps=env_steps, wall_s=time.perf_counter() - t0)
+                logs.append(dict(step=collect.env_steps, **info))
+    return RLTrainResult(episodes=collect.episodes, updates=logs, env_steps=collect.env_steps,
+                         wall_s=time.perf_counter() - t0)
 
