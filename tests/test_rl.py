@@ -298,3 +298,25 @@ def test_importing_models_does_not_import_gymnasium():
     code = "import sys, moekit.models, moekit.models.rl; print('gymnasium' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_summarize_runs_against_a_hand_computed_summary(tmp_path):
+    import math
+    import statistics
+
+    from moekit.models.rl import plot_return_curves, summarize_runs
+    # Two seeds over 100 steps, 2 bins: seed 0 has episodes in both halves, seed 1 only in the second.
+    runs = {"a": [([(10, 0, 1.0), (60, 0, 3.0), (95, 0, 5.0)], 2.0), ([(70, 0, 7.0)], 4.0)]}
+    s = summarize_runs(runs, 100, late_frac=0.1, bins=2)["a"]
+    assert s["curves"].shape == (2, 2) and math.isnan(s["curves"][1, 0])
+    assert s["curve"] == [1.0, statistics.mean([4.0, 7.0])]                 # NaN bins left out of the mean
+    assert math.isnan(s["final"])                                            # seed 1 has no late episode
+    assert s["auc"] == statistics.mean([3.0, 7.0]) and s["auc_std"] == statistics.stdev([3.0, 7.0])
+    assert (s["wall"], s["wall_std"]) == (3.0, statistics.stdev([2.0, 4.0]))
+    one = summarize_runs({"b": [([(95, 0, 2.0)], 1.0)]}, 100)["b"]
+    assert (one["final"], one["final_std"], one["wall_std"]) == (2.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="at least one"):
+        summarize_runs({"c": []}, 100)
+    pytest.importorskip("matplotlib")
+    plot_return_curves({"a": s}, 100, str(tmp_path / "c.png"), "t", dashed=("a",))
+    assert (tmp_path / "c.png").stat().st_size > 0

@@ -19,12 +19,9 @@ return per tenth of training, the mean return of the episodes of the last 20 % o
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 
-import numpy as np
 import torch
 
 from moekit.models.rl import (
@@ -33,28 +30,10 @@ from moekit.models.rl import (
     TwinQ,
     late_return,
     make_gym_vec_env,
-    return_curve,
+    plot_return_curves,
+    summarize_runs,
     train_sac,
 )
-
-
-def mean_std(xs):
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def plot_curves(curves: dict, steps: int, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    x = (np.arange(10) + 0.5) * steps / 10
-    for m, c in curves.items():
-        ax.plot(x, np.nanmean(c, 0), label=m)
-    ax.set(xlabel="environment steps", ylabel="episode return (mean over seeds)", title="SAC on Pendulum-v1")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run_one(method: str, seed: int, steps: int, num_envs: int, config: SACConfig):
@@ -100,24 +79,18 @@ def main(argv=None):
         results = [run_one(*job) for job in jobs]
     print(f"\nPendulum-v1, SAC, {args.steps} env steps × seeds {args.seeds}, {args.workers} worker processes\n")
     print("mean return per tenth of training (mean over seeds):")
-    warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)   # a tenth without episodes: NaN
-    summary, curves = {}, {}
-    for m in methods:
-        runs = [r for r in results if r[0] == m]
-        curves[m] = np.array([return_curve(r[2], args.steps) for r in runs])
-        final = [late_return(r[2], args.steps, 0.2) for r in runs]
-        auc = [float(np.mean([ret for _, _, ret in r[2]] or [np.nan])) for r in runs]
-        summary[m] = (mean_std(final), mean_std(auc), mean_std([r[3] for r in runs]))
-        print(f"  {m:9s}" + " ".join(f"{v:8.1f}" for v in np.nanmean(curves[m], 0)))
+    summary = summarize_runs({m: [(r[2], r[3]) for r in results if r[0] == m] for m in methods}, args.steps, 0.2)
+    for m, sm in summary.items():
+        print(f"  {m:9s}" + " ".join(f"{v:8.1f}" for v in sm["curve"]))
     print(f"\n{'method':9s} {'final return (last 20%)':>25s} {'mean over run':>18s} {'wall s/run':>11s}")
-    for m, ((f, fs), (a, as_), (w, _)) in summary.items():
-        print(f"{m:9s} {f:15.1f} ± {f'{fs:.1f}':7s} {a:9.1f} ± {as_:6.1f} {w:8.1f}")
+    for m, sm in summary.items():
+        print(f"{m:9s} {sm['final']:15.1f} ± {format(sm['final_std'], '.1f'):7s} {sm['auc']:9.1f} "
+              f"± {sm['auc_std']:6.1f} {sm['wall']:8.1f}")
     print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
     if args.plot:
-        plot_curves(curves, args.steps, args.plot)
-    return {m: dict(final=f, final_std=fs, auc=a, auc_std=as_, wall=w)
-            for m, ((f, fs), (a, as_), (w, _)) in summary.items()}
-
+        plot_return_curves(summary, args.steps, args.plot, "SAC on Pendulum-v1")
+    return {m: dict(final=sm["final"], final_std=sm["final_std"], auc=sm["auc"], auc_std=sm["auc_std"],
+                    wall=sm["wall"]) for m, sm in summary.items()}
 
 if __name__ == "__main__":
     main()

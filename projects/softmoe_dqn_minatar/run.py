@@ -24,15 +24,20 @@ the run, parameters, wall time; ``--plot`` writes the return curves as a PNG.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 
-import numpy as np
 import torch
 
-from moekit.models.rl import DQNConfig, QNetworkConfig, late_return, make_gym_vec_env, return_curve, train_dqn
+from moekit.models.rl import (
+    DQNConfig,
+    QNetworkConfig,
+    late_return,
+    make_gym_vec_env,
+    plot_return_curves,
+    summarize_runs,
+    train_dqn,
+)
 
 METHODS = {
     **{f"dense_x{w}": QNetworkConfig(head="dense", width_mult=w) for w in (1, 2, 4, 8)},
@@ -55,27 +60,6 @@ def run_one(method: str, seed: int, game: str, steps: int, num_envs: int, config
           f"{res.wall_s:.0f} s", flush=True)
     return method, seed, n_params, res.episodes, res.wall_s
 
-
-def mean_std(xs):
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def plot_curves(curves: dict, steps: int, path: str, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    x = (np.arange(10) + 0.5) * steps / 10
-    for m, c in curves.items():
-        mean = np.nanmean(c, 0)
-        ax.plot(x, mean, label=m, ls="--" if m.startswith("dense") else "-")
-    ax.set_xlabel("environment steps")
-    ax.set_ylabel("episode return (mean over seeds)")
-    ax.set_title(title)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None):
@@ -110,25 +94,21 @@ def main(argv=None):
     print(f"MinAtar/{args.game}-v1, DQN, {args.steps} env steps × seeds {args.seeds}, "
           f"{args.workers} worker processes\n")
     print("mean return per tenth of training (mean over seeds):")
-    warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)   # a tenth without episodes: NaN
-    summary, curves = {}, {}
-    for m in methods:
-        runs = [r for r in results if r[0] == m]
-        curves[m] = np.array([return_curve(r[3], args.steps) for r in runs])
-        final = [late_return(r[3], args.steps, 0.1) for r in runs]
-        auc = [float(np.mean([ret for _, _, ret in r[3]] or [np.nan])) for r in runs]
-        summary[m] = (runs[0][2], mean_std(final), mean_std(auc), mean_std([r[4] for r in runs]))
-        print(f"  {m:10s}" + " ".join(f"{v:6.2f}" for v in np.nanmean(curves[m], 0)))
+    summary = summarize_runs({m: [(r[3], r[4]) for r in results if r[0] == m] for m in methods}, args.steps, 0.1)
+    params = {r[0]: r[2] for r in results}
+    for m, sm in summary.items():
+        print(f"  {m:10s}" + " ".join(f"{v:6.2f}" for v in sm["curve"]))
     print(f"\n{'method':10s} {'params':>8s} {'final return (last 10%)':>25s} {'mean over run':>16s} "
           f"{'wall s/run':>11s}")
-    for m, (n, (f, fs), (a, as_), (w, _)) in summary.items():
-        print(f"{m:10s} {n:8d} {f:15.2f} ± {f'{fs:.2f}':7s} {a:8.2f} ± {as_:5.2f} {w:8.1f}")
+    for m, sm in summary.items():
+        print(f"{m:10s} {params[m]:8d} {sm['final']:15.2f} ± {format(sm['final_std'], '.2f'):7s} "
+              f"{sm['auc']:8.2f} ± {sm['auc_std']:5.2f} {sm['wall']:8.1f}")
     print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
     if args.plot:
-        plot_curves(curves, args.steps, args.plot, f"DQN on MinAtar/{args.game}-v1, seeds {args.seeds}")
-    return {m: dict(params=n, final=f, final_std=fs, auc=a, auc_std=as_, wall=w)
-            for m, (n, (f, fs), (a, as_), (w, _)) in summary.items()}
-
+        plot_return_curves(summary, args.steps, args.plot, f"DQN on MinAtar/{args.game}-v1, seeds {args.seeds}",
+                           dashed=("dense",))
+    return {m: dict(params=params[m], final=sm["final"], final_std=sm["final_std"], auc=sm["auc"],
+                    auc_std=sm["auc_std"], wall=sm["wall"]) for m, sm in summary.items()}
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,8 @@
-"""projects/softmoe_dqn_minatar: the method grid, the curve summary, and the --quick path."""
-import math
+"""projects/softmoe_dqn_minatar: the method grid and the --quick path."""
 
 import pytest
 
-from projects.softmoe_dqn_minatar.run import METHODS, QUICK_METHODS, main, mean_std
+from projects.softmoe_dqn_minatar.run import METHODS, QUICK_METHODS, main
 
 
 def test_method_grid_scales_dense_width_and_soft_moe_experts():
@@ -13,10 +12,6 @@ def test_method_grid_scales_dense_width_and_soft_moe_experts():
     assert all(c.slots_per_expert is None for c in METHODS.values())      # total slots = tokens
     assert METHODS["top1moe_8"].head == "moe" and METHODS["top1moe_8"].top_k == 1
     assert set(QUICK_METHODS) <= set(METHODS)
-
-
-def test_mean_std():
-    assert mean_std([1.0, 3.0]) == (2.0, math.sqrt(2.0)) and mean_std([4.0]) == (4.0, 0.0)
 
 
 def test_quick_run_of_one_method():

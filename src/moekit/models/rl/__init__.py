@@ -55,7 +55,7 @@ from moekit.models.rl.dqn import (
                                   train_dqn,
 )
 from moekit.models.rl.envs import CartPoleVecEnv, MultiTaskVecEnv, ReachVecEnv, make_gym_vec_env
-from moekit.models.rl.metrics import late_return, return_curve
+from moekit.models.rl.metrics import late_return, plot_return_curves, return_curve, summarize_runs
 from moekit.models.rl.network import TORSOS, ActorCritic, ActorCriticConfig, actor_critic_dense_twin
 from moekit.models.rl.pmoe import (
                                   MixtureGaussianPolicy,
@@ -84,4 +84,5 @@ __all__ = ["TORSOS", "ActorCriticConfig", "ActorCritic", "actor_critic_dense_twi
            "check_next_step_autoreset", "Q_HEADS", "QNetworkConfig", "QNetwork", "perconv_tokens", "ReplayBuffer",
            "OffPolicyCollector",
            "dqn_targets", "DQNConfig", "linear_epsilon", "train_dqn", "MixtureGaussianPolicy", "TwinQ",
-           "mixture_log_prob", "SACConfig", "sac_update", "train_sac", "return_curve", "late_return"]
+           "mixture_log_prob", "SACConfig", "sac_update", "train_sac", "return_curve", "late_return",
+           "summarize_runs", "plot_return_curves"]
