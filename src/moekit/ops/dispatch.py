@@ -112,16 +112,46 @@ def _bag_sum_ok(y_ND: torch.Tensor) -> bool:
 
 
 def _sum_slots(y_ND: torch.Tensor, inverse_N: torch.Tensor, T: int, K: int,
-               w_TK: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``out[t] = Σ_k w[t, k] · y[inverse[t·K + k]]`` (w = 1 when None), differentiable in y and w.
+               w_TK: Optional[torch.Tensor] = None, order_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out[t] = Σ_k w[t, k] · y[inverse[t·K + k]]`` (w = 1 when None), differentiable in y and w;
+    `order_N`, the inverse permutation of `inverse_N`, is computed when not given.
 
     The reference (`_sum_slots_reference`) gathers the (T, K, D) rows and reduces them; on the
     CPU `F.embedding_bag` fuses the gather, the weighting and the sum (measured at T=4096 K=8
     D=512 fp32: 3 ms against 11 ms for the unweighted sum, 19 against 24 ms forward + backward
     for the weighted one)."""
     if _bag_sum_ok(y_ND) and (w_TK is None or w_TK.dtype == y_ND.dtype):
-        return F.embedding_bag(inverse_N.view(T, K), y_ND, mode="sum", per_sample_weights=w_TK)
+        if w_TK is None:
+            return F.embedding_bag(inverse_N.view(T, K), y_ND, mode="sum")
+        if order_N is None:
+            order_N = torch.empty_like(inverse_N)
+            order_N[inverse_N] = torch.arange(inverse_N.numel(), device=inverse_N.device)
+        return _WeightedSlotSum.apply(y_ND, w_TK, inverse_N, order_N)
     return _sum_slots_reference(y_ND, inverse_N, T, K, w_TK)
+
+
+class _WeightedSlotSum(torch.autograd.Function):
+    """``out[t] = Σ_k w[t, k] · y[inverse[t·K + k]]`` by `F.embedding_bag`; the backward gathers
+    instead of the embedding-bag's scatter: row r's gradient is ``w_r · g[token of r]`` and
+    ``∂w[t, k] = ⟨y[inverse[t·K + k]], g[t]⟩`` (measured at T=3072 K=2 D=128 on one thread:
+    7.5 ms forward + backward against 10.9 ms through the embedding-bag's own backward)."""
+
+    @staticmethod
+    def forward(ctx, y_ND, w_TK, inverse_N, order_N):
+        T, K = w_TK.shape
+        ctx.save_for_backward(y_ND, w_TK, inverse_N, order_N)
+        return F.embedding_bag(inverse_N.view(T, K), y_ND, mode="sum", per_sample_weights=w_TK)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        y_ND, w_TK, inverse_N, order_N = ctx.saved_tensors         # order_N[r]: the pair row r holds
+        T, K = w_TK.shape
+        g_ND = g_TD.contiguous().index_select(0, torch.div(order_N, K, rounding_mode="floor"))
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gw = (g_ND * y_ND).sum(-1).index_select(0, inverse_N).view(T, K)
+        gy = g_ND.mul_(w_TK.reshape(-1).index_select(0, order_N).unsqueeze(-1)) if ctx.needs_input_grad[0] else None
+        return gy, gw, None, None
 
 
 def _sum_slots_reference(y_ND: torch.Tensor, inverse_N: torch.Tensor, T: int, K: int,
@@ -179,7 +209,7 @@ class LocalDispatcher:
             y_ND = torch.where(meta.rows_ok, y_ND, torch.zeros((), dtype=y_ND.dtype, device=y_ND.device))
         w_TK = meta.weights_N.view(T, K).to(acc)                                # already token-major
         if _bag_sum_ok(y_ND):
-            out = _sum_slots(y_ND, meta.inverse_N, T, K, w_TK)
+            out = _sum_slots(y_ND, meta.inverse_N, T, K, w_TK, meta.order_N)
         else:   # half types: gather token-major rows (backward: the inverse gather), sum in `acc`
             y_TKD = _gather_rows(y_ND, meta.inverse_N, meta.order_N).view(T, K, -1).to(acc)
             out = _weighted_slot_sum(y_TKD, w_TK)
