@@ -25,9 +25,9 @@ import torch
 
 from moekit.losses.balance import (
     acc,
+    check_devices,
     check_ids,
     check_mask,
-    check_devices,
     cv_squared_from_sums,
     device_from_sums,
     entropy_rows,

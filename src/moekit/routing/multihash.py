@@ -8,8 +8,9 @@ The hidden vector of a token is split into H chunks of ``D / H``; chunk i goes t
 `Routing` format a chunk is a row: with ``rows_are_chunks=True`` this router sends row r to
 expert ``h_{r mod H}(id_r)`` with gate 1 — for rows ``t·H + i`` (chunk i of token t, the order
 of ``x.view(T, H, D/H)``) that is hash i of token t. Without it (``MoE(router="multihash")`` on
-whole tokens) every row uses the first hash: a plain hash router. `moekit.layers.MultiHashMoE` does the split and the concatenation around a
-`moekit.MoE` of width ``D / H``. No parameters; routing is a function of the token id only.
+whole tokens) every row uses the first hash: a plain hash router. `moekit.layers.MultiHashMoE`
+does the split and the concatenation around a `moekit.MoE` of width ``D / H``.
+No parameters; routing is a function of the token id only.
 
 - ``vocab_size=None``: hash i is a seeded universal hash ``((a_i·id + b_i) mod P) mod E``;
 - ``vocab_size=V``: H random tables ``(H, V)`` (a buffer, saved with the model).
