@@ -217,3 +217,39 @@ def test_count_window_sums():
     assert w.add(torch.tensor([3, 0])).tolist() == [4, 2]
     w.reset()
     assert w.counts is None and w.micro_batches == 0
+
+
+def test_trainer_global_batch_scope_over_grad_accumulation(tmp_path):
+    """`--set model.balance_scope=global_batch` in the LM trainer: within one step the second
+    micro-batch's loss uses both micro-batches' counts; the update starts a new window."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import tiny
+
+    from moekit.train.config import apply_overrides
+    from moekit.train.data import BatchSampler, build_corpus
+    from moekit.train.trainer import Trainer
+
+    run = apply_overrides(tiny(), ["model.balance_scope=global_batch", "model.router=topk", "model.top_k=2",
+                                   "train.grad_accum=2", "variants=moe"])
+    data = build_corpus(run.data)
+    t = Trainer(run, "moe", tmp_path, data=data, progress=False)
+    layers = [b.ffn for b in t.model.moe_blocks]
+    assert all(m.balance_scope == "global_batch" for m in layers)
+    x, y, d = BatchSampler(data[1], seq_len=32, batch_size=8, seed=1).next_batch()
+    halves = [lambda: (x[:4], y[:4], d[:4]), lambda: (x[4:], y[4:], d[4:])]
+    t.accumulate_gradients(halves)
+    m = layers[0]
+    assert m.balance_window.micro_batches == 2
+    # The window holds the counts of both micro-batches: the concatenated batch's selections.
+    t.model.eval()
+    t.model(x)
+    full_counts = selection_counts(m.last_routing.topk_ids, m.num_experts)
+    t.model.train()
+    assert m.balance_window.counts.tolist() == full_counts.tolist()
+    t.update(loss_value=1.0)
+    assert all(layer.balance_window.micro_batches == 0 for layer in layers)
+    t.fit(stop_at_step=2)
+    assert t.step == 2
