@@ -18,7 +18,7 @@ ROUTER_KW = {"task": {"num_tasks": 3}, "stable_moe": {"vocab_size": V}}
 
 
 def _inputs(name, shape):
-    if name in ("hash", "stable_moe"):
+    if name in ("hash", "stable_moe", "multihash"):
         return {"token_ids": torch.randint(0, V, shape)}
     if name == "task":
         return {"task_ids": torch.randint(0, 3, shape)}

@@ -28,7 +28,7 @@ REFUSED_LM = {"expert_choice": r"causal_safe=False.*router_kwargs=\{'causal': Tr
 
 # Routers that give every token the same number of experts (dropless): measured == nominal.
 FIXED_K = {"topk": 2, "noisy_topk": 2, "sigmoid": 2, "gshard": 2, "cosine": 2, "gaussian": 2, "dense": E,
-           "switch": 1, "base": 1, "sinkhorn": 1, "hash": 1, "random": 1}
+           "switch": 1, "base": 1, "sinkhorn": 1, "hash": 1, "random": 1, "multihash": 1}
 
 
 def _lm(router, **kw):

@@ -22,7 +22,7 @@ MOE_KW = {"switch": {"top_k": 1}, "task": {"router_kwargs": {"num_tasks": 3}},
 
 
 def router_inputs(name, shape):
-    if name in ("hash", "stable_moe"):
+    if name in ("hash", "stable_moe", "multihash"):
         return {"token_ids": torch.randint(0, 50, shape)}
     if name == "task":
         return {"task_ids": torch.randint(0, 3, shape)}

@@ -66,7 +66,7 @@ def test_router_kwargs_cannot_contradict_the_layer(clash):
         MoE(d_model=8, num_experts=4, top_k=2, router_kwargs=clash)
 
 
-_EXTRA_INPUTS = {"hash": "token_ids", "stable_moe": "token_ids", "task": "task_ids"}
+_EXTRA_INPUTS = {"hash": "token_ids", "multihash": "token_ids", "stable_moe": "token_ids", "task": "task_ids"}
 
 
 @pytest.mark.parametrize("name", moekit.available_routers())

@@ -45,6 +45,7 @@ from moekit.layers import (
     MoESM,
     MoLoRALinear,
     MoVLinear,
+    MultiHashMoE,
     PyramidMoE,
     ResidualMoE,
     SharedBottom,
@@ -52,6 +53,7 @@ from moekit.layers import (
     StackedDenseMoE,
     StarLinear,
     add_experts,
+    dynmoe_adapt,
     freeze_experts,
     make_mmoe_synthetic,
     offload_experts,
@@ -83,6 +85,7 @@ BAD = {
     "pos_num": [0, 0.0, -1, -0.5, NAN, INF, -INF, True, False, "1", [1.0], None],
     "pos_num_or_none": [0, -1.0, NAN, INF, -INF, True, "1", [1.0]],
     "nonneg_num": [-0.5, -1, NAN, INF, -INF, True, False, "0.1", [0.1], None],
+    "nonneg_num_or_none": [-0.5, -1, NAN, INF, -INF, True, False, "0.1", [0.1]],
     "num": [NAN, INF, -INF, True, False, "0.1", [0.1], None],
     "prob": [-0.1, 1.5, NAN, INF, -INF, True, False, "0.5", [0.5], None],     # [0, 1]
     "prob_open_high": [-0.1, 1.0, 1.5, NAN, INF, True, "0.5", None],          # [0, 1)
@@ -108,11 +111,13 @@ ROUTER_SETTINGS = {
     "dense": {"temperature": "pos_num", "bias": "bool"},
     "dense_to_sparse": {"start_temperature": "pos_num", "end_temperature": "pos_num",
                         "anneal_steps": "nonneg_int", "threshold": "prob_open_high"},
+    "dynmoe": {"ste_temperature": "pos_num"},
     "dselect_k": {"gamma": "pos_num", "entropy_coef": "nonneg_num", "per_token": "bool"},
     "expert_choice": {"causal": "bool", "group_size": "pos_int_or_none"},
     "gaussian": {"min_var": "pos_num"},
     "gshard": {"group_size": "pos_int_or_none", "random_routing": "bool"},
     "hash": {"vocab_size": "pos_int_or_none", "seed": "int"},
+    "multihash": {"num_hashes": "pos_int", "vocab_size": "pos_int_or_none", "seed": "int", "rows_are_chunks": "bool"},
     "noisy_topk": {"min_noise_std": "nonneg_num"},
     "null_experts": {"num_null_experts": "nonneg_int", "balance_coef": "nonneg_num"},
     "random": {"seed": "int"},
@@ -128,6 +133,7 @@ ROUTER_SETTINGS = {
     "top_p": {"p": "prob", "dynamic_loss_coef": "nonneg_num", "max_experts": "pos_int_or_none"},
     "topk": {"norm": "choice", "route_scale": "pos_num", "softmax": "choice", "bias": "bool",
              "fused_gate": "bool"},
+    "vmoe": {"noise_std": "nonneg_num_or_none", "fused_gate": "bool"},
 }
 ROUTER_NEEDS = {"stable_moe": {"vocab_size": 11}, "task": {"num_tasks": 3}}
 # Settings whose 'good' values include a few of the generic bad ones.
@@ -261,6 +267,13 @@ def _mod(**kw):
     return MixtureOfDepths(torch.nn.Linear(8, 8), **kw)
 
 
+def _dynmoe_adapt(**kw):
+    torch.manual_seed(0)
+    moe = MoE(d_model=8, num_experts=4, router="dynmoe")
+    moe(torch.randn(6, 8))
+    return dynmoe_adapt(moe, **kw)
+
+
 def _early_exit(**kw):
     blocks = [torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)]
     heads = [torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)]
@@ -268,6 +281,10 @@ def _early_exit(**kw):
 
 
 TABLE = [
+    (MultiHashMoE, dict(d_model=8, num_experts=4), {"d_model": "pos_int", "num_experts": "pos_int",
+                                                    "num_hashes": "pos_int", "vocab_size": "pos_int_or_none",
+                                                    "seed": "int"}),
+    (_dynmoe_adapt, {}, {"grow_fraction": "prob", "min_experts": "pos_int", "max_experts": "pos_int_or_none"}),
     (SoftMoE, dict(d_model=8, num_experts=4), {"d_model": "pos_int", "num_experts": "pos_int",
                                                "slots_per_expert": "pos_int", "d_hidden": "pos_int_or_none",
                                                "normalize": "bool", "backend": "choice",
@@ -411,7 +428,7 @@ def test_every_layer_with_settings_is_in_the_table():
     # A layer added to moekit.layers must join the table (or this list of exemptions with a reason).
     covered = {f.__name__ for f, _, _ in TABLE} | {f.__name__ for f, *_ in EXTRA}
     covered |= {"MoLoRALinear", "MoVLinear", "add_experts", "freeze_experts", "offload_experts",
-                "MixtureOfDepths", "EarlyExit"}          # through _mod and _early_exit
+                "MixtureOfDepths", "EarlyExit", "dynmoe_adapt"}   # through _mod, _early_exit, _dynmoe_adapt
     exempt = {"MoE",            # tests/test_trust_inputs.py
               "MoEConfig", "MoEStats", "MoELayer", "LayerStats", "MixtureStats",   # data / protocols
               "aux_loss", "moe_layers", "default_hidden", "offload_stats", "restore_experts",

@@ -12,7 +12,8 @@ means one thing:
 4. a non-finite loss or gradient norm raises `NonFiniteError` *before* the update, so the
    parameters stay those of the last good step;
 5. ``optimizer.step()``, ``zero_grad``, then the aux-loss-free bias update of every MoE layer
-   (`moekit.update_router_biases`, DeepSeek-V3), which must follow the parameter update.
+   (`moekit.update_router_biases`, DeepSeek-V3), which must follow the parameter update, and
+   the start of a new global-batch balance window (`moekit.losses.reset_balance_windows`).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from moekit.losses import update_router_biases
+from moekit.losses import reset_balance_windows, update_router_biases
 from moekit.validate import check_choice, check_int, check_number
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "NonFiniteError", "param_groups", "build_optimizer", "lr_at", "UpdateStep"]
@@ -182,6 +183,7 @@ class UpdateStep:
         self.optimizer.zero_grad(set_to_none=True)
         if self.bias_update:
             update_router_biases(self.model)
+        reset_balance_windows(self.model)          # global-batch balance: the next step's window
         self.step += 1
         return {"lr": lr, "loss": loss_value, "grad_norm": gnorm}
 

@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 __all__ = ["have_matplotlib", "plot_loss_curves", "plot_load_heatmap", "plot_doc_specialisation",
-           "plot_domain_experts", "plot_token_specialisation", "plot_coactivation", "plot_experts_per_token"]
+           "plot_domain_experts", "plot_token_specialisation", "plot_coactivation", "plot_experts_per_token",
+           "plot_max_vio", "plot_expert_coactivation"]
 
 
 def have_matplotlib() -> bool:
@@ -261,4 +262,56 @@ def _experts_per_token_figure(plt, hist: Sequence[dict], title: str = ""):
         ax.grid(alpha=0.3, axis="y")
     axes[0, 0].set_ylabel("share of tokens")
     fig.suptitle(title or "experts per token (validation text); dashed: the mean")
+    return fig
+
+
+def plot_max_vio(by_variant: dict, path, title: str = "") -> Optional[Path]:
+    """Per-layer MaxVio of several variants: ``{name: {"global": [L], "batch": [L]}}`` (the
+    output of `moekit.analysis.max_vio`), grouped bars, one panel for each scope."""
+    plt = _plt()
+    if plt is None or not by_variant:
+        return None
+    return _save(_max_vio_figure(plt, by_variant, title), path)
+
+
+def _max_vio_figure(plt, by_variant: dict, title: str = ""):
+    names = list(by_variant)
+    L = len(next(iter(by_variant.values()))["global"])
+    width = 0.8 / len(names)
+    fig, axes = plt.subplots(1, 2, figsize=(4.0 + 0.9 * L * len(names) / 2, 3.4), squeeze=False, sharey=True,
+                             layout="constrained")
+    for ax, scope in zip(axes[0], ("global", "batch")):
+        for i, n in enumerate(names):
+            v = np.asarray(by_variant[n][scope], dtype=np.float64)
+            ax.bar(np.arange(L) + (i - (len(names) - 1) / 2) * width, v, width=width, label=n)
+        ax.set_title(f"MaxVio, {scope}" + (" (mean over batches)" if scope == "batch" else ""), fontsize=9)
+        ax.set_xlabel("MoE layer")
+        _integer_ticks(ax.xaxis, L)
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0, 0].set_ylabel("max load / mean load − 1")
+    axes[0, 1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(title or "load imbalance per layer (0 = perfect balance)")
+    return fig
+
+
+def plot_expert_coactivation(coact: dict, path, title: str = "") -> Optional[Path]:
+    """Within-layer co-activation lift ``P(i, j) / (P(i) P(j))`` (`moekit.analysis.expert_coactivation`)."""
+    plt = _plt()
+    if plt is None or not coact:
+        return None
+    return _save(_expert_coactivation_figure(plt, coact, title), path)
+
+
+def _expert_coactivation_figure(plt, coact: dict, title: str = ""):
+    lift = np.asarray(coact["lift"], dtype=np.float64)
+    E = lift.shape[0]
+    fig, ax = plt.subplots(figsize=(3.2 + 0.12 * E, 2.8 + 0.12 * E), layout="constrained")
+    im = ax.imshow(lift, cmap="magma", vmin=0, vmax=max(2.0, float(lift.max())), interpolation="nearest")
+    ax.set_xlabel("expert j")
+    ax.set_ylabel("expert i")
+    _integer_ticks(ax.xaxis, E)
+    _integer_ticks(ax.yaxis, E)
+    fig.colorbar(im, ax=ax, label="lift over independence")
+    ax.set_title(title or "experts chosen together", fontsize=9)
     return fig

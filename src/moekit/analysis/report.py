@@ -9,7 +9,8 @@ batches through it (`probe_routing`) and writes
   equal-time comparison; routing analytics, with routing by domain (domain × expert shares,
   NMI, purity per layer) for a multi-domain run; each MoE layer's histogram of experts per
   token (how many tokens kept 0, 1, …, E experts) and its mean, plotted for routers whose
-  count varies between tokens (top-p, ReLU, null experts … or capacity drops);
+  count varies between tokens (top-p, ReLU, null experts … or capacity drops); each MoE
+  layer's MaxVio on the validation batches, global and per batch (`max_vio`);
 - ``plots/*.png`` (when matplotlib is installed) and ``report.html`` with the plots embedded
   as base64, so the page can be mailed or archived alone.
 """
@@ -24,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from moekit.analysis.balance import max_vio
 from moekit.analysis.plots import (
     have_matplotlib,
     plot_coactivation,
@@ -32,6 +34,7 @@ from moekit.analysis.plots import (
     plot_experts_per_token,
     plot_load_heatmap,
     plot_loss_curves,
+    plot_max_vio,
     plot_token_specialisation,
 )
 from moekit.analysis.routing import (
@@ -64,6 +67,7 @@ def analyse_variant(checkpoint: os.PathLike, val_corpus, run, *, device: str = "
         out["specialisation"] = specialisation(probe, token_names=names, doc_names=val_corpus.doc_names)
         out["coactivation"] = coactivation(probe)
         out["experts_per_token"] = experts_per_token_histogram(probe)
+        out["max_vio"] = max_vio(probe.batch_counts)
         if val_corpus.num_domains > 1:
             out["domains"] = domain_specialisation(probe, val_corpus.doc_domains.tolist(), val_corpus.domain_names)
         out["_probe"] = probe
@@ -129,6 +133,10 @@ def write_report(run_dir: os.PathLike, *, device: str = "cpu", samples: bool = T
                 a["experts_per_token"], plots_dir / f"experts_{name}.png",
                 title=f"{name}: experts per token (validation text); dashed: the mean")
 
+    vio = {name: a["max_vio"] for name, a in analyses.items() if "max_vio" in a}
+    if vio:
+        plots["max_vio"] = plot_max_vio(vio, plots_dir / "max_vio.png",
+                                        title="load imbalance on the validation batches (MaxVio)")
     comp = comparison_rows(results)
     summary = {
         "run": run.name, "config": run.to_dict(), "comparison": comp,
@@ -142,6 +150,7 @@ def write_report(run_dir: os.PathLike, *, device: str = "cpu", samples: bool = T
                            "coactivation": [{k: c[k] for k in ("from_layer", "to_layer", "mi", "nmi")}
                                             for c in a["coactivation"]],
                            "experts_per_token": a["experts_per_token"],
+                           "max_vio": a["max_vio"],
                            **({"domains": a["domains"]} if "domains" in a else {})}
                     for name, a in analyses.items() if "specialisation" in a},
         "plots": {k: str(v.relative_to(run_dir)) for k, v in plots.items() if v is not None},
@@ -216,6 +225,8 @@ def _html(run, results, table: str, analyses: dict, plots: dict) -> str:
     if not have_matplotlib():
         parts.append("<p><em>matplotlib is not installed: no plots (pip install 'moekit[plots]').</em></p>")
     parts += ["<h2>Loss curves</h2>", _img(plots.get("loss"))]
+    if plots.get("max_vio"):
+        parts += ["<h2>Load balance (MaxVio)</h2>", _img(plots.get("max_vio"))]
     for name, a in analyses.items():
         if "specialisation" not in a:
             continue
@@ -227,11 +238,14 @@ def _html(run, results, table: str, analyses: dict, plots: dict) -> str:
         parts += [_img(plots.get(f"load_{name}")), _img(plots.get(f"tokens_{name}")),
                   _img(plots.get(f"docs_{name}")), _img(plots.get(f"coact_{name}"))]
         parts.append("<table><tr><th>layer</th><th>NMI(expert; token)</th><th>NMI(expert; document)</th>"
-                     "<th>dropped</th><th>load share per expert</th></tr>")
-        for s in a["specialisation"]:
+                     "<th>dropped</th><th>MaxVio global</th><th>MaxVio per batch</th>"
+                     "<th>load share per expert</th></tr>")
+        vio = a.get("max_vio", {"global": [], "batch": []})
+        for j, s in enumerate(a["specialisation"]):
             share = " ".join(f"{v:.2f}" for v in s["load_share"])
+            g, b = (f"{vio[k][j]:.3f}" if j < len(vio[k]) else "" for k in ("global", "batch"))
             parts.append(f"<tr><td>{s['layer']}</td><td>{s['nmi_token']:.3f}</td><td>{s['nmi_doc']:.3f}</td>"
-                         f"<td>{s['dropped']}</td><td><code>{share}</code></td></tr>")
+                         f"<td>{s['dropped']}</td><td>{g}</td><td>{b}</td><td><code>{share}</code></td></tr>")
         parts.append("</table>")
         s0 = a["specialisation"][0]
         parts.append(f"<h3>Layer {s0['layer']}: tokens and documents each expert prefers (lift)</h3><table>"

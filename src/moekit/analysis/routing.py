@@ -63,6 +63,9 @@ class RoutingProbe:
     top1: (L, T) top-1 expert of every probed token (-1 if all its pairs were dropped).
     tokens: (T,) token ids; docs: (T,) document ids. dropped: (L,) pairs dropped.
     experts_hist: (L, E + 1) tokens that kept exactly n = 0 … E experts in each layer.
+    batch_counts: (B, L, E) routed pairs per expert in each probed batch (for `max_vio`).
+    coact: (L, E, E) tokens whose kept experts include both i and j (diagonal: tokens of i) —
+    `moekit.analysis.expert_coactivation`'s counts over the probed tokens.
     """
 
     layers: list
@@ -75,6 +78,8 @@ class RoutingProbe:
     dropped: np.ndarray
     entropy: np.ndarray = field(default_factory=lambda: np.zeros(0))
     experts_hist: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
+    batch_counts: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), dtype=np.int64))
+    coact: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), dtype=np.int64))
 
 
 @torch.no_grad()
@@ -93,10 +98,12 @@ def probe_routing(model, batches: Sequence, *, num_docs: int, device: Optional[t
     dropped = np.zeros(L, dtype=np.int64)
     entropy = np.zeros(L)
     experts_hist = np.zeros((L, E + 1), dtype=np.int64)
+    batch_counts = np.zeros((len(batches), L, E), dtype=np.int64)
+    coact = np.zeros((L, E, E), dtype=np.int64)
     was_training = model.training
     model.eval()
     try:
-        for x, _, doc in batches:
+        for b, (x, _, doc) in enumerate(batches):
             model(x.to(device))
             tok_T = x.reshape(-1).cpu()
             doc_T = doc.reshape(-1).cpu()
@@ -117,13 +124,18 @@ def probe_routing(model, batches: Sequence, *, num_docs: int, device: Optional[t
                 top1[j].append(torch.where(best_e == E, -1, best_e).numpy())
                 dropped[j] += int(r.dropped)
                 experts_hist[j] += torch.bincount(torch.bincount(t_N, minlength=T), minlength=E + 1).numpy()
+                batch_counts[b, j] = torch.bincount(e_N, minlength=E).numpy()
+                onehot_TE = torch.zeros(T, E, dtype=torch.long)
+                onehot_TE[t_N, e_N] = 1
+                coact[j] += (onehot_TE.t() @ onehot_TE).numpy()
                 if moe.last_stats is not None and moe.last_stats.router_entropy is not None:
                     entropy[j] += float(moe.last_stats.router_entropy) / len(batches)
     finally:
         model.train(was_training)
     return RoutingProbe(layers=[i for i, _ in blocks], num_experts=E, by_token=by_token, by_doc=by_doc,
                         top1=np.stack([np.concatenate(t) for t in top1]), tokens=np.concatenate(toks),
-                        docs=np.concatenate(docs), dropped=dropped, entropy=entropy, experts_hist=experts_hist)
+                        docs=np.concatenate(docs), dropped=dropped, entropy=entropy, experts_hist=experts_hist,
+                        batch_counts=batch_counts, coact=coact)
 
 
 def mutual_information(joint: np.ndarray) -> tuple[float, float]:

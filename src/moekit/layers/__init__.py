@@ -45,6 +45,11 @@ from moekit.layers.grow import add_experts, freeze_experts  # noqa: E402  (METHO
 
 __all__ += ["add_experts", "freeze_experts"]
 
+from moekit.layers.dynmoe import dynmoe_adapt  # noqa: E402  (METHODS.md G16)
+from moekit.layers.multihash import MultiHashMoE  # noqa: E402  (METHODS.md G8)
+
+__all__ += ["dynmoe_adapt", "MultiHashMoE"]
+
 # Conditional computation beyond MoE (METHODS.md CC1, CC2): token selection and early exits.
 from moekit.layers.depths import DepthStats, MixtureOfDepths  # noqa: E402
 from moekit.layers.early_exit import EarlyExit  # noqa: E402

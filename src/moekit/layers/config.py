@@ -56,6 +56,8 @@ class MoEConfig:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
     balance_loss: str = "auto"
+    balance_devices: Optional[int] = None
+    balance_scope: str = "micro_batch"
     backend: str = "auto"
     router_kwargs: tuple = ()
     sync_free: bool = False

@@ -17,6 +17,7 @@ dispatch, experts and combine are the token path's.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Optional, Union
 
 import torch
@@ -29,7 +30,10 @@ from moekit.layers.protocol import MoELayer, aux_loss, moe_layers
 from moekit.layers.stats import MoEStats, moe_stats
 from moekit.losses import (
     BALANCE_LOSSES,
+    BALANCE_SCOPES,
+    COUNT_LOSSES,
     BalanceStats,
+    CountWindow,
     balance_loss_from_stats,
     balance_stats,
     router_terms_from_stats,
@@ -149,7 +153,17 @@ class MoE(MoELayer):
         aux_loss_coef: weight of the balancing loss.
         z_loss_coef: weight of the router z-loss.
         balance_loss: ``"auto"`` (the router's default), ``"switch"``, ``"importance_load"``,
-            ``"sequence"`` or ``"none"``.
+            ``"sequence"``, ``"gshard"`` (first-choice fractions, GShard), ``"device"``
+            (DeepSeek's device-level loss over ``balance_devices`` expert groups) or ``"none"``
+            (METHODS.md T1; each equals 1 at perfect balance except ``importance_load``, 0).
+        balance_devices: the number of devices (contiguous equal expert groups) of the
+            ``"device"`` loss; no process group needed. Only with ``balance_loss="device"``.
+        balance_scope: ``"micro_batch"`` (default): f and P of each forward pass;
+            ``"global_batch"`` (Qiu et al. 2025, METHODS.md T1 (f)): in training, f counts the
+            selections of every micro-batch since the last optimizer step
+            (`moekit.losses.CountWindow`; `moekit.optim.UpdateStep` resets it), so balance is
+            asked of the step's whole batch, not of each micro-batch. For the count-based
+            losses ``"switch"``, ``"gshard"``, ``"device"``.
         backend: ``"auto"`` | ``"eager"`` | ``"grouped_mm"`` | ``"triton"`` (when installed).
         router_kwargs: extra keyword arguments for a router built by name.
         sync_free: route and compute without any host synchronisation, so the layer can be
@@ -187,6 +201,7 @@ class MoE(MoELayer):
                  drop_policy: str = "position", num_shared_experts: int = 0,
                  shared_d_hidden: Optional[int] = None, shared_expert_gate: bool = False,
                  aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0, balance_loss: str = "auto",
+                 balance_devices: Optional[int] = None, balance_scope: str = "micro_batch",
                  backend: str = "auto", router_kwargs: Optional[dict] = None, sync_free: bool = False,
                  route_by: str = "token", pool: Optional[Callable] = None):
         super().__init__()
@@ -259,6 +274,20 @@ class MoE(MoELayer):
         self.route_by, self.pool = route_by, pool
         self.top_k = self.router.top_k
         self.balance_loss = self.router.default_balance_loss if balance_loss == "auto" else balance_loss
+        check_choice("balance_scope", balance_scope, BALANCE_SCOPES)
+        check_int("balance_devices", balance_devices, min=1, allow_none=True)
+        if self.balance_loss == "device":
+            if balance_devices is None or num_experts % balance_devices:
+                raise ValueError(f"balance_loss='device' needs balance_devices, a divisor of num_experts={num_experts} "
+                                 f"(the number of equal expert groups), got {balance_devices}")
+        elif balance_devices is not None:
+            raise ValueError(f"balance_devices applies only with balance_loss='device', got balance_loss="
+                             f"{self.balance_loss!r} and balance_devices={balance_devices}")
+        if balance_scope == "global_batch" and self.balance_loss not in COUNT_LOSSES:
+            raise ValueError(f"balance_scope='global_batch' accumulates selection counts and needs a count-based "
+                             f"balance_loss in {COUNT_LOSSES}, got {self.balance_loss!r}")
+        self.balance_devices, self.balance_scope = balance_devices, balance_scope
+        self.balance_window = CountWindow() if balance_scope == "global_batch" else None
 
         self.experts = resolve_experts(experts, expert=expert, d_hidden=d_hidden, activation=activation,
                                        num_experts=num_experts, d_model=d_model, default_expert="swiglu",
@@ -403,8 +432,12 @@ class MoE(MoELayer):
         """The sums this layer's losses (and, if asked, statistics) need, after `stats_reducer`."""
         sums = balance_stats(routing, mask_T, balance=self.balance_loss if self.aux_loss_coef > 0 else "none",
                              seq_len=seq_len, z_loss=self.z_loss_coef > 0, router_terms=True,
-                             statistics=statistics, num_tokens=T)
-        return sums if self.stats_reducer is None else sums.reduce(self.stats_reducer)
+                             statistics=statistics, num_tokens=T, num_devices=self.balance_devices)
+        sums = sums if self.stats_reducer is None else sums.reduce(self.stats_reducer)
+        if self.balance_window is not None and self.training and sums.select_counts is not None:
+            # Global batch: f from the counts of every micro-batch of this optimizer step so far.
+            sums = replace(sums, select_counts=self.balance_window.add(sums.select_counts))
+        return sums
 
     def _aux_loss_from(self, sums: BalanceStats) -> torch.Tensor:
         total = torch.zeros((), device=sums.device)
@@ -433,4 +466,6 @@ class MoE(MoELayer):
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"backend={self.backend!r}, aux_loss_coef={self.aux_loss_coef}, z_loss_coef={self.z_loss_coef}, "
                 f"balance_loss={self.balance_loss!r}" + (", sync_free=True" if self.sync_free else "")
+                + (f", balance_devices={self.balance_devices}" if self.balance_devices is not None else "")
+                + (f", balance_scope={self.balance_scope!r}" if self.balance_scope != "micro_batch" else "")
                 + (f", route_by={self.route_by!r}" if self.route_by != "token" else ""))

@@ -22,7 +22,8 @@ from moekit.validate import check_int, check_number, check_tensor
 
 __all__ = [
     "load_balancing_loss", "z_loss", "importance_loss", "load_loss", "cv_squared",
-    "sequence_balance_loss", "router_entropy", "selection_counts",
+    "sequence_balance_loss", "router_entropy", "selection_counts", "first_choice_loss",
+    "device_balance_loss", "global_batch_balance_loss",
 ]
 
 
@@ -125,6 +126,19 @@ def switch_from_sums(prob_sum_E: torch.Tensor, counts_E: torch.Tensor, n_valid: 
     return acc(E * (f_E * P_E).sum())
 
 
+def device_from_sums(prob_sum_E: torch.Tensor, counts_E: torch.Tensor, n_valid: torch.Tensor,
+                     num_devices: int) -> torch.Tensor:
+    """DeepSeek's device-level loss ``Σ_d f'_d · P'_d`` over `num_devices` contiguous groups of
+    ``E / num_devices`` experts: ``f_e = E · counts_e / Σ counts`` (1 at balance),
+    ``f'_d = mean_{e∈d} f_e``, ``P'_d = Σ_{e∈d} P_e``. Equals 1 at balance; with one expert
+    per device it is the Switch form."""
+    E = prob_sum_E.shape[-1]
+    counts = counts_E.to(prob_sum_E.dtype)
+    f_DG = (E * counts / counts.sum().clamp_min(1)).view(num_devices, E // num_devices)
+    P_DG = (prob_sum_E / n_valid.to(prob_sum_E.dtype).clamp_min(1)).view(num_devices, E // num_devices)
+    return acc((f_DG.mean(-1) * P_DG.sum(-1)).sum())
+
+
 def cv_squared_from_sums(x_E: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """Squared coefficient of variation ``var / mean²`` (population variance); 0 if uniform."""
     if x_E.numel() <= 1:
@@ -175,6 +189,97 @@ def load_balancing_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, top_k: i
         raise ValueError(f"counts_E must sum to (valid tokens) · top_k = {n:g} · {top_k} = {n * top_k:g} "
                          f"(one count per pre-capacity selection), got {total:g}")
     return switch_from_sums(masked_row_sum(probs_TE, mask), counts_E, n_valid)
+
+
+def first_choice_loss(probs_TE: torch.Tensor, topk_ids_TK: torch.Tensor, *,
+                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """GShard's balancing loss in its raw form ``(1/E) Σ_e (c_e / S) · m_e`` (METHODS.md G3, T1 (b)).
+
+    ``c_e`` = tokens whose FIRST choice (column 0 of `topk_ids_TK`) is e, ``S`` = valid tokens,
+    ``m_e`` = mean router probability of e. Minimum ``1/E²`` at perfect balance; ``E² ·`` this
+    is the scaled form the MoE layer uses (``balance_loss="gshard"``, 1 at balance). Unlike the
+    Switch form it ignores the second and later choices.
+
+    probs_TE: (T, E) float; topk_ids_TK: (T, K) integer ids in ``[0, E)`` in preference order
+    (checked, which reads them on the host).
+    """
+    check_scores("probs_TE", probs_TE)
+    T, E = probs_TE.shape
+    check_ids("topk_ids_TK", topk_ids_TK, T, "probs_TE")
+    check_mask(mask, T, "probs_TE")
+    _check_id_range(topk_ids_TK, E)
+    first = count_ids(topk_ids_TK[:, :1], E, None if mask is None else mask.unsqueeze(-1))
+    return switch_from_sums(masked_row_sum(probs_TE, mask), first, num_valid(T, mask, probs_TE.device)) / E ** 2
+
+
+def device_balance_loss(probs_TE: torch.Tensor, topk_ids_TK: torch.Tensor, *, num_devices: int,
+                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DeepSeekMoE / DeepSeek-V2's device-level balance loss ``Σ_d f'_d · P'_d`` (METHODS.md X2, T1 (d)).
+
+    Experts are placed on `num_devices` devices in contiguous groups of ``E / num_devices``
+    (expert e on device ``e // (E / num_devices)``, the expert-parallel sharding); no process
+    group is needed. ``f_e = E / (K·T) · #{t : e ∈ topk(t)}``, ``P_e = mean_t p_te``,
+    ``f'_d = mean_{e∈d} f_e``, ``P'_d = Σ_{e∈d} P_e``. Equals 1 at balance; it balances devices,
+    not experts inside a device (``num_devices = E``: the Switch form; 1: constant 1).
+
+    probs_TE: (T, E) float; topk_ids_TK: (T, K) ids in ``[0, E)`` (checked on the host);
+    num_devices must divide E.
+    """
+    check_scores("probs_TE", probs_TE)
+    T, E = probs_TE.shape
+    check_ids("topk_ids_TK", topk_ids_TK, T, "probs_TE")
+    check_mask(mask, T, "probs_TE")
+    check_devices(num_devices, E)
+    _check_id_range(topk_ids_TK, E)
+    counts = count_ids(topk_ids_TK, E, None if mask is None else mask.unsqueeze(-1))
+    return device_from_sums(masked_row_sum(probs_TE, mask), counts, num_valid(T, mask, probs_TE.device), num_devices)
+
+
+def global_batch_balance_loss(probs: list, topk_ids: list, *, masks: Optional[list] = None) -> torch.Tensor:
+    """The Switch form ``E · Σ_e f_e · P_e`` with f and P taken over all micro-batches together
+    (Qiu et al. 2025, "Demons in the Detail"; METHODS.md T1 (f)).
+
+    ``probs[a]``: (T_a, E) probabilities of micro-batch a; ``topk_ids[a]``: (T_a, K) its
+    selections; ``masks[a]``: None or (T_a,) bool. Equals `load_balancing_loss` on the
+    concatenated batch: the sums over tokens (selections, probabilities, valid tokens) are added
+    over micro-batches before the loss is formed. (`moekit.MoE` with
+    ``balance_scope="global_batch"`` accumulates the selection counts the same way over the
+    micro-batches of one optimizer step.)
+    """
+    if not isinstance(probs, (list, tuple)) or not isinstance(topk_ids, (list, tuple)) or not probs:
+        raise TypeError("probs and topk_ids must be non-empty lists of per-micro-batch tensors, got "
+                        f"{type(probs).__name__} and {type(topk_ids).__name__}")
+    if len(probs) != len(topk_ids) or (masks is not None and len(masks) != len(probs)):
+        raise ValueError(f"probs, topk_ids and masks must have one entry per micro-batch, got lengths "
+                         f"{len(probs)}, {len(topk_ids)}, {None if masks is None else len(masks)}")
+    E = None
+    prob_sum = counts = n = None
+    for a, (p, ids) in enumerate(zip(probs, topk_ids)):
+        check_scores(f"probs[{a}]", p)
+        if E is not None and p.shape[1] != E:
+            raise ValueError(f"probs[{a}] must have {E} expert columns like probs[0], got {p.shape[1]}")
+        T, E = p.shape
+        check_ids(f"topk_ids[{a}]", ids, T, f"probs[{a}]")
+        m = None if masks is None else check_mask(masks[a], T, f"probs[{a}]")
+        _check_id_range(ids, E)
+        ps, c, v = masked_row_sum(p, m), count_ids(ids, E, None if m is None else m.unsqueeze(-1)), \
+            num_valid(T, m, p.device)
+        prob_sum, counts, n = (ps, c, v) if prob_sum is None else (prob_sum + ps, counts + c, n + v)
+    return switch_from_sums(prob_sum, counts, n)
+
+
+def check_devices(num_devices, num_experts: int) -> int:
+    """num_devices: an int >= 1 that divides E."""
+    check_int("num_devices", num_devices, min=1)
+    if num_experts % num_devices:
+        raise ValueError(f"num_devices must divide num_experts={num_experts} (equal expert groups), got {num_devices}")
+    return num_devices
+
+
+def _check_id_range(ids_TK: torch.Tensor, E: int) -> None:
+    if ids_TK.numel() and bool(((ids_TK < 0) | (ids_TK >= E)).any()):
+        raise ValueError(f"topk_ids must hold expert ids in [0, {E}), got values in "
+                         f"[{int(ids_TK.min())}, {int(ids_TK.max())}]")
 
 
 def z_loss(logits_TE: torch.Tensor, *, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -25,9 +25,11 @@ import torch
 
 from moekit.losses.balance import (
     acc,
+    check_devices,
     check_ids,
     check_mask,
     cv_squared_from_sums,
+    device_from_sums,
     entropy_rows,
     logsumexp_sq,
     masked_row_sum,
@@ -41,9 +43,12 @@ from moekit.ops.counting import count_ids
 from moekit.validate import check_bool, check_choice, check_int
 
 __all__ = ["BalanceStats", "balance_stats", "balance_loss", "balance_loss_from_stats", "z_loss_from_stats",
-           "router_terms_from_stats", "BALANCE_LOSSES"]
+           "router_terms_from_stats", "BALANCE_LOSSES", "COUNT_LOSSES", "BALANCE_SCOPES", "CountWindow",
+           "reset_balance_windows"]
 
-BALANCE_LOSSES = ("switch", "importance_load", "sequence", "none")
+BALANCE_LOSSES = ("switch", "importance_load", "sequence", "gshard", "device", "none")
+# The losses whose f is a count of selections, which a global-batch window can accumulate.
+COUNT_LOSSES = ("switch", "gshard", "device")
 
 Reducer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -57,8 +62,9 @@ class BalanceStats:
     device: where the sums live.
     n_valid: () valid (unmasked) tokens; None only when the routing has no per-token tensor.
     prob_sum: (E,) ``Σ_t p_te`` (with gradient for ``"switch"``).
-    select_counts: (E,) pre-capacity selections per expert (``"switch"``; kept pairs for
-        routers without a pre-capacity selection).
+    select_counts: (E,) pre-capacity selections per expert (``"switch"``, ``"device"``; kept
+        pairs for routers without a pre-capacity selection); ``"gshard"``: first choices only.
+    num_devices: expert groups of the ``"device"`` loss (1 otherwise).
     gate_sum, load_sum: (E,) ``Σ_t G_te`` and the smooth (or hard) load (``"importance_load"``).
     seq_loss_sum, seq_count: () ``Σ_b loss_b`` over sequences and how many hold a valid token
         (``"sequence"``).
@@ -72,6 +78,7 @@ class BalanceStats:
     balance: str
     num_experts: int
     device: torch.device
+    num_devices: int = 1
     n_valid: Optional[torch.Tensor] = None
     prob_sum: Optional[torch.Tensor] = None
     select_counts: Optional[torch.Tensor] = None
@@ -87,7 +94,7 @@ class BalanceStats:
 
     def tensor_fields(self) -> list:
         """Names of the sums present, in packing order."""
-        return [f.name for f in fields(self) if f.name not in ("balance", "num_experts", "device")
+        return [f.name for f in fields(self) if f.name not in ("balance", "num_experts", "device", "num_devices")
                 and getattr(self, f.name) is not None]
 
     @property
@@ -127,14 +134,17 @@ def _num_tokens(routing, mask: Optional[torch.Tensor]) -> Optional[int]:
 
 def balance_stats(routing, mask: Optional[torch.Tensor] = None, *, balance: str = "none",
                   seq_len: Optional[int] = None, z_loss: bool = False, router_terms: bool = False,
-                  statistics: bool = False, num_tokens: Optional[int] = None) -> BalanceStats:
+                  statistics: bool = False, num_tokens: Optional[int] = None,
+                  num_devices: Optional[int] = None) -> BalanceStats:
     """The sums of `routing` (one routing group) that the asked-for losses and statistics need.
 
     balance: which balancing loss (``"switch"`` uses ``routing.probs`` and the pre-capacity
         ``routing.topk_ids``, or the kept pairs without them; ``"importance_load"`` the noisy
         router's ``extras["gates"]`` and ``extras["load_probs"]`` (hard selection counts when
         there is no smooth estimate, e.g. in eval); ``"sequence"`` ``probs`` and ``topk_ids``
-        over sequences of `seq_len` tokens (default: all T tokens form one sequence)). A router
+        over sequences of `seq_len` tokens (default: all T tokens form one sequence);
+        ``"gshard"`` ``probs`` and the first choices ``topk_ids[:, 0]``; ``"device"`` what
+        ``"switch"`` reads, grouped into `num_devices` devices). A router
         without probabilities (hash, random) contributes nothing.
     z_loss: the z-loss sum (when the router has logits). router_terms: ``routing.aux_losses``.
     statistics: the sums `moekit.layers.stats.moe_stats` needs (kept counts, drops, entropy).
@@ -158,12 +168,22 @@ def balance_stats(routing, mask: Optional[torch.Tensor] = None, *, balance: str 
             check_ids("routing.topk_ids", topk, T, "the routing's tokens")
     device = routing.weights.device
     out = dict(balance=balance, num_experts=E, device=device)
+    if balance == "device":
+        if num_devices is None:
+            raise ValueError("balance loss 'device' needs num_devices (the number of expert groups), got None")
+        out["num_devices"] = check_devices(num_devices, E)
     if T is not None:
         out["n_valid"] = num_valid(T, mask, device)
-    if probs is not None and balance == "switch":
+    if probs is not None and balance in ("switch", "device"):
         out["prob_sum"] = masked_row_sum(probs, mask)
         out["select_counts"] = routing.tokens_per_expert() if topk is None else \
             count_ids(topk, E, None if mask is None else mask.unsqueeze(-1))
+    elif probs is not None and balance == "gshard":
+        if topk is None:
+            raise ValueError("balance loss 'gshard' counts first choices and needs a token-choice router "
+                             "(routing.topk_ids)")
+        out["prob_sum"] = masked_row_sum(probs, mask)
+        out["select_counts"] = count_ids(topk[:, :1], E, None if mask is None else mask.unsqueeze(-1))
     elif probs is not None and balance == "importance_load":
         gates, load = routing.extras.get("gates"), routing.extras.get("load_probs")
         if gates is None:
@@ -207,8 +227,11 @@ def balance_stats(routing, mask: Optional[torch.Tensor] = None, *, balance: str 
 # -- losses from the sums ---------------------------------------------------------------------
 def balance_loss_from_stats(s: BalanceStats) -> torch.Tensor:
     """The balancing loss ``s.balance`` (unweighted, float32 scalar; 0 when nothing applies)."""
-    if s.balance == "switch" and s.select_counts is not None:
+    if s.balance in ("switch", "gshard") and s.select_counts is not None:
+        # "gshard": E · Σ f¹ P with first-choice fractions f¹ = E² × GShard's raw form.
         return switch_from_sums(s.prob_sum, s.select_counts, s.n_valid)
+    if s.balance == "device" and s.select_counts is not None:
+        return device_from_sums(s.prob_sum, s.select_counts, s.n_valid, s.num_devices)
     if s.balance == "importance_load" and s.gate_sum is not None:
         return cv_squared_from_sums(s.gate_sum) + cv_squared_from_sums(s.load_sum)
     if s.balance == "sequence" and s.seq_loss_sum is not None:
@@ -229,9 +252,52 @@ def router_terms_from_stats(s: BalanceStats) -> torch.Tensor:
 
 
 def balance_loss(kind: str, routing, *, mask: Optional[torch.Tensor] = None,
-                 seq_len: Optional[int] = None) -> torch.Tensor:
+                 seq_len: Optional[int] = None, num_devices: Optional[int] = None) -> torch.Tensor:
     """The balancing loss `kind` of one `Routing` (unweighted; see `balance_stats` for what
     each kind reads). Returns 0 when the router provides nothing the loss needs (hash, random)."""
     check_choice("kind", kind, BALANCE_LOSSES)
-    s = balance_stats(routing, mask, balance=kind, seq_len=seq_len)
+    s = balance_stats(routing, mask, balance=kind, seq_len=seq_len, num_devices=num_devices)
     return balance_loss_from_stats(s)
+
+
+# -- global-batch balancing over the micro-batches of one optimizer step ------------------------
+BALANCE_SCOPES = ("micro_batch", "global_batch")
+
+
+class CountWindow:
+    """The selection counts of the micro-batches seen since the last optimizer step (METHODS.md
+    T1 (f), Qiu et al. 2025).
+
+    A layer with ``balance_scope="global_batch"`` adds each training micro-batch's counts and
+    forms its count-based loss (`COUNT_LOSSES`) with the running total, so f covers the step's
+    micro-batches so far (the last micro-batch of a step sees the counts of the whole step;
+    P stays the micro-batch's own, the differentiable part). `reset_balance_windows` — called by
+    `moekit.optim.UpdateStep` after each update — starts the next step's window. The counts are
+    detached and stay on the device (no host sync).
+    """
+
+    def __init__(self):
+        self.counts: Optional[torch.Tensor] = None
+        self.micro_batches = 0
+
+    def add(self, counts_E: torch.Tensor) -> torch.Tensor:
+        """Add one micro-batch's counts; returns the running total (E,)."""
+        c = counts_E.detach()
+        self.counts = c.clone() if self.counts is None else self.counts + c.to(self.counts.dtype)
+        self.micro_batches += 1
+        return self.counts
+
+    def reset(self) -> None:
+        self.counts, self.micro_batches = None, 0
+
+
+def reset_balance_windows(model) -> int:
+    """Start a new global-batch window in every layer of `model` that keeps one (after each
+    optimizer step); returns how many were reset."""
+    n = 0
+    for m in model.modules():
+        w = getattr(m, "balance_window", None)
+        if isinstance(w, CountWindow):
+            w.reset()
+            n += 1
+    return n

@@ -5,10 +5,12 @@ from moekit.routing.capacity import DROP_POLICIES, apply_capacity, capacity_for
 from moekit.routing.cosine import CosineRouter
 from moekit.routing.dense import DenseRouter
 from moekit.routing.dselect_k import DSelectKRouter
+from moekit.routing.dynmoe import DynMoERouter, top_any_selection
 from moekit.routing.expert_choice import ExpertChoiceRouter
 from moekit.routing.gaussian import GaussianRouter
 from moekit.routing.gshard import GShardRouter
 from moekit.routing.hash import HashRouter
+from moekit.routing.multihash import MultiHashRouter
 from moekit.routing.noisy_topk import NoisyTopKRouter
 from moekit.routing.null_experts import NullExpertsRouter
 from moekit.routing.random import RandomRouter
@@ -29,6 +31,7 @@ from moekit.routing.task import TaskRouter
 from moekit.routing.thor import ThorRouter, consistency_loss
 from moekit.routing.top_p import TopPRouter
 from moekit.routing.topk import TopKRouter
+from moekit.routing.vmoe import VMoERouter
 
 __all__ = [
     "Routing", "Router", "TokenChoiceRouter", "TopKRouter", "NoisyTopKRouter", "SwitchRouter", "SampledTop1Router",
@@ -37,5 +40,6 @@ __all__ = [
     "NullExpertsRouter", "TaskRouter", "RandomRouter", "GaussianRouter", "balanced_assignment",
     "sinkhorn_balance", "consistency_loss", "DenseToSparseRouter", "StableMoERouter", "RoutingDropout",
     "TemperatureSchedule", "freeze_moe_parameters", "DROP_POLICIES", "apply_capacity", "capacity_for",
-    "available", "build_router", "get_router_class", "register_router",
+    "available", "build_router", "get_router_class", "register_router", "VMoERouter", "MultiHashRouter",
+    "DynMoERouter", "top_any_selection",
 ]

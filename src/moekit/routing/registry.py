@@ -39,6 +39,9 @@ _BUILTIN = {
     "gaussian": "moekit.routing.gaussian:GaussianRouter",
     "dense_to_sparse": "moekit.routing.schedules:DenseToSparseRouter",
     "stable_moe": "moekit.routing.schedules:StableMoERouter",
+    "vmoe": "moekit.routing.vmoe:VMoERouter",
+    "multihash": "moekit.routing.multihash:MultiHashRouter",
+    "dynmoe": "moekit.routing.dynmoe:DynMoERouter",
 }
 
 
