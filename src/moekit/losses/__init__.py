@@ -10,6 +10,11 @@ from moekit.losses.balance import (
                                    z_loss,
 )
 from moekit.losses.bias import bias_update, update_router_biases
+from moekit.losses.mutual_information import (
+                                   mutual_information_from_joint,
+                                   mutual_information_loss,
+                                   task_expert_joint,
+)
 from moekit.losses.sufficient import (
                                    BALANCE_LOSSES,
                                    BalanceStats,
@@ -25,4 +30,5 @@ __all__ = [
     "sequence_balance_loss", "router_entropy", "selection_counts", "balance_loss", "BALANCE_LOSSES",
     "BalanceStats", "balance_stats", "balance_loss_from_stats", "z_loss_from_stats", "router_terms_from_stats",
     "bias_update", "update_router_biases",
+    "task_expert_joint", "mutual_information_from_joint", "mutual_information_loss",
 ]

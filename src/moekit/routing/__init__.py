@@ -26,6 +26,7 @@ from moekit.routing.sigmoid import SigmoidRouter
 from moekit.routing.sinkhorn import SinkhornRouter, sinkhorn_balance
 from moekit.routing.switch import SwitchRouter
 from moekit.routing.task import TaskRouter
+from moekit.routing.task_token import TaskTokenRouter, m3vit_task_experts
 from moekit.routing.thor import ThorRouter, consistency_loss
 from moekit.routing.top_p import TopPRouter
 from moekit.routing.topk import TopKRouter
@@ -37,5 +38,5 @@ __all__ = [
     "NullExpertsRouter", "TaskRouter", "RandomRouter", "GaussianRouter", "balanced_assignment",
     "sinkhorn_balance", "consistency_loss", "DenseToSparseRouter", "StableMoERouter", "RoutingDropout",
     "TemperatureSchedule", "freeze_moe_parameters", "DROP_POLICIES", "apply_capacity", "capacity_for",
-    "available", "build_router", "get_router_class", "register_router",
+    "available", "build_router", "get_router_class", "register_router", "TaskTokenRouter", "m3vit_task_experts",
 ]
