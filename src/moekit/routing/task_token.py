@@ -79,9 +79,9 @@ class TaskTokenRouter(TokenChoiceRouter):
         self.num_tasks, self.norm = num_tasks, norm
         self.mi_loss_coef = check_number("mi_loss_coef", mi_loss_coef, min=0)
         if task_experts is None:
-            task_experts = torch.ones(num_tasks, num_experts, dtype=torch.bool)
+            task_experts = torch.ones(num_tasks, num_experts, dtype=torch.bool, device="cpu")
         check_tensor("task_experts", task_experts, shape=(num_tasks, num_experts), dtype=torch.bool)
-        fewest = int(task_experts.sum(1).min())
+        fewest = top_k if task_experts.is_meta else int(task_experts.sum(1).min())
         if fewest < top_k:
             raise ValueError(f"task_experts must allow every task at least top_k={top_k} experts, "
                              f"got a task with {fewest}")
