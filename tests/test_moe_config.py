@@ -14,13 +14,13 @@ from moekit.routing import available, get_router_class
 D, E, V = 16, 4, 23
 
 # Router arguments some routers need to run at all (they have no usable default).
-ROUTER_KW = {"task": {"num_tasks": 3}, "stable_moe": {"vocab_size": V}}
+ROUTER_KW = {"task": {"num_tasks": 3}, "task_topk": {"num_tasks": 3}, "stable_moe": {"vocab_size": V}}
 
 
 def _inputs(name, shape):
     if name in ("hash", "stable_moe", "multihash"):
         return {"token_ids": torch.randint(0, V, shape)}
-    if name == "task":
+    if name in ("task", "task_topk"):
         return {"task_ids": torch.randint(0, 3, shape)}
     return {}
 
@@ -137,7 +137,7 @@ def test_exported_from_the_package_and_layers():
 
 # -- TransformerLM with every router that suits a causal LM ----------------------------------
 # Routers a causal LM refuses, and why; routers needing arguments get the ones that make them fit.
-LM_REFUSED = {"task": "per-token inputs \\['task_ids'\\]"}
+LM_REFUSED = {"task": "per-token inputs \\['task_ids'\\]", "task_topk": "per-token inputs \\['task_ids'\\]"}
 LM_KW = {"expert_choice": {"causal": True}, "stable_moe": {"vocab_size": V}}
 LM_ROUTERS = [r for r in available() if r not in LM_REFUSED]
 

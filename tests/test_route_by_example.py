@@ -17,7 +17,8 @@ from moekit.routing.registry import get_router_class
 D, F, E = 8, 16, 4          # multiples of 4 so grouped_mm runs
 MOE_KW = {"switch": {"top_k": 1}}
 # Token-choice routers that route on x alone (task routing needs per-token task ids: refused below).
-ROUTERS = [n for n in available() if issubclass(get_router_class(n), TokenChoiceRouter) and n != "task"]
+ROUTERS = [n for n in available() if issubclass(get_router_class(n), TokenChoiceRouter)
+           and n not in ("task", "task_topk")]
 CAPACITY = [None, 1.0, 0.5]
 
 

@@ -21,10 +21,10 @@ from test_train import DATA, tiny  # noqa: E402
 
 V, D, E = 23, 16, 4
 # Routers that cannot be built without a setting of their own.
-NEEDS = {"stable_moe": {"vocab_size": V}, "task": {"num_tasks": 2}}
+NEEDS = {"stable_moe": {"vocab_size": V}, "task": {"num_tasks": 2}, "task_topk": {"num_tasks": 2}}
 # Routers an autoregressive LM refuses, and the reason its error gives.
 REFUSED_LM = {"expert_choice": r"causal_safe=False.*router_kwargs=\{'causal': True\}",
-              "task": r"per-token inputs \['task_ids'\]"}
+              "task": r"per-token inputs \['task_ids'\]", "task_topk": r"per-token inputs \['task_ids'\]"}
 
 # Routers that give every token the same number of experts (dropless): measured == nominal.
 FIXED_K = {"topk": 2, "noisy_topk": 2, "sigmoid": 2, "gshard": 2, "cosine": 2, "gaussian": 2, "dense": E,
@@ -103,8 +103,8 @@ def test_every_router_in_the_vit(router):
         with pytest.raises(ValueError, match=r"vocab_size=23; a ViTMoE gives the 50 token positions"):
             ViTConfig(d_model=D, n_layers=2, n_heads=2, moe=moe)
         moe = MoEConfig(num_experts=E, router=router, router_kwargs={"vocab_size": 50})
-    if router == "task":
-        with pytest.raises(ValueError, match=r"moe.router='task' routes by per-token inputs \['task_ids'\]"):
+    if router in ("task", "task_topk"):
+        with pytest.raises(ValueError, match=rf"moe.router='{router}' routes by per-token inputs \['task_ids'\]"):
             ViTConfig(d_model=D, n_layers=2, n_heads=2, moe=moe)
         return
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ D, F_HID, E = 8, 16, 4          # multiples of 4 so grouped_mm runs
 
 # Per-router settings for the generic tests: MoE kwargs and the per-token inputs it needs.
 MOE_KW = {"switch": {"top_k": 1}, "task": {"router_kwargs": {"num_tasks": 3}},
+          "task_topk": {"router_kwargs": {"num_tasks": 3}},
           "stable_moe": {"router_kwargs": {"vocab_size": 50}}}
 
 
@@ -24,7 +25,7 @@ MOE_KW = {"switch": {"top_k": 1}, "task": {"router_kwargs": {"num_tasks": 3}},
 def router_inputs(name, shape):
     if name in ("hash", "stable_moe", "multihash"):
         return {"token_ids": torch.randint(0, 50, shape)}
-    if name == "task":
+    if name in ("task", "task_topk"):
         return {"task_ids": torch.randint(0, 3, shape)}
     return {}
 

@@ -134,8 +134,9 @@ def test_routing_compact_and_counts():
 
 # -- the layer --------------------------------------------------------------------------
 SYNC_FREE_ROUTERS = [n for n in available() if getattr(get_router_class(n), "supports_sync_free", False)]
-ROUTER_INPUTS = {"task": lambda T: {"task_ids": torch.randint(0, 2, T)}}
-ROUTER_KW = {"task": {"num_tasks": 2}}
+ROUTER_INPUTS = {"task": lambda T: {"task_ids": torch.randint(0, 2, T)},
+                 "task_topk": lambda T: {"task_ids": torch.randint(0, 2, T)}}
+ROUTER_KW = {"task": {"num_tasks": 2}, "task_topk": {"num_tasks": 2}}
 
 
 def test_the_token_choice_family_is_sync_free():

@@ -66,7 +66,8 @@ def test_router_kwargs_cannot_contradict_the_layer(clash):
         MoE(d_model=8, num_experts=4, top_k=2, router_kwargs=clash)
 
 
-_EXTRA_INPUTS = {"hash": "token_ids", "multihash": "token_ids", "stable_moe": "token_ids", "task": "task_ids"}
+_EXTRA_INPUTS = {"hash": "token_ids", "multihash": "token_ids", "stable_moe": "token_ids", "task": "task_ids",
+                 "task_topk": "task_ids"}
 
 
 @pytest.mark.parametrize("name", moekit.available_routers())
@@ -85,7 +86,8 @@ def test_every_router_works_with_defaults_or_names_what_it_needs(name):
 
 
 @pytest.mark.parametrize("name, kw, inp", [("stable_moe", {"vocab_size": 11}, "token_ids"),
-                                          ("task", {"num_tasks": 3}, "task_ids")])
+                                          ("task", {"num_tasks": 3}, "task_ids"),
+                                          ("task_topk", {"num_tasks": 3}, "task_ids")])
 def test_routers_with_required_arguments_run_once_given(name, kw, inp):
     moe = MoE(d_model=8, num_experts=4, router=name, router_kwargs=kw)
     y = moe(torch.randn(6, 8), **{inp: torch.tensor([0, 1, 2, 2, 1, 0])})
@@ -140,7 +142,7 @@ def test_non_finite_input_is_not_silently_a_number(value):
     assert torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all() and not math.isfinite(float(y[1].sum()))
 
 
-_ROUTER_KW = {"stable_moe": {"vocab_size": 3}, "task": {"num_tasks": 3}}
+_ROUTER_KW = {"stable_moe": {"vocab_size": 3}, "task": {"num_tasks": 3}, "task_topk": {"num_tasks": 3}}
 
 
 @pytest.mark.parametrize("name", moekit.available_routers())

@@ -129,13 +129,14 @@ ROUTER_SETTINGS = {
     "stable_moe": {"vocab_size": "pos_int", "d_distill": "pos_int", "distill_coef": "nonneg_num"},
     "switch": {"jitter": "prob_open_high", "fused_gate": "bool"},
     "task": {"num_tasks": "pos_int", "d_task": "pos_int", "norm": "choice"},
+    "task_topk": {"num_tasks": "pos_int", "norm": "choice", "mi_loss_coef": "nonneg_num"},
     "thor": {"granularity": "choice", "eval_mode": "choice", "eval_expert": "nonneg_int"},
     "top_p": {"p": "prob", "dynamic_loss_coef": "nonneg_num", "max_experts": "pos_int_or_none"},
     "topk": {"norm": "choice", "route_scale": "pos_num", "softmax": "choice", "bias": "bool",
              "fused_gate": "bool"},
     "vmoe": {"noise_std": "nonneg_num_or_none", "fused_gate": "bool"},
 }
-ROUTER_NEEDS = {"stable_moe": {"vocab_size": 11}, "task": {"num_tasks": 3}}
+ROUTER_NEEDS = {"stable_moe": {"vocab_size": 11}, "task": {"num_tasks": 3}, "task_topk": {"num_tasks": 3}}
 # Settings whose 'good' values include a few of the generic bad ones.
 ROUTER_SKIP = [("sinkhorn", "norm", None), ("dense_to_sparse", "threshold", None)]    # None: the default
 

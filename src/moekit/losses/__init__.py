@@ -13,6 +13,11 @@ from moekit.losses.balance import (
                                    z_loss,
 )
 from moekit.losses.bias import bias_update, update_router_biases
+from moekit.losses.mutual_information import (
+                                   mutual_information_from_joint,
+                                   mutual_information_loss,
+                                   task_expert_joint,
+)
 from moekit.losses.sufficient import (
                                    BALANCE_LOSSES,
                                    BALANCE_SCOPES,
@@ -33,4 +38,5 @@ __all__ = [
     "BalanceStats", "balance_stats", "balance_loss_from_stats", "z_loss_from_stats", "router_terms_from_stats",
     "bias_update", "update_router_biases", "first_choice_loss", "device_balance_loss",
     "global_batch_balance_loss", "COUNT_LOSSES", "BALANCE_SCOPES", "CountWindow", "reset_balance_windows",
+    "task_expert_joint", "mutual_information_from_joint", "mutual_information_loss",
 ]

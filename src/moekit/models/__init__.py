@@ -22,6 +22,20 @@ from moekit.models.multitask import MultiTaskConfig, MultiTaskModel, TabularEmbe
 
 __all__ += ["MultiTaskConfig", "MultiTaskModel", "TabularEmbedding"]
 
+from moekit.models.multitask_vit import (  # noqa: E402  (METHODS.md MT4 Mod-Squad, MT5 M³ViT)
+                                     MULTITASK_VIT_METHODS,
+                                     MultiTaskViT,
+                                     MultiTaskViTConfig,
+                                     TaskSpec,
+                                     extract_task_submodel,
+                                     multitask_active_params,
+                                     multitask_vit_config,
+                                     task_expert_counts,
+)
+
+__all__ += ["MultiTaskViT", "MultiTaskViTConfig", "TaskSpec", "multitask_vit_config", "MULTITASK_VIT_METHODS",
+            "task_expert_counts", "extract_task_submodel", "multitask_active_params"]
+
 from moekit.models.continual import (  # noqa: E402
                                      GrowingTaskRouter,
                                      TaskIncrementalNet,

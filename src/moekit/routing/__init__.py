@@ -28,6 +28,7 @@ from moekit.routing.sigmoid import SigmoidRouter
 from moekit.routing.sinkhorn import SinkhornRouter, sinkhorn_balance
 from moekit.routing.switch import SwitchRouter
 from moekit.routing.task import TaskRouter
+from moekit.routing.task_token import TaskTokenRouter, m3vit_task_experts
 from moekit.routing.thor import ThorRouter, consistency_loss
 from moekit.routing.top_p import TopPRouter
 from moekit.routing.topk import TopKRouter
@@ -42,4 +43,5 @@ __all__ = [
     "TemperatureSchedule", "freeze_moe_parameters", "DROP_POLICIES", "apply_capacity", "capacity_for",
     "available", "build_router", "get_router_class", "register_router", "VMoERouter", "MultiHashRouter",
     "DynMoERouter", "top_any_selection",
+    "TaskTokenRouter", "m3vit_task_experts",
 ]

@@ -35,6 +35,7 @@ _BUILTIN = {
     "thor": "moekit.routing.thor:ThorRouter",
     "null_experts": "moekit.routing.null_experts:NullExpertsRouter",
     "task": "moekit.routing.task:TaskRouter",
+    "task_topk": "moekit.routing.task_token:TaskTokenRouter",
     "random": "moekit.routing.random:RandomRouter",
     "gaussian": "moekit.routing.gaussian:GaussianRouter",
     "dense_to_sparse": "moekit.routing.schedules:DenseToSparseRouter",
