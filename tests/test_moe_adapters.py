@@ -110,7 +110,7 @@ def test_a_task_whose_experts_are_all_frozen_keeps_its_outputs_bit_identical():
 
 def test_freeze_share_rule_and_trainable_parameter_count():
     m = _model(E=4)
-    assert m.freeze_share == pytest.approx(1 / 8)
+    assert m.freeze_share == pytest.approx(1 / 4)
     m.add_task()
     per_expert = 2 * 12 * 4
     assert m.trainable_parameters() == 2 * (12 * 4) + 2 * 4 * per_expert
@@ -118,7 +118,7 @@ def test_freeze_share_rule_and_trainable_parameter_count():
     used = m.finish_task(x)
     for l in range(2):
         share = m.task_usage[0][l]
-        assert set(used[l]) == set((share >= 1 / 8).nonzero().squeeze(1).tolist())
+        assert set(used[l]) == set((share >= 1 / 4).nonzero().squeeze(1).tolist())
         assert m.frozen[l] == set(used[l])
     m.add_task()
     assert m.trainable_parameters() == 2 * (12 * 4) + sum(4 - len(u) for u in used) * per_expert

@@ -17,7 +17,7 @@ Vision-Language Models via Mixture-of-Experts Adapters", CVPR):
   `moekit.layers.lora.soft_gate`). Older routers are frozen.
 - **Incremental activate-freeze**: after training task t, `finish_task` measures on its training
   inputs the share of the gate mass each expert of each block received; experts whose share is at
-  least ``freeze_share`` (default 1/(2E): half an even share) are *activated* by task t and frozen
+  least ``freeze_share`` (default 1/E: an even share or more) are *activated* by task t and frozen
   for every later task. The paper freezes the experts earlier tasks activated so that later tasks
   can use them but not change them; with this rule an expert an earlier task used only in passing
   stays trainable (documented, measured by the project). Frozen experts are rows of the stacked
@@ -62,7 +62,7 @@ class MoEAdapters(nn.Module):
         stem, head: the backbone's modules before the first and after the last block (frozen;
             default identity). ``forward`` returns what ``head`` returns.
         freeze_share: the activate-freeze threshold on an expert's share of a task's gate mass
-            (default ``1 / (2E)``).
+            (default ``1 / E``).
         activation: of the adapters' hidden layer.
     """
 
@@ -79,7 +79,7 @@ class MoEAdapters(nn.Module):
         self.num_experts = check_int("num_experts", num_experts, min=1)
         self.top_k = check_int("top_k", top_k, min=1, max=num_experts)
         check_int("d_adapter", d_adapter, min=1)
-        self.freeze_share = check_number("freeze_share", 1 / (2 * num_experts) if freeze_share is None
+        self.freeze_share = check_number("freeze_share", 1 / num_experts if freeze_share is None
                                          else freeze_share, min=0, max=1, min_open=True)
         self.stem = nn.Identity() if stem is None else check_instance("stem", stem, nn.Module)
         self.blocks = nn.ModuleList(blocks)
