@@ -126,10 +126,13 @@ def run_target(domains, target: float, args, seed: int) -> dict:
                              lr=args.meta_lr)
     t_meta = time.perf_counter() - t0
     erm = nn.Sequential(erm_f, erm_h).eval()
+
+    def experts_average(x):
+        return torch.stack([h(f(x)).softmax(-1) for f, h in zip(experts, heads)]).mean(0)
+
     res = {
         "ERM": accuracy(erm, tgt.x, tgt.y, args.support),
-        "experts' average": accuracy(lambda x: torch.stack([h(f(x)).softmax(-1) for f, h in zip(experts, heads)]).mean(0),
-                                     tgt.x, tgt.y, args.support),
+        "experts' average": accuracy(experts_average, tgt.x, tgt.y, args.support),
         "Meta-DMoE, no adaptation": accuracy(lambda x: model.logits(x), tgt.x, tgt.y, args.support),
         "Meta-DMoE": accuracy(lambda x: model.adapt_and_predict(x), tgt.x, tgt.y, args.support),
     }
