@@ -19,7 +19,8 @@ projection of the 147-feature view (`data.py`):
 
 Each task has its own value output; the policy head is shared (7 MiniGrid actions). Printed: the
 mean return per task over the last 10 % of steps (± std over seeds), the mean over tasks, the
-area under the curve, parameters and wall time per run; ``returns.png`` has the curves.
+mean return of all the run's episodes (episode-weighted area under the curve), parameters and
+wall time per run; ``returns.png`` has the curves.
 
 ``--continual``: the same agent trains on the tasks one after another (``--steps`` / L steps each,
 a fresh Adam per task), and after each phase every task is evaluated (``--eval-episodes``
@@ -151,7 +152,8 @@ def plot_curves(curves: dict, tasks, steps: int, path: Path) -> None:
             if c.shape[0] > 1:
                 sd = np.nanstd(c[:, j], 0)
                 ax.fill_between(x, mu - sd, mu + sd, alpha=0.15)
-        ax.set_title(tasks[j].removeprefix("MiniGrid-") if j < len(tasks) else "mean over tasks", fontsize=9)
+        title = tasks[j].removeprefix("MiniGrid-") if j < len(tasks) else "all episodes (episode-weighted)"
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("env steps (k, all tasks)")
     axes[0].set_ylabel("episode return")
     axes[-1].legend(fontsize=8)
