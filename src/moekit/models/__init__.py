@@ -59,21 +59,25 @@ __all__ += ["GrowingTaskRouter", "TaskIncrementalNet", "accuracy_matrix", "avera
 from moekit.models.rl import (  # noqa: E402
                                      ActorCritic,
                                      ActorCriticConfig,
+                                     ContextMixtureEncoders,
                                      DQNConfig,
                                      MixtureGaussianPolicy,
+                                     OrthogonalExperts,
                                      PPOConfig,
                                      QNetwork,
                                      QNetworkConfig,
                                      SACConfig,
                                      actor_critic_dense_twin,
                                      gae_advantages,
+                                     hard_task_moe,
                                      train_dqn,
                                      train_ppo,
                                      train_sac,
 )
 
 __all__ += ["ActorCritic", "ActorCriticConfig", "PPOConfig", "actor_critic_dense_twin", "gae_advantages", "train_ppo",
-            "QNetworkConfig", "QNetwork", "DQNConfig", "train_dqn", "MixtureGaussianPolicy", "SACConfig", "train_sac"]
+            "QNetworkConfig", "QNetwork", "DQNConfig", "train_dqn", "MixtureGaussianPolicy", "SACConfig", "train_sac",
+            "OrthogonalExperts", "ContextMixtureEncoders", "hard_task_moe"]
 
 from moekit.models.superres import SRNet, bicubic_upsample, condconv_from_dense, downsample, psnr, sr_macs  # noqa: E402
 

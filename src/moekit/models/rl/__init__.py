@@ -1,4 +1,4 @@
-"""Reinforcement-learning agents with Mixture-of-Experts networks (METHODS.md §10, RL1, RL2 and RL5).
+"""Reinforcement-learning agents with Mixture-of-Experts networks (METHODS.md §10, RL1–RL5).
 
 Value-based (RL1, `moekit.models.rl.dqn`): `QNetwork` — a DQN whose penultimate layer is dense,
 Soft MoE or top-k MoE over PerConv tokens (Obando-Ceron et al., ICML 2024) — and `train_dqn`.
@@ -6,6 +6,12 @@ Soft MoE or top-k MoE over PerConv tokens (Obando-Ceron et al., ICML 2024) — a
 Continuous control (RL2, `moekit.models.rl.pmoe`): `MixtureGaussianPolicy` — PMOE's Gaussian
 mixture policy (Ren et al. 2021) — trained by `train_sac` (SAC with PMOE's winner-expert and
 frequency gate losses, or plain SAC).
+
+Multi-task (RL3–RL5, `moekit.models.rl.multitask`): `OrthogonalExperts` (MOORE: Gram–Schmidt
+over the experts' representations, task-weighted), `ContextMixtureEncoders` (CARE: attention
+over encoders from an embedding of the task's description, `hashed_bag_of_words`) and
+`hard_task_moe` (each task → its own expert), the PPO torsos ``"moore"``, ``"care"``,
+``"hard_task_moe"`` and ``"task_moe"`` (learned task-level routing).
 
 Actor-critic (below): PPO agents with MoE torsos.
 
@@ -56,6 +62,14 @@ from moekit.models.rl.dqn import (
 )
 from moekit.models.rl.envs import CartPoleVecEnv, MultiTaskVecEnv, ReachVecEnv, make_gym_vec_env
 from moekit.models.rl.metrics import late_return, plot_return_curves, return_curve, summarize_runs
+from moekit.models.rl.multitask import (
+                                        ContextMixtureEncoders,
+                                        OrthogonalExperts,
+                                        gram_schmidt,
+                                        gram_schmidt_reference,
+                                        hard_task_moe,
+                                        hashed_bag_of_words,
+)
 from moekit.models.rl.network import TORSOS, ActorCritic, ActorCriticConfig, actor_critic_dense_twin
 from moekit.models.rl.pmoe import (
                                   MixtureGaussianPolicy,
@@ -85,4 +99,6 @@ __all__ = ["TORSOS", "ActorCriticConfig", "ActorCritic", "actor_critic_dense_twi
            "OffPolicyCollector",
            "dqn_targets", "DQNConfig", "linear_epsilon", "train_dqn", "MixtureGaussianPolicy", "TwinQ",
            "mixture_log_prob", "SACConfig", "sac_update", "train_sac", "return_curve", "late_return",
-           "summarize_runs", "plot_return_curves"]
+           "summarize_runs", "plot_return_curves",
+           "gram_schmidt", "gram_schmidt_reference", "OrthogonalExperts", "hashed_bag_of_words",
+           "ContextMixtureEncoders", "hard_task_moe"]

@@ -171,7 +171,8 @@ def make_gym_vec_env(env_id: str, num_envs: int, *, vectorization_mode: Optional
     ``vectorization_mode=None`` takes the env's own vectorised implementation where it has one
     (CartPole-v1 does) and `gymnasium.vector.SyncVectorEnv` otherwise; ``"sync"`` / ``"async"``
     force gymnasium's wrappers. ``"MinAtar/<Game>-v0|v1"`` ids (Young & Tian 2019; v1 = the
-    game's minimal action set) are registered on first use from the ``minatar`` package.
+    game's minimal action set) are registered on first use from the ``minatar`` package, and
+    ``"MiniGrid-..."`` ids (Chevalier-Boisvert et al. 2023) from the ``minigrid`` package.
     `kwargs` go to the env's constructor. Needs the optional extra: ``pip install 'moekit[rl]'``.
     """
     check_int("num_envs", num_envs, min=1)
@@ -183,6 +184,12 @@ def make_gym_vec_env(env_id: str, num_envs: int, *, vectorization_mode: Optional
                           "pip install 'moekit[rl]'") from e
     if env_id.startswith("MinAtar/") and env_id not in gym.registry:
         _register_minatar(gym)
+    if env_id.startswith(("MiniGrid-", "BabyAI-")) and env_id not in gym.registry:
+        try:
+            import minigrid  # noqa: F401  (registers its environments with gymnasium on import)
+        except ImportError as e:
+            raise ImportError("MiniGrid environments need the minigrid package; install the extra with "
+                              "pip install 'moekit[rl]'") from e
     if vectorization_mode is not None:
         return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=vectorization_mode, **kwargs)
     try:
