@@ -187,3 +187,24 @@ def test_weighted_slot_sum_matches_its_reference_in_float64(with_order):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(fast, ref)
     assert torch.autograd.gradcheck(lambda y_, w_: _sum_slots(y_, inverse, T, K, w_, order), (y, w))
+
+
+@pytest.mark.parametrize("N,E,empty", [(1, 8, ()), (8, 128, ()), (5, 16, (0, 3, 15)), (0, 4, ()), (3, 4, (1,))])
+def test_few_rows_path_equals_torch_grouped_mm(N, E, empty):
+    """Fewer rows than experts on the CPU (decoding) takes a loop over the non-empty experts; it
+    equals ``torch._grouped_mm`` bit for bit on the rows the offsets cover."""
+    from moekit.ops.grouped_mm import _grouped_mm_eager, _grouped_mm_few_rows, has_torch_grouped_mm
+    if not has_torch_grouped_mm():
+        pytest.skip("torch._grouped_mm not available")
+    gen = torch.Generator().manual_seed(N * 7 + E)
+    counts = _counts(E, N, empty, gen)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    x, w = torch.randn(N, 16, generator=gen), torch.randn(E, 16, 8, generator=gen)
+    fast = _grouped_mm_few_rows(x, w, offs)
+    assert torch.equal(fast, _grouped_mm_eager(x, w, offs))          # the dispatch takes it
+    if N:
+        assert torch.equal(fast, torch._grouped_mm(x, w, offs=offs))
+    # Static layout: rows past the last offset come back as zeros.
+    short = torch.clamp(offs, max=max(N - 1, 0))
+    y = _grouped_mm_few_rows(x, w, short)
+    assert torch.equal(y[int(short[-1]):], torch.zeros_like(y[int(short[-1]):]))

@@ -379,3 +379,17 @@ def test_fsdp_needs_a_torchrun_job(data, tmp_path, monkeypatch):
         Trainer(tiny(train={"fsdp": True}), "moe", tmp_path / "f", data=data, progress=False)
     with pytest.raises(TypeError, match=r"train.fsdp must be a bool \(True or False\), got 'yes'"):
         tiny(train={"fsdp": "yes"})
+
+
+def test_train_seeds_trains_each_job_in_its_folder_and_resumes(tmp_path):
+    from moekit.train import train_seeds
+    run = tiny(train={"steps": 4, "eval_every": 2, "ckpt_every": 2})
+    jobs = [(0, ["moe"], "s0"), (1, [], "skip"), (1, ["moe", "dense"], "s1")]
+    log = io.StringIO()
+    got = [(seed, r["variant"], ckpt) for seed, r, ckpt in train_seeds(run, jobs, tmp_path, stream=log)]
+    assert [(s, v) for s, v, _ in got] == [(0, "moe"), (1, "moe"), (1, "dense")]
+    assert all(c == tmp_path / f"s{s}" / v / "checkpoints" and c.is_dir() for s, v, c in got)
+    assert not (tmp_path / "skip").exists() and "s1 (moe, dense): trained in" in log.getvalue()
+    first = json.loads((tmp_path / "s0" / "moe" / "result.json").read_text())
+    again = [r for _, r, _ in train_seeds(run, jobs[:1], tmp_path, stream=io.StringIO())]   # finished: resumed
+    assert again[0]["val_loss"] == first["val_loss"] and again[0]["train_time_s"] == first["train_time_s"]

@@ -38,9 +38,9 @@ import numpy as np
 
 from moekit.analysis import domain_specialisation, max_vio, max_violation, probe_routing
 from moekit.analysis.plots import have_matplotlib, plot_max_vio
-from moekit.train import run_experiment
 from moekit.train.config import RunConfig, apply_overrides, config_from_dict, get_preset
 from moekit.train.data import build_corpus, eval_batches
+from moekit.train.experiment import train_seeds
 from moekit.train.metrics import read_metrics
 from moekit.train.sample import load_model
 
@@ -125,24 +125,16 @@ def study(run: RunConfig, out: Path, seeds: Sequence[int], *, extra_seeds: Seque
     jobs = [(seed, main, f"seed{seed}") for seed in seeds]
     jobs += [(seed, extra, f"extra-seed{seed}") for seed in (seeds if extra_seeds is None else extra_seeds)]
     val = None
-    for seed, names, folder in jobs:
-        if not names:
-            continue
-        r = apply_overrides(run, [f"train.seed={seed}", "variants=" + ",".join(names)])
-        t0 = time.time()
-        res = run_experiment(r, out / folder, resume="auto", progress=progress, stream=log)
-        print(f"{folder} ({', '.join(names)}): trained in {time.time() - t0:.0f} s", file=log, flush=True)
-        for result in res["results"]:
-            name = result["variant"]
-            ckpt = out / folder / name / "checkpoints"
-            if val is None:
-                _, tok, _ = load_model(ckpt)
-                _, _, val = build_corpus(run.data, tokenizer=tok)
-            rows[name].append({"seed": seed, "val_loss": result["val_loss"],
-                               "val_loss_by_domain": result.get("val_loss_by_domain"),
-                               "train_time_s": result["train_time_s"],
-                               "train_max_vio": train_max_vio(out / folder / name / "metrics.jsonl"),
-                               **analyse(run, ckpt, val)})
+    for seed, result, ckpt in train_seeds(run, jobs, out, progress=progress, stream=log):
+        name = result["variant"]
+        if val is None:
+            _, tok, _ = load_model(ckpt)
+            _, _, val = build_corpus(run.data, tokenizer=tok)
+        rows[name].append({"seed": seed, "val_loss": result["val_loss"],
+                           "val_loss_by_domain": result.get("val_loss_by_domain"),
+                           "train_time_s": result["train_time_s"],
+                           "train_max_vio": train_max_vio(ckpt.parent / "metrics.jsonl"),
+                           **analyse(run, ckpt, val)})
     summary = {"config": run.to_dict(), "seeds": list(seeds),
                "extra_seeds": None if extra_seeds is None else list(extra_seeds),
                "variants": rows, "table": summarise(rows)}

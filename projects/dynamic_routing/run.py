@@ -35,9 +35,9 @@ from typing import Sequence
 
 import numpy as np
 
-from moekit.train import run_experiment
 from moekit.train.config import RunConfig, apply_overrides, config_from_dict, get_preset
 from moekit.train.data import build_corpus, eval_batches
+from moekit.train.experiment import train_seeds
 from moekit.train.sample import load_model
 from projects.dynamic_routing.difficulty import (
     CLASSES,
@@ -111,26 +111,18 @@ def study(run: RunConfig, out: Path, seeds: Sequence[int], *, sweep_seeds: Seque
     # The main comparison first, every seed; then the sweep, each set in its own run folder.
     jobs = [(seed, main, f"seed{seed}") for seed in seeds]
     jobs += [(seed, sweep, f"sweep-seed{seed}") for seed in (seeds if sweep_seeds is None else sweep_seeds)]
-    for seed, names, folder in jobs:
-        if not names:
-            continue
-        r = apply_overrides(run, [f"train.seed={seed}", "variants=" + ",".join(names)])
-        t0 = time.time()
-        res = run_experiment(r, out / folder, resume="auto", progress=progress, stream=log)
-        print(f"{folder} ({', '.join(names)}): trained in {time.time() - t0:.0f} s", file=log, flush=True)
-        for result in res["results"]:
-            name = result["variant"]
-            ckpt = out / folder / name / "checkpoints"
-            if val is None:
-                _, tok, _ = load_model(ckpt)
-                _, _, val = build_corpus(run.data, tokenizer=tok)
-            rows[name].append({"seed": seed, "val_loss": result["val_loss"],
-                               "val_loss_by_domain": result.get("val_loss_by_domain"),
-                               "params_total": result["params_total"], "params_active": result["params_active"],
-                               "flops_per_token_train": result["flops_per_token_train"],
-                               "experts_per_token": result["experts_per_token"],
-                               "train_time_s": result["train_time_s"],
-                               "analysis": analyse(run, ckpt, val)})
+    for seed, result, ckpt in train_seeds(run, jobs, out, progress=progress, stream=log):
+        name = result["variant"]
+        if val is None:
+            _, tok, _ = load_model(ckpt)
+            _, _, val = build_corpus(run.data, tokenizer=tok)
+        rows[name].append({"seed": seed, "val_loss": result["val_loss"],
+                           "val_loss_by_domain": result.get("val_loss_by_domain"),
+                           "params_total": result["params_total"], "params_active": result["params_active"],
+                           "flops_per_token_train": result["flops_per_token_train"],
+                           "experts_per_token": result["experts_per_token"],
+                           "train_time_s": result["train_time_s"],
+                           "analysis": analyse(run, ckpt, val)})
     summary = {"config": run.to_dict(), "seeds": list(seeds),
                "sweep_seeds": None if sweep_seeds is None else list(sweep_seeds),
                "variants": rows, "table": summarise(rows)}

@@ -24,7 +24,7 @@ from moekit.train.data import (
                                  load_text_files,
                                  split_documents,
 )
-from moekit.train.experiment import load_results, load_run_config, run_experiment
+from moekit.train.experiment import load_results, load_run_config, run_experiment, train_seeds
 from moekit.train.metrics import MetricsLogger, read_metrics
 from moekit.train.mnist import MNIST5k, load_mnist_5k
 from moekit.train.sample import generate_text, load_model
@@ -39,5 +39,5 @@ __all__ = [
     "Trainer", "train_variant", "NonFiniteLossError", "lr_at", "run_experiment", "load_results",
     "load_run_config", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "MetricsLogger",
     "read_metrics", "MNIST5k", "load_mnist_5k", "comparison_rows", "comparison_table", "load_model", "generate_text",
-    "keep_freed_memory",
+    "keep_freed_memory", "train_seeds",
 ]

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from moekit.train.checkpoint import read_json
 from moekit.train.compare import comparison_table
-from moekit.train.config import RunConfig, config_from_dict
+from moekit.train.config import RunConfig, apply_overrides, config_from_dict
 from moekit.train.data import build_corpus
 from moekit.train.trainer import train_variant
 
-__all__ = ["run_experiment", "load_run_config", "load_results", "default_run_dir"]
+__all__ = ["run_experiment", "train_seeds", "load_run_config", "load_results", "default_run_dir"]
 
 
 def default_run_dir(run: RunConfig, root: os.PathLike = "runs") -> Path:
@@ -94,3 +94,21 @@ def run_experiment(run: RunConfig, run_dir: os.PathLike, *, resume=False, progre
     table = comparison_table(results)
     (run_dir / "comparison.txt").write_text(table + "\n")
     return {"results": results, "status": status, "table": table}
+
+
+def train_seeds(run: RunConfig, jobs, out: os.PathLike, *, progress: bool = False, stream=None):
+    """Train the variants of `run` job by job — each job ``(seed, variant names, folder)`` runs
+    those variants with ``train.seed=seed`` in ``out/folder`` (finished variants are resumed, not
+    retrained; a job with no names is skipped) — and yield ``(seed, result, checkpoint dir)`` for
+    every trained variant. The studies of `projects/` that sweep seeds and variant sets use it."""
+    out = Path(out)
+    for seed, names, folder in jobs:
+        if not names:
+            continue
+        r = apply_overrides(run, [f"train.seed={seed}", "variants=" + ",".join(names)])
+        t0 = time.time()
+        res = run_experiment(r, out / folder, resume="auto", progress=progress, stream=stream)
+        print(f"{folder} ({', '.join(names)}): trained in {time.time() - t0:.0f} s", file=stream or sys.stdout,
+              flush=True)
+        for result in res["results"]:
+            yield seed, result, out / folder / result["variant"] / "checkpoints"
