@@ -1,5 +1,4 @@
 """`moekit.train.allocator.keep_freed_memory`: large blocks come from the heap, not mmap."""
-import ctypes
 import subprocess
 import sys
 
@@ -28,7 +27,7 @@ print(during - before, libc.mallinfo2().arena >= (64 << 20))
 """
 
 
-@pytest.mark.skipif(not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"), reason="needs glibc >= 2.33")
+@pytest.mark.skipif(_libc() is None or not hasattr(_libc(), "mallinfo2"), reason="needs glibc >= 2.33")
 def test_keep_freed_memory_serves_large_blocks_from_the_heap():
     def probe(mode):
         out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True)
