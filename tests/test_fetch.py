@@ -95,3 +95,52 @@ def test_fetch_through_npm_without_npm_says_how_to_install_it(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="apt-get install npm"):
         fetch_archive("@scope/pkg@1.0.0", "scope-pkg-1.0.0.tgz", DIGEST, source="npm", cache_dir=tmp_path,
                       verbose=False)
+
+
+def _fake_index(monkeypatch, files, payload=PAYLOAD):
+    """urlopen answering a PEP 691 listing for `files` and `payload` for any file URL."""
+    import io
+    import json
+    import urllib.request
+
+    seen = []
+
+    class Resp(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def urlopen(req, timeout=None):
+        url = req.full_url if hasattr(req, "full_url") else req
+        seen.append(url)
+        if url.endswith("/"):
+            assert req.get_header("Accept") == "application/vnd.pypi.simple.v1+json"
+            return Resp(json.dumps({"files": [{"filename": f, "url": f"../../files/{f}"} for f in files]}).encode())
+        return Resp(payload)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setenv("MOEKIT_PYPI_INDEX", "https://index.example/simple/")
+    return seen
+
+
+def test_fetch_pypi_file_takes_the_file_from_the_index_without_building(tmp_path, monkeypatch):
+    seen = _fake_index(monkeypatch, ["Geo_Pkg-1.0.tar.gz", "Geo_Pkg-1.0-py3-none-any.whl"])
+    monkeypatch.setattr(fetch_mod.subprocess, "run", lambda *a, **k: pytest.fail("no tool may run"))
+    p = fetch_archive("Geo_Pkg==1.0", "Geo_Pkg-1.0.tar.gz", DIGEST, source="pypi-file", cache_dir=tmp_path,
+                      verbose=False)
+    assert p.read_bytes() == PAYLOAD
+    assert seen == ["https://index.example/simple/geo-pkg/", "https://index.example/files/Geo_Pkg-1.0.tar.gz"]
+
+
+def test_fetch_pypi_file_errors(tmp_path, monkeypatch):
+    _fake_index(monkeypatch, ["pkg-2.0.tar.gz"])
+    with pytest.raises(RuntimeError, match="lists no pkg-1.0.tar.gz"):
+        fetch_archive("pkg==1.0", "pkg-1.0.tar.gz", DIGEST, source="pypi-file", cache_dir=tmp_path, verbose=False)
+    with pytest.raises(ValueError, match="NAME==VERSION"):
+        fetch_archive("pkg", "pkg-1.0.tar.gz", DIGEST, source="pypi-file", cache_dir=tmp_path, verbose=False)
+    _fake_index(monkeypatch, ["pkg-1.0.tar.gz"], payload=b"tampered")
+    with pytest.raises(RuntimeError, match="sha256"):
+        fetch_archive("pkg==1.0", "pkg-1.0.tar.gz", DIGEST, source="pypi-file", cache_dir=tmp_path, verbose=False)
+    assert list(tmp_path.iterdir()) == []

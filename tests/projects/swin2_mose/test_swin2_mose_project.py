@@ -78,3 +78,28 @@ def test_quick_run_end_to_end(tmp_path):
     assert rows["Swin2SR (MLP), MSE"]["total"] == rows["Swin2SR (MLP), MSE"]["active"]
     assert rows["Swin2-MoSE (MoE-SM 8/2)"]["total"] > rows["Swin2-MoSE (MoE-SM 8/2)"]["active"]
     assert 20 < rows["bicubic"]["psnr"] < 60
+
+
+def test_paste_on_grid_keeps_the_first_image_where_both_have_data():
+    from projects.swin2_mose.data import paste_on_grid
+
+    a = np.full((2, 4, 4), 5, dtype=np.uint16)
+    a[:, 0, 0] = 0                                        # a no-data pixel of the first image
+    b = np.full((2, 4, 4), 9, dtype=np.uint16)
+    canvas, valid = paste_on_grid([a, b], [(0, 0), (2, 2)])
+    assert canvas.shape == (2, 6, 6) and valid.sum() == 15 + 12
+    assert (canvas[:, 2:4, 2:4] == 5).all()               # overlap: the first image wins
+    assert (canvas[:, 4:, 4:] == 9).all() and not valid[0, 4] and canvas[0, 0, 0] == 0 and not valid[0, 0]
+
+
+def test_area_split_drops_blocks_with_invalid_pixels_and_splits_by_fraction():
+    scene = synthetic_scene(size=256, seed=3)
+    valid = np.ones((256, 256), dtype=bool)
+    valid[10, 200] = False                                 # spoils the block at (0, 192)
+    split = area_split(scene, block=64, valid_HW=valid, test_fraction=0.25)
+    blocks = set(split.train_blocks) | set(split.test_blocks)
+    assert len(blocks) == 15 and (0, 192) not in blocks and len(split.test_blocks) == 4
+    with pytest.raises(ValueError, match="valid_HW"):
+        area_split(scene, block=64, valid_HW=valid[:10])
+    with pytest.raises(ValueError, match="test_fraction"):
+        area_split(scene, block=64, test_fraction=1.5)
