@@ -181,3 +181,15 @@ def test_depth_one_hme_is_the_flat_mixture_under_em():
     torch.testing.assert_close(torch.tensor(h_deep), torch.tensor(h_wide), atol=1e-9, rtol=0)
     torch.testing.assert_close(deep.experts[0], wide.experts[:, 0], atol=1e-7, rtol=0)
     torch.testing.assert_close(deep(x), wide(x), atol=1e-8, rtol=0)
+
+
+def test_em_history_with_restarts_is_the_chosen_starts_whole_trajectory():
+    g = torch.Generator().manual_seed(9)
+    x, y = piecewise_linear(300, g)
+    torch.manual_seed(9)
+    m = HierarchicalMoE(d_model=1, d_out=1, branching=(2, 2)).double()
+    history = m.fit_em(x, y, iters=12, n_init=3, init_iters=6, tol=0.0, generator=torch.Generator().manual_seed(9))
+    assert len(history) == 1 + 6 + 12
+    assert all(b >= a - 1e-8 for a, b in zip(history, history[1:])), history
+    assert history[-1] > history[0]                               # it starts at the start's own init
+    assert history[-1] == pytest.approx(float(m.log_likelihood(x, y)), abs=1e-12)
