@@ -1,0 +1,1 @@
+"""R6: patch-level routing (pMoE, Chowdhury et al. 2023) against a single CNN: sample complexity and spurious patches."""
