@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.optim import UpdateStep, build_optimizer
-
 from projects.patch_moe_sample_complexity.data import PatchData
 from projects.patch_moe_sample_complexity.models import PatchMoE, selected_patches
 

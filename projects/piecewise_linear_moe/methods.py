@@ -29,7 +29,6 @@ import torch
 from moekit.layers import HierarchicalMoE
 from moekit.optim import UpdateStep, build_optimizer
 from moekit.routing.dense import competitive_loss
-
 from projects.piecewise_linear_moe.data import BREAKPOINTS, Regression
 
 __all__ = ["METHODS", "BRANCHING", "gd_loss", "fit_em", "fit_gd", "fit_linear", "leaf_purity",
@@ -114,8 +113,9 @@ def gate_breakpoints(model: HierarchicalMoE, *, points: int = 4001) -> list[floa
 
 def evaluate(fit, test: Regression) -> dict:
     """Test MSE; for mixtures also the MSE of the argmax leaf's line alone (``mse_hard``: the
-    partition's quality without the gate's softness), regime purity of the argmax partition, leaves used and (1-D) the gate breakpoints with
-    the largest distance to the true ones (NaN unless exactly three were found)."""
+    partition's quality without the gate's softness), regime purity of the argmax partition,
+    leaves used and (1-D) the gate breakpoints with the largest distance to the true ones (NaN
+    unless exactly three were found)."""
     if isinstance(fit, torch.Tensor):
         X = torch.cat([test.x, torch.ones_like(test.x[:, :1])], 1)
         return {"mse": float((X @ fit - test.y).square().mean())}
