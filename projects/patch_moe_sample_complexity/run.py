@@ -123,10 +123,11 @@ def plot(summary: dict, ns, path: Path) -> bool:
             m = [a for a, _ in s[metric]]
             sd = [b for _, b in s[metric]]
             ax.plot(ns, m, "o-" if name == "cnn" else "s--", label=name)
-            ax.fill_between(ns, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.15)
+            ax.fill_between(ns, [max(0.0, a - b) for a, b in zip(m, sd)], [min(1.0, a + b) for a, b in zip(m, sd)],
+                            alpha=0.12)                                      # ± 1 std over seeds, clipped
         ax.set_xscale("log")
         ax.set_xlabel("training samples n")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title + "; bands ± 1 std over seeds", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy")
     axes[0].legend()
