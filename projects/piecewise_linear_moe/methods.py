@@ -61,8 +61,8 @@ def gd_loss(model: HierarchicalMoE, x_NP: torch.Tensor, y_N1: torch.Tensor, kind
 def fit_em(train: Regression, branching, *, generator: torch.Generator, iters: int = 200, restarts: int = 5,
            init_iters: int = 25) -> tuple[HierarchicalMoE, list[float]]:
     """EM (IRLS gate M-steps) from the best of `restarts` starts; returns the model and the
-    mean log-likelihood after every EM iteration of the chosen start (the first value is the
-    one the chosen start had after its `init_iters` screening steps)."""
+    mean log-likelihood of the chosen start at its initialisation and after every EM iteration
+    (its screening iterations included)."""
     m = _model(train.x.shape[1], branching, generator)
     history = m.fit_em(train.x, train.y, iters=iters, tol=1e-10, n_init=restarts, init_iters=init_iters,
                        generator=generator)

@@ -150,7 +150,7 @@ def plot(per_seed: dict, fits_1d, out: Path) -> list[str]:
                 h = s["em_history"][method]
                 ax.plot(range(len(h)), h, style, lw=1, label=f"{method} seed {s['seed']}")
         ax.axhline(-0.5 * math.log(2 * math.pi * NOISE ** 2) - 0.5, color="k", lw=0.5, ls=":")
-        ax.set_xlabel("EM iteration (after the restart screening)")
+        ax.set_xlabel("EM iteration (the chosen start, from its initialisation)")
         ax.set_ylabel("mean log-likelihood (train)")
         ax.set_title(f"{dim}-D; dotted: the true model's expected value")
         ax.legend(fontsize=6, ncol=2)
