@@ -127,3 +127,70 @@ def test_em_recovers_quadrant_regimes_in_2d():
     mse = (m(xt) - yt).square().mean().item()
     assert mse < 6 * NOISE ** 2, mse
     assert linear_baseline_mse(x, y, xt, yt) > 20 * mse
+
+
+def test_irls_step_is_the_newton_step_of_the_weighted_multinomial_log_likelihood():
+    """One IRLS step = one Newton step on Q(W) = Σ_n Σ_k C_nk log softmax(W x_n)_k, with the
+    gradient and Hessian taken by autograd. Q is invariant to adding one vector to every row of
+    W, so its Hessian is singular; the gradient is orthogonal to that null space and the Newton
+    step is the pseudo-inverse solve (which the damped solve approaches), compared after removing
+    the row mean (the component along the null space, which no softmax sees)."""
+    g = torch.Generator().manual_seed(7)
+    N, K, Q = 12, 3, 3
+    X = torch.cat([torch.randn(N, Q - 1, generator=g, dtype=torch.float64), torch.ones(N, 1, dtype=torch.float64)], 1)
+    C = torch.softmax(torch.randn(N, K, generator=g, dtype=torch.float64), -1) * torch.rand(N, 1, generator=g,
+                                                                                          dtype=torch.float64)
+    W0 = 0.3 * torch.randn(K, Q, generator=g, dtype=torch.float64)
+
+    def objective(w_flat):
+        return (C * torch.log_softmax(X @ w_flat.view(K, Q).t(), -1)).sum()
+
+    grad = torch.autograd.functional.jacobian(objective, W0.reshape(-1))
+    hess = torch.autograd.functional.hessian(objective, W0.reshape(-1))
+    assert torch.linalg.matrix_rank(hess).item() == (K - 1) * Q           # one null direction per input
+    newton = W0 - (torch.linalg.pinv(hess) @ grad).view(K, Q)
+    got = irls_multinomial(W0, X, C, steps=1, damping=1e-12)
+
+    def centred(w):
+        return w - w.mean(0, keepdim=True)
+
+    torch.testing.assert_close(centred(got), centred(newton), atol=1e-8, rtol=0)
+    # With visible damping it is exactly the damped Newton system, still solved from autograd's terms.
+    lam = 1e-2 * (-hess).diagonal().abs().max()
+    damped = W0 + torch.linalg.solve(-hess + lam * torch.eye(K * Q, dtype=torch.float64), grad).view(K, Q)
+    torch.testing.assert_close(irls_multinomial(W0, X, C, steps=1, damping=1e-2), damped, atol=1e-10, rtol=0)
+    assert objective(got.reshape(-1)) > objective(W0.reshape(-1))
+
+
+def test_depth_one_hme_is_the_flat_mixture_under_em():
+    """A tree (E, 1) (E top branches, one leaf each) and a tree (1, E) (one branch, E leaves)
+    are the same flat mixture of E linear experts: with matched parameters the EM iterates and
+    the log-likelihood histories agree."""
+    g = torch.Generator().manual_seed(8)
+    x, y = piecewise_linear(300, g)
+    torch.manual_seed(8)
+    wide = HierarchicalMoE(d_model=1, d_out=1, branching=(4, 1)).double()
+    deep = HierarchicalMoE(d_model=1, d_out=1, branching=(1, 4)).double()
+    with torch.no_grad():
+        deep.nested_gates[0].copy_(wide.top_gate)
+        deep.top_gate.zero_()
+        deep.experts[0].copy_(wide.experts[:, 0])
+        deep.log_var[0].copy_(wide.log_var[:, 0])
+    torch.testing.assert_close(deep(x), wide(x))
+    h_wide, h_deep = wide.fit_em(x, y, iters=15, tol=0.0), deep.fit_em(x, y, iters=15, tol=0.0)
+    torch.testing.assert_close(torch.tensor(h_deep), torch.tensor(h_wide), atol=1e-9, rtol=0)
+    torch.testing.assert_close(deep.experts[0], wide.experts[:, 0], atol=1e-7, rtol=0)
+    torch.testing.assert_close(deep(x), wide(x), atol=1e-8, rtol=0)
+
+
+def test_em_history_with_restarts_is_the_chosen_starts_whole_trajectory():
+    g = torch.Generator().manual_seed(9)
+    x, y = piecewise_linear(300, g)
+    torch.manual_seed(9)
+    m = HierarchicalMoE(d_model=1, d_out=1, branching=(2, 2)).double()
+    history = m.fit_em(x, y, iters=12, n_init=3, init_iters=6, tol=0.0, generator=torch.Generator().manual_seed(9))
+    assert len(history) == 1 + 6 + 12
+    assert all(b >= a - 1e-8 for a, b in zip(history, history[1:])), history
+    assert history[-1] > history[0]                               # it starts at the start's own init
+    with torch.no_grad():
+        assert history[-1] == pytest.approx(float(m.log_likelihood(x, y)), abs=1e-12)

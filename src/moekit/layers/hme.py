@@ -213,7 +213,9 @@ class HierarchicalMoE(MoELayer):
 
         EM finds a local maximum. With ``n_init > 1`` the model first tries ``n_init`` random
         initialisations (the current parameters count as the first), runs ``init_iters`` EM
-        steps from each and continues from the one with the highest likelihood.
+        steps from each and continues from the one with the highest likelihood; the history is
+        then that start's whole trajectory (its screening steps first, so it still begins at its
+        initial parameters).
         """
         self._check(x_NP, y_NO)
         if x_NP.shape[0] == 0:
@@ -226,18 +228,21 @@ class HierarchicalMoE(MoELayer):
         check_number("tol", tol, min=0)
         n_init = check_int("n_init", n_init, min=1)
         check_int("init_iters", init_iters, min=0)
+        history = None
         if n_init > 1:
-            best_ll, best_state = -math.inf, None
+            best_state = None
             for k in range(n_init):
                 if k:
                     self.reset_parameters(generator=generator)
+                screen = [float(self.log_likelihood(x_NP, y_NO))]
                 for _ in range(init_iters):
                     self.em_step(x_NP, y_NO, irls_steps=irls_steps)
-                ll = float(self.log_likelihood(x_NP, y_NO))
-                if ll > best_ll:
-                    best_ll, best_state = ll, {n: t.clone() for n, t in self.state_dict().items()}
+                    screen.append(float(self.log_likelihood(x_NP, y_NO)))
+                if history is None or screen[-1] > history[-1]:
+                    history, best_state = screen, {n: t.clone() for n, t in self.state_dict().items()}
             self.load_state_dict(best_state)
-        history = [float(self.log_likelihood(x_NP, y_NO))]
+        else:
+            history = [float(self.log_likelihood(x_NP, y_NO))]
         for _ in range(iters):
             self.em_step(x_NP, y_NO, irls_steps=irls_steps)
             history.append(float(self.log_likelihood(x_NP, y_NO)))

@@ -88,6 +88,29 @@ class ExpertChoiceRouter(Router):
         c = self.capacity_factor if self.training else self.eval_capacity_factor
         return min(num_tokens, capacity_for(c, 1, num_tokens, self.num_experts))
 
+    def select_by_group_reference(self, scores_ET: torch.Tensor, group_size: int,
+                                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(E, T) bool: each expert's top-C tokens of every group of `group_size` consecutive
+        tokens (the last group may be shorter; masked tokens never chosen) — one group at a time."""
+        E, T = scores_ET.shape
+        valid_T = torch.ones(T, dtype=torch.bool, device=scores_ET.device) if mask is None else mask
+        selected_ET = torch.zeros(E, T, dtype=torch.bool, device=scores_ET.device)
+        for start in range(0, T, group_size):
+            C = self.tokens_per_expert_for(int(valid_T[start:start + group_size].sum()))
+            if C > 0:
+                _, tok_EC = topk_stable(scores_ET[:, start:start + group_size], C)   # ties to the earlier token
+                selected_ET[:, start:start + group_size].scatter_(1, tok_EC, True)
+        return selected_ET
+
+    def select_full_groups(self, scores_ET: torch.Tensor, group_size: int) -> torch.Tensor:
+        """`select_by_group_reference` when every group is full (no mask, T a multiple of the
+        group size): one batched top-C over (E, G, S) instead of a loop over the G groups."""
+        E, T = scores_ET.shape
+        C = self.tokens_per_expert_for(group_size)
+        _, tok_EGC = topk_stable(scores_ET.reshape(E, T // group_size, group_size), C)
+        selected_EGS = torch.zeros(E, T // group_size, group_size, dtype=torch.bool, device=scores_ET.device)
+        return selected_EGS.scatter_(2, tok_EGC, True).view(E, T)
+
     def forward(self, x_TD, *, mask=None) -> Routing:
         self.check_input(x_TD, mask)
         logits_TE = F.linear(router_float(x_TD), router_float(self.weight))
@@ -101,14 +124,11 @@ class ExpertChoiceRouter(Router):
             if mask is not None:
                 # Padding can never be picked: it sorts below every real token.
                 scores_ET = scores_ET.masked_fill(~mask.unsqueeze(0), -1.0)
-            valid_T = torch.ones(T, dtype=torch.bool, device=x_TD.device) if mask is None else mask
-            selected_ET = torch.zeros(E, T, dtype=torch.bool, device=x_TD.device)
             S = T if self.group_size is None else self.group_size
-            for start in range(0, T, S):
-                C = self.tokens_per_expert_for(int(valid_T[start:start + S].sum()))
-                if C > 0:
-                    _, tok_EC = topk_stable(scores_ET[:, start:start + S], C)   # ties to the earlier token
-                    selected_ET[:, start:start + S].scatter_(1, tok_EC, True)
+            if mask is None and T > 0 and T % S == 0:
+                selected_ET = self.select_full_groups(scores_ET, S)
+            else:
+                selected_ET = self.select_by_group_reference(scores_ET, S, mask)
             selected_TE = selected_ET.t()
         token_ids, expert_ids, weights = pairs_from_selection(selected_TE, probs_TE, mask)
         return Routing(token_ids=token_ids, expert_ids=expert_ids, weights=weights, logits=logits_TE,
