@@ -220,6 +220,22 @@ def aggregate(results: list[dict], domains) -> dict:
     return out
 
 
+def paired_gaps(results: list[dict], domains, ref: str = "BTX top-2") -> str:
+    """Markdown rows of ``loss(ref) − loss(method)`` per column, mean ± sd over seeds, paired by
+    seed (negative: `ref` is better); the seed-to-seed spread of the losses mostly cancels."""
+    cols = list(domains) + list(COLUMNS)
+    lines = [f"| {ref} minus | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for m in METHODS[1:]:
+        if m == ref:
+            continue
+        cells = []
+        for c in cols:
+            d = [r["losses"][ref][c] - r["losses"][m][c] for r in results]
+            cells.append(f"{np.mean(d):+.3f}" + (f" ± {np.std(d, ddof=1):.3f}" if len(d) > 1 else ""))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(results: list[dict], domains) -> str:
     agg = aggregate(results, domains)
     infer = results[0]["inference_flops_per_token"]
@@ -350,6 +366,8 @@ def main(argv=None) -> int:
         (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     print(f"\n=== {len(results)} seed(s) {seeds}: mean ± sd, validation loss in nats/char")
     print(markdown_table(results, domains))
+    print("\npaired by seed:")
+    print(paired_gaps(results, domains))
     print("\nbranches (each on its own domain), mean over seeds:")
     for d in domains:
         print(f"  branch {d}: " + ", ".join(f"{c} {np.mean([r['branches'][d][c] for r in results]):.3f}"

@@ -17,6 +17,7 @@ from projects.btx_domains.run import (
     evaluate,
     markdown_table,
     matched_steps,
+    paired_gaps,
     plot,
     run_seed,
     step_flops,
@@ -169,5 +170,10 @@ def test_table_and_plot(tiny_study, tmp_path):
     r2 = dict(r, seed=1)
     table = markdown_table([r, r2], ["a", "b", "c"])
     assert table.count("\n") == len(METHODS) + 1 and "± 0.000" in table
+    gaps = paired_gaps([r, r2], ["a", "b", "c"]).splitlines()
+    assert len(gaps) == 2 + len(METHODS) - 2 and "BTX top-2" not in "".join(g.split("|")[1] for g in gaps[2:])
+    btm_row = next(g for g in gaps if g.startswith("| BTM"))
+    want = r["losses"]["BTX top-2"]["switch"] - r["losses"]["BTM ensemble"]["switch"]
+    assert btm_row.split("|")[-2].strip() == f"{want:+.3f} ± 0.000"
     pytest.importorskip("matplotlib")
     assert plot([r, r2], ["a", "b", "c"], tmp_path / "p.png").stat().st_size > 1000
