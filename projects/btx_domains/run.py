@@ -177,6 +177,7 @@ def run_seed(args, train_corpus, val_corpus, seed: int) -> dict:
     branch_flops = sum(phases[f"branch {d}"]["flops"] for d in names)
 
     btx2 = btx(seed_model, branches, top_k=2, include_base=args.seed_expert, seed=seed)
+    merged = evaluate(btx2, val, switch, val_corpus)           # what the merge alone gives, before fine-tuning
     phases["BTX top-2 fine-tune"] = train(btx2, mixed(), args.finetune_steps, lr=args.lr)
     budget = branch_flops + phases["BTX top-2 fine-tune"]["flops"]        # after the seed
     btx1 = btx(seed_model, branches, top_k=1, include_base=args.seed_expert, router="sampled_top1", seed=seed)
@@ -204,7 +205,8 @@ def run_seed(args, train_corpus, val_corpus, seed: int) -> dict:
     routing = {m: moe_routing(models[m], val, val_corpus)
                for m in ("BTX top-2", "BTX sampled top-1", "sparse upcycling top-2")}
     routing["BTM ensemble"] = btm_routing(btm, val, val_corpus)
-    return {"seed": seed, "losses": losses, "branches": branch_losses, "phases": phases, "flops": flops,
+    return {"seed": seed, "losses": losses, "branches": branch_losses, "btx_before_finetune": merged,
+            "phases": phases, "flops": flops,
             "inference_flops_per_token": infer, "routing": routing, "experts": E,
             "seconds": time.time() - t_start}
 
@@ -372,6 +374,8 @@ def main(argv=None) -> int:
     for d in domains:
         print(f"  branch {d}: " + ", ".join(f"{c} {np.mean([r['branches'][d][c] for r in results]):.3f}"
                                             for c in list(domains) + list(COLUMNS)))
+    print("  BTX top-2 before its fine-tune: " + ", ".join(
+        f"{c} {np.mean([r['btx_before_finetune'][c] for r in results]):.3f}" for c in list(domains) + list(COLUMNS)))
     print("\nrouting by domain:")
     print(routing_lines(results))
     p = plot(results, domains, out / "btx_domains.png")

@@ -131,7 +131,7 @@ def tiny_study():
 
 def test_study_runs_every_method_at_matched_flops(tiny_study):
     args, r = tiny_study
-    assert set(r["losses"]) == set(METHODS)
+    assert set(r["losses"]) == set(METHODS) and set(r["btx_before_finetune"]) == {"a", "b", "c", "mean", "switch"}
     assert all(math.isfinite(v) for row in r["losses"].values() for v in row.values())
     ph, fl = r["phases"], r["flops"]
     assert ph["seed"]["steps"] == 6 and all(ph[f"branch {d}"]["steps"] == 4 for d in "abc")
