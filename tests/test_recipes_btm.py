@@ -150,3 +150,29 @@ def test_refuses_no_branches_and_non_modules():
         BTMEnsemble([])
     with pytest.raises(TypeError, match="models\\[0\\]"):
         BTMEnsemble([lambda x: x])
+
+
+@pytest.mark.parametrize("context_tokens", [None, 3])
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_posterior_is_a_distribution_even_for_extreme_likelihoods(context_tokens, top_k):
+    """METHODS T7: P(D | x_<t) sums to 1 over the branches at every position, stays finite when
+    one branch's evidence is thousands of nats below another's, and gives the better branch ~1."""
+    g = torch.Generator().manual_seed(3)
+    N, B, S = 4, 2, 50
+    tok = -1 - torch.rand(N, B, S, generator=g) * 5      # ≥ 1 nat per token worse than branch 2
+    tok[1] -= 200.0                                       # branch 1 is hopeless: ~10^4 nats behind
+    tok[2] = -1e-4                                        # branch 2 predicts every token almost surely
+    post = domain_posterior(tok, torch.log(torch.tensor([0.7, 0.1, 0.1, 0.1])), context_tokens=context_tokens)
+    assert bool(torch.isfinite(post).all()) and bool((post >= 0).all())
+    torch.testing.assert_close(post.sum(-1), torch.ones(B, S))
+    assert bool((post[:, 1:, 1] < 1e-30).all())
+    if context_tokens is None:
+        assert bool((post[:, 20:, 2] > 0.99).all())
+    else:                                                 # the evidence stops growing after the prefix
+        torch.testing.assert_close(post[:, context_tokens:], post[:, context_tokens:context_tokens + 1].expand(
+            B, S - context_tokens, N))
+    if top_k is not None:
+        ens = BTMEnsemble([Unigram(torch.zeros(V)) for _ in range(N)], top_k=top_k)
+        sparse = ens._mix_weights(tok)
+        torch.testing.assert_close(sparse.sum(-1), torch.ones(B, S))
+        assert int((sparse > 0).sum(-1).max()) <= top_k

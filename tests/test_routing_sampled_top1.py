@@ -97,3 +97,30 @@ def test_btx_merge_accepts_sampled_top1():
     branches = [base, nn.Sequential(nn.Linear(D, 16), nn.GELU(), nn.Linear(16, D))]
     merged = moekit.recipes.btx(base, branches, top_k=1, router="sampled_top1")
     assert isinstance(merged.router, SampledTop1Router)
+
+
+def test_moe_layer_selection_frequencies_match_the_router_softmax_monte_carlo():
+    """Through the public layer (`moekit.MoE(router="sampled_top1")`, as `btx(..., router=...)`
+    builds it): over many training passes, the tokens each expert receives match Σ_t p_te."""
+    torch.manual_seed(7)
+    T, draws = 64, 300
+    moe = moekit.MoE(d_model=D, num_experts=E, router="sampled_top1", expert="mlp", d_hidden=16).train()
+    with torch.no_grad():
+        moe.router.weight.mul_(4)                      # spread the probabilities away from uniform
+    x = torch.randn(T, D)
+    p_TE = torch.softmax(moe.router.logits(x), -1).detach()
+    counts = torch.zeros(E)
+    with torch.no_grad():
+        for _ in range(draws):
+            moe(x)
+            counts += moe.last_stats.tokens_per_expert.float()
+    expect = draws * p_TE.sum(0)
+    sd = (draws * (p_TE * (1 - p_TE)).sum(0)).sqrt()
+    assert float(p_TE.max(-1).values.mean()) < 0.9 and float(p_TE.max(-1).values.min()) < 0.6     # not argmax-like
+    assert counts.sum() == T * draws
+    assert bool(((counts - expect).abs() <= 5 * sd).all()), (counts, expect, sd)
+    # Eval is the argmax, not a draw.
+    moe.eval()
+    moe(x)
+    torch.testing.assert_close(moe.last_stats.tokens_per_expert.float(),
+                               torch.bincount(p_TE.argmax(-1), minlength=E).float())
