@@ -165,7 +165,7 @@ def run_one(method: str, seed: int, train_split, test_split, calib, args) -> dic
     fit = train(model, train_split, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed)
     res = {"method": method, "seed": seed, **fit, "params": multitask_active_params(model),
            "metrics": dict(zip([t.name for t in mt_data.TASKS], evaluate(model, test_split)))}
-    if method != "dense":
+    if model.config.routing != "dense":
         rep = routing_report(model, calib)
         res["routing"] = rep["layers"]
         if model.task_routed:
@@ -188,6 +188,26 @@ def summarise(results: list) -> str:
         mi = ", ".join(f"{v['mi_nats']:.2f}" for v in r.get("routing", {}).values()) or "–"
         lines.append(f"| {r['method']} | {r['seed']} | " + " | ".join(f"{100 * r['metrics'][n]:.2f}" for n in names)
                      + f" | {gain} | {mi} | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def seed_table(results: list) -> str:
+    """Per method: each task's metric, the Δ vs dense and the train time, mean ± std over seeds."""
+    names = [t.name for t in mt_data.TASKS]
+    dense = {r["seed"]: r["metrics"] for r in results if r["method"] == "dense"}
+    lines = ["| method | seeds | " + " | ".join(names) + " | Δ vs dense | train s / run |",
+             "|---|---|" + "---|" * len(names) + "---|---|"]
+
+    def cell(xs, fmt="{:.2f} ± {:.2f}"):
+        return fmt.format(np.mean(xs), np.std(xs, ddof=1) if len(xs) > 1 else 0.0)
+
+    for method in dict.fromkeys(r["method"] for r in results):
+        runs = [r for r in results if r["method"] == method]
+        gains = [relative_gain(r["metrics"], dense[r["seed"]]) for r in runs if r["seed"] in dense]
+        lines.append(f"| {method} | {len(runs)} | " + " | ".join(cell([100 * r["metrics"][n] for r in runs])
+                                                                 for n in names)
+                     + f" | {cell(gains, '{:+.2f} ± {:.2f} %') if gains else '–'} | "
+                     + f"{np.mean([r['wall_s'] for r in runs]):.1f} |")
     return "\n".join(lines)
 
 
@@ -248,6 +268,7 @@ def main(argv=None) -> list:
                       f"on {args.sub_test_images} test images (exact sub-model max diff "
                       f"{row['exact_max_diff']:.1e})", flush=True)
     print(summarise(results))
+    print(seed_table(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     if args.plot:
