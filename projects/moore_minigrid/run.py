@@ -43,7 +43,15 @@ import numpy as np
 import torch
 
 from moekit.layers import MoEConfig
-from moekit.models.rl import ActorCriticConfig, PPOConfig, RolloutCollector, return_curve, train_ppo
+from moekit.models.rl import (
+    ActorCriticConfig,
+    PPOConfig,
+    RolloutCollector,
+    late_return,
+    return_curve,
+    summarize_runs,
+    train_ppo,
+)
 from projects.moore_minigrid.data import NUM_ACTIONS, OBS_DIM, TASK_SETS, descriptions, make_task_envs
 
 D, F = 64, 64
@@ -65,12 +73,6 @@ QUICK_PPO = replace(PPO, epochs=1, minibatches=1)           # --quick: a smoke r
 def build_agent(method: str, tasks) -> torch.nn.Module:
     return METHODS[method].build(obs_dim=OBS_DIM, num_actions=NUM_ACTIONS, num_tasks=len(tasks),
                                  task_metadata=descriptions(tasks))
-
-
-def task_returns(episodes, task: int, lo: float, hi: float) -> float:
-    """Mean return of `task`'s episodes that finished in env steps ``(lo, hi]`` (NaN if none)."""
-    r = [ret for s, t, ret in episodes if t == task and lo < s <= hi]
-    return float(np.mean(r)) if r else math.nan
 
 
 def mean_return(episodes) -> float:
@@ -245,13 +247,15 @@ def main(argv=None):
     summary, curves = {}, {}
     for m in methods:
         runs = [r for r in results if r["method"] == m]
-        per_task = [[task_returns(r["episodes"], t, 0.9 * args.steps, args.steps) for r in runs] for t in range(L)]
-        mean_tasks = [float(np.nanmean([per_task[t][i] for t in range(L)])) for i in range(len(runs))]
-        auc = [mean_return(r["episodes"]) for r in runs]
-        curves[m] = np.array([[return_curve(r["episodes"], args.steps, task=t) for t in range(L)]
-                              + [return_curve(r["episodes"], args.steps)] for r in runs])
-        summary[m] = dict(params=runs[0]["params"], tasks=[mean_std(x) for x in per_task], mean=mean_std(mean_tasks),
-                          auc=mean_std(auc), wall=mean_std([r["wall"] for r in runs]))
+        overall = summarize_runs({m: [(r["episodes"], r["wall"]) for r in runs]}, args.steps)[m]
+        # Per task: the episodes that finished within `steps` (the last rollout overshoots it a little).
+        within = [[e for e in r["episodes"] if e[0] <= args.steps] for r in runs]
+        by_task = [summarize_runs({m: [(ep, 0.0) for ep in within]}, args.steps, task=t)[m] for t in range(L)]
+        mean_tasks = [float(np.nanmean([late_return(ep, args.steps, 0.1, task=t) for t in range(L)])) for ep in within]
+        curves[m] = np.stack([s["curves"] for s in by_task] + [overall["curves"]], axis=1)    # (seeds, L + 1, bins)
+        summary[m] = dict(params=runs[0]["params"], tasks=[(s["final"], s["final_std"]) for s in by_task],
+                          mean=mean_std(mean_tasks), auc=(overall["auc"], overall["auc_std"]),
+                          wall=(overall["wall"], overall["wall_std"]))
         s = summary[m]
         cells = " ".join(f"{mu:8.3f} ± {sd:6.3f}  " for mu, sd in s["tasks"])
         print(f"{m:14s} {s['params']:7d} {cells} {s['mean'][0]:8.3f} ± {s['mean'][1]:6.3f} "
