@@ -5,9 +5,11 @@
 Data (`data.py`): Fashion-MNIST with three targets per image — the 10-way class, a 4-way coarse
 group, and a per-pixel foreground mask. Models (`moekit.models.multitask_vit`): a 4-block ViT,
 D = 64, 4 heads, 7×7 patches (16 patch tokens + a class token); blocks 1 and 3 are the MoE
-positions; three task heads. Four variants at equal active parameters per token (±2 %):
+positions; three task heads. Five variants at equal active parameters per token (±2 %):
 
 - ``dense``: shared dense backbone (MLP hidden 256), one pass feeds all heads;
+- ``dense_task``: the same with a learned task embedding added to every token, one pass per
+  task (the control for the task-routed variants' per-task passes);
 - ``moe_shared``: MoE MLPs (8 experts of hidden 128, top-2) with one router for all tasks;
 - ``m3vit``: per-task routers, each task restricted to a fixed window of 4 of the 8 experts;
 - ``modsquad``: per-task routers over all 8 experts, MoE attention (8 head experts, 4 per
@@ -17,7 +19,7 @@ positions; three task heads. Four variants at equal active parameters per token 
 All see the same batches in the same order; the loss is the unweighted sum of the three task
 losses plus `moekit.aux_loss(model)`; AdamW from `moekit.optim.build_optimizer` (lr 2e-3, weight
 decay 0.05) and `moekit.optim.UpdateStep` (warmup 5 %, cosine to 1 %, clipping at norm 1).
-Reported per seed: each task's test metric (accuracy; foreground IoU for the mask), the mean
+Reported per seed (and as mean ± std over seeds): each task's test metric (accuracy; foreground IoU for the mask), the mean
 relative gain over ``dense``, wall time, for the routed variants the mutual information of task
 and expert per layer and the experts each task uses, and for the task-routed ones the size and
 accuracy of each task's extracted sub-model.
