@@ -20,9 +20,9 @@ All see the same batches in the same order; the loss is the unweighted sum of th
 losses plus `moekit.aux_loss(model)`; AdamW from `moekit.optim.build_optimizer` (lr 2e-3, weight
 decay 0.05) and `moekit.optim.UpdateStep` (warmup 5 %, cosine to 1 %, clipping at norm 1).
 Reported per seed (and as mean ± std over seeds): each task's test metric (accuracy;
-foreground IoU for the mask), the mean relative gain over ``dense``, wall time, for the routed variants the mutual information of task
-and expert per layer and the experts each task uses, and for the task-routed ones the size and
-accuracy of each task's extracted sub-model.
+foreground IoU for the mask), the mean relative gain over ``dense``, wall time, for the routed
+variants the mutual information of task and expert per layer and the experts each task uses,
+and for the task-routed ones the size and accuracy of each task's extracted sub-model.
 """
 from __future__ import annotations
 
