@@ -207,6 +207,31 @@ def test_every_method_runs_trains_and_batches_tasks_like_one_task_at_a_time(meth
     loss.backward()
     assert all(p.grad is not None for p in model.heads.parameters())
     assert model.task_routed == (method in ("m3vit", "modsquad"))
+    assert model.task_conditioned == (method != "dense" and method != "moe_shared")
+
+
+def test_task_embedding_conditions_the_backbone_and_runs_it_once_per_task():
+    torch.manual_seed(0)
+    model = MultiTaskViT(multitask_vit_config("dense_task", TASKS, d_model=32, n_heads=4)).double().eval()
+    assert model.task_conditioned and not model.task_routed
+    x = _images(4).double()
+    with torch.no_grad():
+        model.task_embed[1] += 1.0                         # make task 1's embedding clearly differ
+        h0 = model.features(x, torch.zeros(4, dtype=torch.long))
+        h1 = model.features(x, torch.ones(4, dtype=torch.long))
+        assert not torch.allclose(h0, h1)
+        # the reference: the plain backbone with the task's vector added to every input token by hand
+        ref = model.patch_embed(x).flatten(2).transpose(1, 2)
+        ref = torch.cat([model.cls_token.expand(4, -1, -1), ref], 1) + model.pos_embed + model.task_embed[1]
+        for block in model.blocks:
+            ref = block(ref, None)
+        assert torch.allclose(h1, model.norm(ref), atol=1e-12)
+        assert torch.allclose(model(x)[1], model.head(1, h1), atol=1e-12)
+    with pytest.raises(ValueError, match="task_B"):
+        model.features(x)
+    dense = multitask_active_params(MultiTaskViT(multitask_vit_config("dense", TASKS, d_model=32, n_heads=4)))
+    cond = multitask_active_params(model)
+    assert cond["total"] - dense["total"] == 3 * 32 and cond["active"] - dense["active"] == 32
 
 
 def test_active_parameters_are_matched_across_methods():
@@ -262,6 +287,17 @@ def test_extracted_submodel_reproduces_the_tasks_outputs(method):
         assert all(ids == [4, 5, 6, 7] for ids in sub.kept_experts.values())
         assert torch.allclose(sub.forward_task(x, 0), model.forward_task(x, 2), atol=1e-10)
         assert multitask_active_params(sub)["total"] < multitask_active_params(model)["total"]
+
+
+def test_extraction_keeps_the_tasks_embedding():
+    torch.manual_seed(0)
+    model = MultiTaskViT(multitask_vit_config("m3vit", TASKS, num_experts=8, task_embedding=True)).double().eval()
+    with torch.no_grad():
+        model.task_embed.normal_()
+    x = _images(6).double()
+    sub = extract_task_submodel(model, 2, task_expert_counts(model, x)).eval()
+    assert sub.task_embed.shape == (1, model.config.d_model)
+    assert torch.allclose(sub.forward_task(x, 0), model.forward_task(x, 2), atol=1e-10)
 
 
 def test_extracting_the_top_experts_shrinks_the_model():

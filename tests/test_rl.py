@@ -211,6 +211,10 @@ def test_return_curve_and_late_return_bin_episodes_by_their_last_step():
     assert math.isnan(return_curve(episodes, steps=100, bins=4, task=0)[3])
     assert late_return(episodes, 100, 0.5) == pytest.approx((5.0 + 7.0 + 2.0) / 3)
     assert math.isnan(late_return(episodes, 100, 0.01))
+    # per task (moved from projects/moore_minigrid's task_returns): window (50, 100] of task 0, (90, 100] of task 1
+    assert late_return(episodes, 100, 0.5, task=0) == 6.0
+    assert late_return(episodes, 100, 0.1, task=1) == 2.0
+    assert math.isnan(late_return(episodes, 100, 0.5, task=2))
 
 
 def _reach_return(agent, seed):
@@ -315,6 +319,12 @@ def test_summarize_runs_against_a_hand_computed_summary(tmp_path):
     assert (s["wall"], s["wall_std"]) == (3.0, statistics.stdev([2.0, 4.0]))
     one = summarize_runs({"b": [([(95, 0, 2.0)], 1.0)]}, 100)["b"]
     assert (one["final"], one["final_std"], one["wall_std"]) == (2.0, 0.0, 0.0)
+    by_task = summarize_runs(runs, 100, late_frac=0.5, bins=2, task=0)["a"]   # every episode is task 0
+    assert by_task["curve"] == summarize_runs(runs, 100, late_frac=0.5, bins=2)["a"]["curve"]
+    mixed = {"m": [([(10, 0, 1.0), (20, 1, 9.0), (60, 1, 3.0), (95, 0, 5.0)], 2.0)]}
+    t1 = summarize_runs(mixed, 100, late_frac=0.5, bins=2, task=1)["m"]
+    assert t1["curve"] == [9.0, 3.0] and t1["final"] == 3.0 and t1["auc"] == 6.0 and t1["wall"] == 2.0
+    assert math.isnan(summarize_runs(mixed, 100, task=2)["m"]["auc"])
     with pytest.raises(ValueError, match="at least one"):
         summarize_runs({"c": []}, 100)
     pytest.importorskip("matplotlib")

@@ -9,6 +9,7 @@ from moekit.layers import MoEConfig
 from moekit.models.rl import (
     ActorCriticConfig,
     ContextMixtureEncoders,
+    MultiTaskObsEncoder,
     MultiTaskVecEnv,
     OrthogonalExperts,
     PPOConfig,
@@ -205,3 +206,46 @@ def test_multitask_torsos_check_their_arguments():
         obs_dim=2, num_actions=3, num_tasks=2)
     assert len(agent.blocks) == 0 and agent.task_embed is None
     assert agent(torch.randn(4, 2), torch.tensor([0, 1, 1, 0]))[0].shape == (4, 3)
+
+
+# -- observations that end with the task's one-hot (MetaWorld MT10) --------------------------------
+def _one_hot_obs(B=6, S=5, L=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    task_B = torch.randint(0, L, (B,), generator=g)
+    return torch.cat([torch.randn(B, S, generator=g), torch.nn.functional.one_hot(task_B, L).float()], 1), task_B
+
+
+@pytest.mark.parametrize("kind", ["shared", "moore", "care"])
+def test_obs_encoder_splits_the_one_hot_and_applies_its_mixture(kind):
+    torch.manual_seed(0)
+    enc = MultiTaskObsEncoder(kind, obs_dim=8, num_tasks=3, d_model=6, num_experts=2, d_hidden=5,
+                              task_metadata=["reach the goal", "push the puck", "open the door"], metadata_dim=8)
+    obs_BO, task_B = _one_hot_obs()
+    state_BS, t_B = enc.split(obs_BO)
+    assert torch.equal(t_B, task_B) and torch.equal(state_BS, obs_BO[:, :5])
+    h_BD = enc.embed(obs_BO[:, :5])
+    if kind == "shared":                                # by hand: embed + task row, ReLU, MLP, tanh
+        m = enc.mixture
+        x = torch.relu(h_BD + enc.task_embed.weight[task_B])
+        ref = torch.tanh(m[3](torch.relu(m[1](x))))
+    else:
+        ref = enc.mixture(h_BD, task_B)
+        assert isinstance(enc.mixture, OrthogonalExperts if kind == "moore" else ContextMixtureEncoders)
+    out = enc(obs_BO)
+    assert out.shape == (6, enc.out_dim) and torch.allclose(out, ref, atol=1e-6)
+    same_state = obs_BO.clone()
+    same_state[:, :5] = obs_BO[0, :5]                   # equal states, different tasks → different outputs
+    rows = enc(same_state)
+    assert not torch.allclose(rows[task_B == task_B[0]][0], rows[task_B != task_B[0]][0])
+
+
+def test_obs_encoder_checks_its_arguments():
+    with pytest.raises(ValueError, match="kind"):
+        MultiTaskObsEncoder("lstm", obs_dim=8, num_tasks=3)
+    with pytest.raises(ValueError, match="obs_dim"):
+        MultiTaskObsEncoder("shared", obs_dim=3, num_tasks=3)
+    with pytest.raises(ValueError, match="task_metadata"):
+        MultiTaskObsEncoder("care", obs_dim=8, num_tasks=3, task_metadata=["one"])
+    enc = MultiTaskObsEncoder("moore", obs_dim=8, num_tasks=3, d_model=4, num_experts=2)
+    with pytest.raises(ValueError, match=r"obs must have shape \(B, 8\)"):
+        enc(torch.randn(2, 7))

@@ -7,7 +7,14 @@ import pytest
 import torch
 from torch import distributions as D
 
-from moekit.models.rl import MixtureGaussianPolicy, SACConfig, TwinQ, mixture_log_prob, train_sac
+from moekit.models.rl import (
+    MixtureGaussianPolicy,
+    MultiTaskObsEncoder,
+    SACConfig,
+    TwinQ,
+    mixture_log_prob,
+    train_sac,
+)
 
 
 def test_mixture_weights_sum_to_one_and_log_prob_is_log_sum_of_weighted_gaussians():
@@ -96,6 +103,75 @@ def test_short_run_finds_the_bandit_optimum(pmoe, K):
     assert abs(float(a) - 0.5) < tol, float(a)
     late = [r for s, _, r in res.episodes if s > 700]
     assert np.mean(late) > floor, np.mean(late)
+
+
+class _TaskBanditVecEnv(_BanditVecEnv):
+    """Two tasks: env b is task b % 2, whose observation is its one-hot (after one constant state
+    feature) and whose best action is +0.5 (task 0) or −0.5 (task 1)."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.task_B = np.arange(n) % 2
+        self.obs = np.concatenate([np.ones((n, 1)), np.eye(2)[self.task_B]], 1).astype(np.float32)
+
+    def reset(self, seed=None):
+        super().reset(seed)
+        return self.obs, {}
+
+    def step(self, a):
+        _, r, term, trunc, info = super().step(np.asarray(a) * np.where(self.task_B == 0, 1.0, -1.0)[:, None])
+        return self.obs, r, term, trunc, info
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out_dim = torch.nn.Linear(3, 5), 5
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_encoder_goes_before_the_torso_and_each_critic_gets_its_own():
+    torch.manual_seed(0)
+    pol = MixtureGaussianPolicy(obs_dim=3, action_dim=2, num_experts=2, hidden=8, encoder=_Scaled)
+    obs = torch.randn(4, 3)
+    logits, mu, log_std = pol(obs)
+    h = pol.torso(pol.encoder.lin(obs))
+    torch.testing.assert_close(logits, pol.gate(h))
+    critic = TwinQ(obs_dim=3, action_dim=2, hidden=8, encoder=_Scaled)
+    assert critic.encoders[0] is not critic.encoders[1]
+    assert not torch.equal(critic.encoders[0].lin.weight, critic.encoders[1].lin.weight)
+    act = torch.rand(4, 2)
+    q = critic(obs, act)
+    torch.testing.assert_close(q[:, 1:], critic.q[1](torch.cat([critic.encoders[1](obs), act], -1)))
+    # without an encoder, the networks are built in the same order as before (same init per seed)
+    torch.manual_seed(0)
+    plain = TwinQ(obs_dim=3, action_dim=2, hidden=8)
+    torch.manual_seed(0)
+    ref = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8),
+                                                  torch.nn.ReLU(), torch.nn.Linear(8, 1)) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(plain.q.parameters(), ref.parameters()))
+    with pytest.raises(TypeError, match="out_dim"):
+        MixtureGaussianPolicy(obs_dim=3, action_dim=1, encoder=lambda: torch.nn.Linear(3, 4))
+    with pytest.raises(TypeError, match="encoder"):
+        TwinQ(obs_dim=3, action_dim=1, encoder=torch.nn.Linear(3, 4))
+
+
+def test_multitask_sac_learns_each_tasks_optimum_through_the_encoder():
+    torch.manual_seed(0)
+
+    def enc():
+        return MultiTaskObsEncoder("moore", obs_dim=3, num_tasks=2, d_model=8, num_experts=2, d_hidden=8)
+
+    pol = MixtureGaussianPolicy(obs_dim=3, action_dim=1, num_experts=1, hidden=16, encoder=enc)
+    critic = TwinQ(obs_dim=3, action_dim=1, hidden=16, encoder=enc)
+    envs = _TaskBanditVecEnv(4)
+    train_sac(pol, critic, envs, total_steps=1200, seed=0,
+              config=SACConfig(lr=3e-3, batch_size=32, learning_starts=100, train_every=2, pmoe=False))
+    with torch.no_grad():
+        a, _ = pol.sample(torch.from_numpy(envs.obs[:2]), deterministic=True)
+    assert float(a[0]) > 0.2 and float(a[1]) < -0.2, a.flatten().tolist()
 
 
 def test_errors():

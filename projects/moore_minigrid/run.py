@@ -34,6 +34,7 @@ import argparse
 import math
 import statistics
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -42,7 +43,15 @@ import numpy as np
 import torch
 
 from moekit.layers import MoEConfig
-from moekit.models.rl import ActorCriticConfig, PPOConfig, RolloutCollector, return_curve, train_ppo
+from moekit.models.rl import (
+    ActorCriticConfig,
+    PPOConfig,
+    RolloutCollector,
+    late_return,
+    return_curve,
+    summarize_runs,
+    train_ppo,
+)
 from projects.moore_minigrid.data import NUM_ACTIONS, OBS_DIM, TASK_SETS, descriptions, make_task_envs
 
 D, F = 64, 64
@@ -56,7 +65,7 @@ METHODS = {
     "care": ActorCriticConfig(torso="care", d_model=D, num_layers=0, d_hidden=F, moe=MoEConfig(num_experts=4),
                               metadata_dim=32),
 }
-CONTINUAL_METHODS = ("shared", "task_moe", "hard_task_moe")
+CONTINUAL_METHODS = ("shared", "task_moe", "hard_task_moe", "moore")
 PPO = PPOConfig(num_steps=32, lr=1e-3, epochs=4, minibatches=4, ent_coef=0.01)
 QUICK_PPO = replace(PPO, epochs=1, minibatches=1)           # --quick: a smoke run of every code path
 
@@ -64,12 +73,6 @@ QUICK_PPO = replace(PPO, epochs=1, minibatches=1)           # --quick: a smoke r
 def build_agent(method: str, tasks) -> torch.nn.Module:
     return METHODS[method].build(obs_dim=OBS_DIM, num_actions=NUM_ACTIONS, num_tasks=len(tasks),
                                  task_metadata=descriptions(tasks))
-
-
-def task_returns(episodes, task: int, lo: float, hi: float) -> float:
-    """Mean return of `task`'s episodes that finished in env steps ``(lo, hi]`` (NaN if none)."""
-    r = [ret for s, t, ret in episodes if t == task and lo < s <= hi]
-    return float(np.mean(r)) if r else math.nan
 
 
 def mean_return(episodes) -> float:
@@ -114,11 +117,12 @@ def run_continual(method: str, seed: int, steps: int, tasks, num_envs: int, eval
     t0 = time.perf_counter()
     agent = build_agent(method, tasks)
     R = np.zeros((L, L))                                    # R[phase, task]: return after that phase
-    auc_seq = []
+    auc_seq, episodes = [], []                              # episodes: (step of the whole sequence, task, return)
     for i in range(L):
         res = train_ppo(agent, single_task_envs(tasks, i, num_envs), total_steps=per_task, config=ppo,
                         seed=seed + 100 * i)
         auc_seq.append(mean_return(res.episodes))
+        episodes += [(i * per_task + s, t, r) for s, t, r in res.episodes]
         R[i] = [evaluate(agent, tasks, j, eval_episodes, num_envs, seed + 7) for j in range(L)]
     auc_scratch = []
     for i in range(1, L):                                   # the reference: task i alone, fresh agent
@@ -127,7 +131,7 @@ def run_continual(method: str, seed: int, steps: int, tasks, num_envs: int, eval
         res = train_ppo(fresh, single_task_envs(tasks, i, num_envs), total_steps=per_task, config=ppo,
                         seed=seed + 100 * i)
         auc_scratch.append(mean_return(res.episodes))
-    return dict(method=method, seed=seed, R=R, auc_seq=auc_seq, auc_scratch=auc_scratch,
+    return dict(method=method, seed=seed, R=R, auc_seq=auc_seq, auc_scratch=auc_scratch, episodes=episodes,
                 wall=time.perf_counter() - t0)
 
 
@@ -162,6 +166,40 @@ def plot_curves(curves: dict, tasks, steps: int, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_continual(results: dict, tasks, steps: int, path: Path) -> None:
+    """Left: each method's training return over the whole sequence (mean ± std over seeds, phase
+    boundaries dotted); then one panel per task: its evaluated return after each phase."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    L, bins = len(tasks), 10 * len(tasks)
+    fig, axes = plt.subplots(1, L + 1, figsize=(4 * (L + 1), 3.2))
+    x = (np.arange(bins) + 0.5) * steps / bins / 1000
+    for m, runs in results.items():
+        c = np.array([return_curve(r["episodes"], steps, bins) for r in runs])
+        with warnings.catch_warnings():                     # a bin where no seed finished an episode: NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mu, sd = np.nanmean(c, 0), np.nanstd(c, 0)
+        line, = axes[0].plot(x, mu, label=m)
+        if len(runs) > 1:
+            axes[0].fill_between(x, mu - sd, mu + sd, color=line.get_color(), alpha=0.15)
+        R = np.array([r["R"] for r in runs])                 # (seeds, phase, task)
+        for j in range(L):
+            axes[j + 1].errorbar(np.arange(1, L + 1), R[:, :, j].mean(0), yerr=R[:, :, j].std(0), marker="o",
+                                 capsize=3, label=m, color=line.get_color())
+    for i in range(1, L):
+        axes[0].axvline(i * steps / L / 1000, color="grey", ls=":", lw=1)
+    axes[0].set(title="training episodes (task of the phase)", xlabel="env steps (k, whole sequence)",
+                ylabel="episode return")
+    for j in range(L):
+        axes[j + 1].set(title=f"eval: {tasks[j].removeprefix('MiniGrid-')}", xlabel="after phase", ylim=(-0.05, 1.05),
+                        xticks=range(1, L + 1))
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _pool_map(fn, jobs, workers):
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -180,11 +218,14 @@ def main(argv=None):
     ap.add_argument("--methods", default=None, help=f"comma-separated, among {list(METHODS)}")
     ap.add_argument("--continual", action="store_true", help="RL5: the tasks in sequence (forgetting, transfer)")
     ap.add_argument("--eval-episodes", type=int, default=24)
-    ap.add_argument("--plot", default=str(Path(__file__).with_name("returns.png")), help="'' for no plot")
+    ap.add_argument("--plot", default=None,
+                    help="'' for no plot (default returns.png, continual.png with --continual, next to this file)")
     ap.add_argument("--quick", action="store_true", help="one seed, 3,000 steps, 1 PPO epoch, no plot (a smoke run)")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.eval_episodes, args.plot = args.seeds[:1], min(args.eval_episodes, 4), ""
+    if args.plot is None:
+        args.plot = str(Path(__file__).with_name("continual.png" if args.continual else "returns.png"))
     args.ppo = QUICK_PPO if args.quick else PPO
     if args.steps is None:
         args.steps = 3000 if args.quick else 45_000
@@ -206,13 +247,15 @@ def main(argv=None):
     summary, curves = {}, {}
     for m in methods:
         runs = [r for r in results if r["method"] == m]
-        per_task = [[task_returns(r["episodes"], t, 0.9 * args.steps, args.steps) for r in runs] for t in range(L)]
-        mean_tasks = [float(np.nanmean([per_task[t][i] for t in range(L)])) for i in range(len(runs))]
-        auc = [mean_return(r["episodes"]) for r in runs]
-        curves[m] = np.array([[return_curve(r["episodes"], args.steps, task=t) for t in range(L)]
-                              + [return_curve(r["episodes"], args.steps)] for r in runs])
-        summary[m] = dict(params=runs[0]["params"], tasks=[mean_std(x) for x in per_task], mean=mean_std(mean_tasks),
-                          auc=mean_std(auc), wall=mean_std([r["wall"] for r in runs]))
+        overall = summarize_runs({m: [(r["episodes"], r["wall"]) for r in runs]}, args.steps)[m]
+        # Per task: the episodes that finished within `steps` (the last rollout overshoots it a little).
+        within = [[e for e in r["episodes"] if e[0] <= args.steps] for r in runs]
+        by_task = [summarize_runs({m: [(ep, 0.0) for ep in within]}, args.steps, task=t)[m] for t in range(L)]
+        mean_tasks = [float(np.nanmean([late_return(ep, args.steps, 0.1, task=t) for t in range(L)])) for ep in within]
+        curves[m] = np.stack([s["curves"] for s in by_task] + [overall["curves"]], axis=1)    # (seeds, L + 1, bins)
+        summary[m] = dict(params=runs[0]["params"], tasks=[(s["final"], s["final_std"]) for s in by_task],
+                          mean=mean_std(mean_tasks), auc=(overall["auc"], overall["auc_std"]),
+                          wall=(overall["wall"], overall["wall_std"]))
         s = summary[m]
         cells = " ".join(f"{mu:8.3f} ± {sd:6.3f}  " for mu, sd in s["tasks"])
         print(f"{m:14s} {s['params']:7d} {cells} {s['mean'][0]:8.3f} ± {s['mean'][1]:6.3f} "
@@ -245,6 +288,10 @@ def continual_report(args, methods, tasks, t0):
         print(f"{m:14s} {s['final'][0]:9.3f} ± {s['final'][1]:5.3f} "
               f"{s['forgetting'][0]:8.3f} ± {s['forgetting'][1]:5.3f} "
               f"{s['transfer'][0]:9.3f} ± {s['transfer'][1]:5.3f} {s['wall'][0]:9.1f}")
+    if args.plot:
+        plot_continual({m: [r for r in results if r["method"] == m] for m in methods}, tasks, args.steps,
+                       Path(args.plot))
+        print(f"\ncurves: {args.plot}")
     for m, s in summary.items():
         print(f"\n{m}: return on each task (columns) after each phase (rows), mean over seeds")
         for i, row in enumerate(s["R"]):

@@ -62,6 +62,7 @@ from moekit.models.rl import (  # noqa: E402
                                      ContextMixtureEncoders,
                                      DQNConfig,
                                      MixtureGaussianPolicy,
+                                     MultiTaskObsEncoder,
                                      OrthogonalExperts,
                                      PPOConfig,
                                      QNetwork,
@@ -77,7 +78,7 @@ from moekit.models.rl import (  # noqa: E402
 
 __all__ += ["ActorCritic", "ActorCriticConfig", "PPOConfig", "actor_critic_dense_twin", "gae_advantages", "train_ppo",
             "QNetworkConfig", "QNetwork", "DQNConfig", "train_dqn", "MixtureGaussianPolicy", "SACConfig", "train_sac",
-            "OrthogonalExperts", "ContextMixtureEncoders", "hard_task_moe"]
+            "OrthogonalExperts", "ContextMixtureEncoders", "MultiTaskObsEncoder", "hard_task_moe"]
 
 from moekit.models.superres import SRNet, bicubic_upsample, condconv_from_dense, downsample, psnr, sr_macs  # noqa: E402
 

@@ -21,7 +21,12 @@ M³ViT (Liang et al. 2022, NeurIPS, METHODS.md MT5) is ``routing="task"`` on the
 Mod-Squad (Chen et al. 2023, CVPR, MT4) adds MoE attention — the attention of the MoE blocks
 becomes `moekit.layers.MixtureOfAttentionHeads` with per-task head routers — and the
 mutual-information loss ``−w · I(T; E)`` in every task-routed layer (``mi_loss_coef``), which
-replaces the balancing loss. `multitask_vit_config` gives the four named variants.
+replaces the balancing loss. `multitask_vit_config` gives the named variants.
+
+``task_embedding=True`` conditions a backbone on the task without routing: a learned vector per
+task is added to every input token (patches and class token), so the backbone runs once per task
+as the task-routed ones do. With dense MLPs (``"dense_task"``) it is the control that separates
+task routing from per-task backbone passes.
 
 After training, `extract_task_submodel` keeps, in every routed layer, only the experts a task
 uses (all it used on a calibration set, its ``top`` most used, or those above a usage share):
@@ -50,7 +55,7 @@ __all__ = ["TaskSpec", "MultiTaskViTConfig", "MultiTaskViT", "multitask_vit_conf
 
 TASK_KINDS = ("classify", "segment", "regress")
 ROUTINGS = ("dense", "shared", "task")
-MULTITASK_VIT_METHODS = ("dense", "moe_shared", "m3vit", "modsquad")
+MULTITASK_VIT_METHODS = ("dense", "dense_task", "moe_shared", "m3vit", "modsquad")
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,8 @@ class MultiTaskViTConfig:
     task_experts_per_layer: M³ViT's fixed per-task expert windows (None: any expert).
     mi_loss_coef: Mod-Squad's mutual-information weight (needs ``routing="task"``).
     aux_loss_coef: the Switch balancing loss of the MoE MLPs.
+    task_embedding: add a learned per-task vector to every input token (a task-conditioned
+        backbone, one pass per task, whatever the routing).
     """
 
     tasks: tuple
@@ -101,6 +108,7 @@ class MultiTaskViTConfig:
     task_experts_per_layer: Optional[int] = None
     mi_loss_coef: float = 0.0
     aux_loss_coef: float = 0.01
+    task_embedding: bool = False
 
     def __post_init__(self):
         tasks = tuple(self.tasks) if isinstance(self.tasks, (list, tuple)) else self.tasks
@@ -121,6 +129,7 @@ class MultiTaskViTConfig:
             raise ValueError(f"d_model={self.d_model} must split into n_heads={self.n_heads} equal heads")
         check_choice("routing", self.routing, ROUTINGS)
         check_bool("moe_attention", self.moe_attention)
+        check_bool("task_embedding", self.task_embedding)
         check_number("mi_loss_coef", self.mi_loss_coef, min=0)
         check_number("aux_loss_coef", self.aux_loss_coef, min=0)
         if self.top_k > self.num_experts:
@@ -162,13 +171,16 @@ class MultiTaskViTConfig:
 def multitask_vit_config(method: str, tasks: Sequence[TaskSpec], **overrides) -> MultiTaskViTConfig:
     """The four compared variants, at equal active MLP parameters per token:
 
-    ``"dense"`` shared dense backbone; ``"moe_shared"`` MoE MLPs with one router for all tasks;
+    ``"dense"`` shared dense backbone; ``"dense_task"`` the same conditioned on the task by a learned
+    task embedding (one pass per task, like the task-routed ones); ``"moe_shared"`` MoE MLPs with
+    one router for all tasks;
     ``"m3vit"`` per-task routers restricted to fixed windows of half the experts; ``"modsquad"``
     per-task routers over all experts, MoE attention, MI loss 0.05 instead of the balance loss.
     """
     check_choice("method", method, MULTITASK_VIT_METHODS)
     preset = {
         "dense": dict(routing="dense"),
+        "dense_task": dict(routing="dense", task_embedding=True),
         "moe_shared": dict(routing="shared"),
         "m3vit": dict(routing="task", task_experts_per_layer=max(2, overrides.get("num_experts", 8) // 2)),
         "modsquad": dict(routing="task", moe_attention=True, mi_loss_coef=0.05, aux_loss_coef=0.0),
@@ -238,6 +250,7 @@ class MultiTaskViT(nn.Module):
         self.patch_embed = nn.Conv2d(c.in_channels, c.d_model, kernel_size=c.patch_size, stride=c.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.d_model))
         self.pos_embed = nn.Parameter(torch.randn(1, c.num_patches + 1, c.d_model) * 0.02)
+        self.task_embed = nn.Parameter(torch.randn(c.num_tasks, c.d_model) * 0.02) if c.task_embedding else None
         self.blocks = nn.ModuleList(MultiTaskBlock(c, i) for i in range(c.n_layers))
         self.norm = nn.LayerNorm(c.d_model, eps=1e-6)
         P = c.patch_size
@@ -249,6 +262,12 @@ class MultiTaskViT(nn.Module):
         """Whether the backbone's routing depends on the task (one backbone pass per task)."""
         return any(b.task_mlp or b.task_attn for b in self.blocks)
 
+    @property
+    def task_conditioned(self) -> bool:
+        """Whether the backbone's output depends on the task (task routing or a task embedding):
+        then it runs once per task."""
+        return self.task_routed or self.task_embed is not None
+
     def _check_images(self, images_BCHW: torch.Tensor) -> None:
         c = self.config
         expected = (c.in_channels, c.image_size, c.image_size)
@@ -259,10 +278,14 @@ class MultiTaskViT(nn.Module):
             raise ValueError(f"images must be a floating (B, {', '.join(map(str, expected))}) tensor, got {got}")
 
     def features(self, images_BCHW: torch.Tensor, task_B: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, S, D) normalised tokens; ``task_B`` (B,) int routes a task-routed backbone."""
+        """(B, S, D) normalised tokens; ``task_B`` (B,) int conditions a task-conditioned backbone."""
         B = images_BCHW.shape[0]
         x_BSD = self.patch_embed(images_BCHW).flatten(2).transpose(1, 2)         # (B, H/P · W/P, D)
         x_BSD = torch.cat([self.cls_token.expand(B, -1, -1), x_BSD], dim=1) + self.pos_embed
+        if self.task_embed is not None:
+            if task_B is None:
+                raise ValueError("task_B must be given to a backbone with a task embedding, got None")
+            x_BSD = x_BSD + self.task_embed[task_B][:, None, :]
         for block in self.blocks:
             x_BSD = block(x_BSD, task_B)
         return self.norm(x_BSD)
@@ -279,20 +302,20 @@ class MultiTaskViT(nn.Module):
     def forward(self, images_BCHW: torch.Tensor) -> list:
         self._check_images(images_BCHW)
         M, B = len(self.tasks), images_BCHW.shape[0]
-        if not self.task_routed:
+        if not self.task_conditioned:
             x_BSD = self.features(images_BCHW)
             return [self.head(t, x_BSD) for t in range(M)]
-        # Task-conditioned routing: the M copies of the batch go through as one (M·B) batch.
+        # Task-conditioned backbone: the M copies of the batch go through as one (M·B) batch.
         task_MB = torch.arange(M, device=images_BCHW.device).repeat_interleave(B)
         x_MBSD = self.features(images_BCHW.repeat(M, 1, 1, 1), task_MB)
         return [self.head(t, x_MBSD[t * B:(t + 1) * B]) for t in range(M)]
 
     def forward_task(self, images_BCHW: torch.Tensor, t: int) -> torch.Tensor:
-        """Task `t`'s output alone (one backbone pass routed for `t`)."""
+        """Task `t`'s output alone (one backbone pass conditioned on `t`)."""
         self._check_images(images_BCHW)
         check_int("t", t, min=0, max=len(self.tasks) - 1)
         task_B = None
-        if self.task_routed:
+        if self.task_conditioned:
             task_B = torch.full((images_BCHW.shape[0],), t, dtype=torch.long, device=images_BCHW.device)
         return self.head(t, self.features(images_BCHW, task_B))
 
@@ -400,18 +423,22 @@ def extract_task_submodel(model: MultiTaskViT, task: int, counts: Optional[dict]
                             backend=layer.backend)
     sub.tasks = (model.tasks[task],)
     sub.heads = nn.ModuleList([sub.heads[task]])
+    if sub.task_embed is not None:
+        sub.task_embed = nn.Parameter(sub.task_embed.data[task:task + 1].clone())
     sub.kept_experts = kept
     return sub
 
 
 def multitask_active_params(model: MultiTaskViT) -> dict:
     """``total`` parameters, and ``active``: those one token of one task uses (its head, its
-    task's routers, K/E of each MoE bank, the queries of every head expert — MoA projects them
+    task's embedding and routers, K/E of each MoE bank, the queries of every head expert — MoA projects them
     all — and K/E of their output projections)."""
     check_instance("model", model, MultiTaskViT)
     total = sum(p.numel() for p in model.parameters())
     inactive = sum(p.numel() for h in list(model.heads)[1:] for p in h.parameters())
     M = len(model.tasks)
+    if model.task_embed is not None:
+        inactive += model.task_embed.numel() * (M - 1) // M
     for b in model.blocks:
         if b.is_moe:
             bank = sum(p.numel() for p in b.mlp.experts.parameters())

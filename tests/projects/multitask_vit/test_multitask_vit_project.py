@@ -68,9 +68,9 @@ def test_quick_run_end_to_end_on_fake_data(monkeypatch, tmp_path):
     monkeypatch.setattr(mt_data, "load", lambda n_train, n_test: (fake_split(96), fake_split(48, seed=1)))
     out, plot = tmp_path / "r.json", tmp_path / "p.png"
     results = mt_run.main(["--quick", "--steps", "4", "--threads", "1", "--out", str(out), "--plot", str(plot)])
-    assert [r["method"] for r in results] == ["dense", "moe_shared", "m3vit", "modsquad"]
+    assert [r["method"] for r in results] == ["dense", "dense_task", "moe_shared", "m3vit", "modsquad"]
     by = {r["method"]: r for r in results}
-    assert "routing" not in by["dense"]
+    assert "routing" not in by["dense"] and "routing" not in by["dense_task"] and "extraction" not in by["dense_task"]
     assert all(v["mi_nats"] < 1e-9 for v in by["moe_shared"]["routing"].values())     # task-independent routing
     assert all(max(v["used"]) <= 4 for v in by["m3vit"]["routing"].values())           # windows of 4 of 8 experts
     for method in ("m3vit", "modsquad"):
@@ -78,5 +78,19 @@ def test_quick_run_end_to_end_on_fake_data(monkeypatch, tmp_path):
         assert [r["task"] for r in rows] == ["fine", "coarse", "mask"]
         assert all(r["exact_max_diff"] < 1e-5 and r["params"] < r["full_params"] for r in rows)
     assert "moe_shared" in mt_run.summarise(results)
+    table = mt_run.seed_table(results + [dict(r, seed=1) for r in results])
+    assert "| dense_task | 2 |" in table and "± 0.00 |" in table
     assert json.loads(out.read_text())[0]["method"] == "dense"
     assert plot.exists() or not mt_run.have_matplotlib()
+
+
+def test_seed_table_gives_mean_and_std_over_seeds():
+    rows = [{"method": "dense", "seed": s, "wall_s": 10.0 + s, "metrics": {"fine": f, "coarse": 0.9, "mask": 0.8}}
+            for s, f in ((0, 0.70), (1, 0.74))]
+    rows += [{"method": "m3vit", "seed": s, "wall_s": 20.0, "metrics": {"fine": f, "coarse": 0.9, "mask": 0.8}}
+             for s, f in ((0, 0.77), (1, 0.81))]
+    table = mt_run.seed_table(rows)
+    assert "| dense | 2 | 72.00 ± 2.83 | 90.00 ± 0.00 | 80.00 ± 0.00 | +0.00 ± 0.00 % | 10.5 |" in table
+    # Δ per seed: (0.77/0.70 − 1)/3 and (0.81/0.74 − 1)/3, in percent
+    gains = [100 * (0.77 / 0.70 - 1) / 3, 100 * (0.81 / 0.74 - 1) / 3]
+    assert f"{np.mean(gains):+.2f} ± {np.std(gains, ddof=1):.2f} %" in table

@@ -10,7 +10,9 @@ frequency gate losses, or plain SAC).
 Multi-task (RL3–RL5, `moekit.models.rl.multitask`): `OrthogonalExperts` (MOORE: Gram–Schmidt
 over the experts' representations, task-weighted), `ContextMixtureEncoders` (CARE: attention
 over encoders from an embedding of the task's description, `hashed_bag_of_words`) and
-`hard_task_moe` (each task → its own expert), the PPO torsos ``"moore"``, ``"care"``,
+`hard_task_moe` (each task → its own expert); `MultiTaskObsEncoder` puts the shared network,
+MOORE or CARE in front of the SAC actor and critics (``encoder=``) for observations that end
+with the task's one-hot (MetaWorld MT10); the PPO torsos ``"moore"``, ``"care"``,
 ``"hard_task_moe"`` and ``"task_moe"`` (learned task-level routing).
 
 Actor-critic (below): PPO agents with MoE torsos.
@@ -63,7 +65,9 @@ from moekit.models.rl.dqn import (
 from moekit.models.rl.envs import CartPoleVecEnv, MultiTaskVecEnv, ReachVecEnv, make_gym_vec_env
 from moekit.models.rl.metrics import late_return, plot_return_curves, return_curve, summarize_runs
 from moekit.models.rl.multitask import (
+                                        OBS_ENCODERS,
                                         ContextMixtureEncoders,
+                                        MultiTaskObsEncoder,
                                         OrthogonalExperts,
                                         gram_schmidt,
                                         gram_schmidt_reference,
@@ -101,4 +105,4 @@ __all__ = ["TORSOS", "ActorCriticConfig", "ActorCritic", "actor_critic_dense_twi
            "mixture_log_prob", "SACConfig", "sac_update", "train_sac", "return_curve", "late_return",
            "summarize_runs", "plot_return_curves",
            "gram_schmidt", "gram_schmidt_reference", "OrthogonalExperts", "hashed_bag_of_words",
-           "ContextMixtureEncoders", "hard_task_moe"]
+           "ContextMixtureEncoders", "MultiTaskObsEncoder", "OBS_ENCODERS", "hard_task_moe"]

@@ -23,10 +23,11 @@ def return_curve(episodes: Sequence, steps: int, bins: int = 10, task: Optional[
     return out
 
 
-def late_return(episodes: Sequence, steps: int, frac: float = 0.1) -> float:
-    """Mean return of the episodes that finished in the last `frac` of ``steps`` (NaN if none)."""
+def late_return(episodes: Sequence, steps: int, frac: float = 0.1, task: Optional[int] = None) -> float:
+    """Mean return of the episodes (of `task` only, unless None) that finished in the last `frac`
+    of ``steps`` (NaN if none)."""
     check_number("frac", frac, min=0, max=1, min_open=True)
-    r = [ret for s, _, ret in episodes if s > (1 - frac) * steps]
+    r = [ret for s, t, ret in episodes if s > (1 - frac) * steps and (task is None or t == task)]
     return float(np.mean(r)) if r else math.nan
 
 
@@ -35,19 +36,23 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return float(np.mean(xs)), (float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0)
 
 
-def summarize_runs(runs: dict, steps: int, late_frac: float = 0.1, bins: int = 10) -> dict:
+def summarize_runs(runs: dict, steps: int, late_frac: float = 0.1, bins: int = 10,
+                   task: Optional[int] = None) -> dict:
     """Per method, the seeds' learning curves and their summary.
 
     runs: ``{method: [(episodes, wall seconds), ...]}``, one entry per seed. Returns
     ``{method: {"curves": (seeds, bins) array of `return_curve`, "curve": their NaN-mean over
     seeds, "final"/"final_std": mean ± std over seeds of `late_return` (last `late_frac`),
     "auc"/"auc_std": of the mean return over all episodes, "wall"/"wall_std": of the wall time}}``.
+    task: summarise only that task's episodes (multi-task runs); the wall time stays the run's.
     """
     check_int("steps", steps, min=1)
     out = {}
     for method, seeds in runs.items():
         if not seeds:
             raise ValueError(f"runs[{method!r}] must hold at least one (episodes, wall) pair, got none")
+        if task is not None:
+            seeds = [([e for e in ep if e[1] == task], wall) for ep, wall in seeds]
         curves = np.array([return_curve(ep, steps, bins) for ep, _ in seeds])
         with np.errstate(invalid="ignore"):
             counts = np.sum(~np.isnan(curves), 0)

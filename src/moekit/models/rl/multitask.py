@@ -40,10 +40,10 @@ from torch import nn
 from moekit.experts import MLPExperts
 from moekit.layers.config import MoEConfig
 from moekit.layers.moe import MoE
-from moekit.validate import check_int, check_tensor
+from moekit.validate import check_choice, check_int, check_tensor
 
 __all__ = ["gram_schmidt", "gram_schmidt_reference", "OrthogonalExperts", "hashed_bag_of_words",
-           "ContextMixtureEncoders", "hard_task_moe"]
+           "ContextMixtureEncoders", "MultiTaskObsEncoder", "OBS_ENCODERS", "hard_task_moe"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +185,64 @@ class ContextMixtureEncoders(nn.Module):
         alpha_BE = torch.softmax(self.attention(z_BD), dim=-1)
         mix_BD = torch.einsum("be,bed->bd", alpha_BE, _all_experts(self.experts, h_BD))
         return torch.tanh(self.out(torch.cat([mix_BD, z_BD], dim=-1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Observations that carry the task's one-hot (MetaWorld's ``use_one_hot``)
+OBS_ENCODERS = ("shared", "moore", "care")
+
+
+class MultiTaskObsEncoder(nn.Module):
+    """``obs_BO → (B, D)`` for observations whose last L features are the task's one-hot (as
+    MetaWorld's multi-task benchmarks give them with ``use_one_hot=True``): the state part is
+    projected to D, then
+
+    - ``"shared"``: the task embedding is added and a dense MLP (hidden ``E · F``) with tanh
+      follows — the shared multi-task network of the MOORE and CARE papers' baselines;
+    - ``"moore"``: `OrthogonalExperts` (E experts of hidden F, task weights from the one-hot);
+    - ``"care"``: `ContextMixtureEncoders` (E encoders, attention from `hashed_bag_of_words` of
+      ``task_metadata``, one description per task).
+
+    The task id is the argmax of the one-hot part. ``out_dim`` = D. Used as the encoder of the
+    SAC actor and critics (`moekit.models.rl.MixtureGaussianPolicy`, `moekit.models.rl.TwinQ`).
+    """
+
+    def __init__(self, kind: str, *, obs_dim: int, num_tasks: int, d_model: int = 64, num_experts: int = 4,
+                 d_hidden: int = 64, task_metadata: Sequence[str] | None = None, metadata_dim: int = 32):
+        super().__init__()
+        self.kind = check_choice("kind", kind, OBS_ENCODERS)
+        self.num_tasks = check_int("num_tasks", num_tasks, min=1)
+        check_int("obs_dim", obs_dim, min=num_tasks + 1)
+        self.out_dim = D = check_int("d_model", d_model, min=1)
+        E, Fh = check_int("num_experts", num_experts, min=1), check_int("d_hidden", d_hidden, min=1)
+        self.obs_dim = obs_dim
+        self.embed = nn.Linear(obs_dim - num_tasks, D)
+        if kind == "shared":
+            self.task_embed = nn.Embedding(num_tasks, D)
+            self.mixture = nn.Sequential(nn.ReLU(), nn.Linear(D, E * Fh), nn.ReLU(), nn.Linear(E * Fh, D), nn.Tanh())
+        elif kind == "moore":
+            self.mixture = OrthogonalExperts(d_model=D, num_experts=E, num_tasks=num_tasks, d_hidden=Fh)
+        else:
+            if task_metadata is None or len(task_metadata) != num_tasks:
+                raise ValueError(f"the care encoder needs task_metadata: one description (str) per task "
+                                 f"({num_tasks}), got {task_metadata!r}")
+            self.mixture = ContextMixtureEncoders(d_model=D, num_experts=E, d_hidden=Fh,
+                                                  metadata_LW=hashed_bag_of_words(task_metadata, metadata_dim))
+
+    def split(self, obs_BO: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(state_BS, task_B)``: the observation without its one-hot, and the task ids."""
+        check_tensor("obs", obs_BO, ndim=2, floating=True)
+        if obs_BO.shape[1] != self.obs_dim:
+            raise ValueError(f"obs must have shape (B, {self.obs_dim}), got {tuple(obs_BO.shape)}")
+        L = self.num_tasks
+        return obs_BO[:, :-L], obs_BO[:, -L:].argmax(-1)
+
+    def forward(self, obs_BO: torch.Tensor) -> torch.Tensor:
+        state_BS, task_B = self.split(obs_BO)
+        h_BD = self.embed(state_BS)
+        if self.kind == "shared":
+            return self.mixture(h_BD + self.task_embed(task_B))
+        return self.mixture(h_BD, task_B)
 
 
 # ---------------------------------------------------------------------------------------------

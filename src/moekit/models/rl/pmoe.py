@@ -27,6 +27,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -61,22 +62,39 @@ def _tanh_correction(u_BA: torch.Tensor) -> torch.Tensor:
     return (2 * (math.log(2) - u_BA - F.softplus(-2 * u_BA))).sum(-1)
 
 
+def _build_encoder(encoder: Optional[Callable[[], nn.Module]], obs_dim: int) -> tuple[nn.Module, int]:
+    """``(module, its output width)``: `encoder`'s fresh module (which must have ``out_dim``), or the identity."""
+    if encoder is None:
+        return nn.Identity(), obs_dim
+    if isinstance(encoder, nn.Module) or not callable(encoder):
+        raise TypeError(f"encoder must be a zero-argument callable returning a module, got {type(encoder).__name__}")
+    module = encoder()
+    out_dim = getattr(module, "out_dim", None) if isinstance(module, nn.Module) else None
+    if not isinstance(out_dim, int) or out_dim < 1:
+        raise TypeError(f"encoder() must return an nn.Module with a positive int out_dim, got {module!r}")
+    return module, out_dim
+
+
 class MixtureGaussianPolicy(nn.Module):
     """``obs_BO → (logits_BK, mu_BKA, log_std_BKA)``: a shared MLP torso, a gate and K Gaussian heads.
 
     Actions are ``tanh(u)`` scaled to ``[low, high]``; `sample` draws from the mixture and gives
     the squashed mixture's log density; `sample_each` draws one reparameterised action per expert.
+    ``encoder``: a zero-argument callable building a module ``obs_BO → (B, out_dim)`` put before
+    the torso (e.g. a `moekit.models.rl.MultiTaskObsEncoder` for multi-task SAC); default none.
     """
 
     def __init__(self, *, obs_dim: int, action_dim: int, num_experts: int = 4, hidden: int = 64,
-                 action_low: float | np.ndarray = -1.0, action_high: float | np.ndarray = 1.0):
+                 action_low: float | np.ndarray = -1.0, action_high: float | np.ndarray = 1.0,
+                 encoder: Optional[Callable[[], nn.Module]] = None):
         super().__init__()
         check_int("obs_dim", obs_dim, min=1)
         self.action_dim = check_int("action_dim", action_dim, min=1)
         self.num_experts = check_int("num_experts", num_experts, min=1)
         check_int("hidden", hidden, min=1)
         K, A = num_experts, action_dim
-        self.torso = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.encoder, d_in = _build_encoder(encoder, obs_dim)
+        self.torso = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self.gate = nn.Linear(hidden, K)
         self.heads = nn.Linear(hidden, 2 * K * A)
         low = torch.as_tensor(action_low, dtype=torch.float32).expand(A)
@@ -85,7 +103,7 @@ class MixtureGaussianPolicy(nn.Module):
         self.register_buffer("offset_A", (high + low) / 2, persistent=False)
 
     def forward(self, obs_BO: torch.Tensor):
-        h = self.torso(obs_BO)
+        h = self.torso(self.encoder(obs_BO))
         B, K, A = obs_BO.shape[0], self.num_experts, self.action_dim
         mu_BKA, log_std_BKA = self.heads(h).reshape(B, K, 2, A).unbind(2)
         return self.gate(h), mu_BKA, log_std_BKA.clamp(LOG_STD_MIN, LOG_STD_MAX)
@@ -120,15 +138,18 @@ class MixtureGaussianPolicy(nn.Module):
 
 
 class TwinQ(nn.Module):
-    """Two critics ``Q_j(s, a)`` (SAC's clipped double-Q) → ``(B, 2)``."""
+    """Two critics ``Q_j(s, a)`` (SAC's clipped double-Q) → ``(B, 2)``. ``encoder`` (as for
+    `MixtureGaussianPolicy`) is called once per critic: each has its own observation encoder."""
 
-    def __init__(self, *, obs_dim: int, action_dim: int, hidden: int = 64):
+    def __init__(self, *, obs_dim: int, action_dim: int, hidden: int = 64,
+                 encoder: Optional[Callable[[], nn.Module]] = None):
         super().__init__()
-        self.q = nn.ModuleList(_mlp(obs_dim + action_dim, hidden, 1) for _ in range(2))
+        built = [_build_encoder(encoder, obs_dim) for _ in range(2)]
+        self.encoders = nn.ModuleList(m for m, _ in built)
+        self.q = nn.ModuleList(_mlp(d_in + action_dim, hidden, 1) for _, d_in in built)
 
     def forward(self, obs_BO: torch.Tensor, act_BA: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([obs_BO, act_BA], -1)
-        return torch.cat([q(x) for q in self.q], -1)
+        return torch.cat([q(torch.cat([enc(obs_BO), act_BA], -1)) for enc, q in zip(self.encoders, self.q)], -1)
 
 
 @dataclass(frozen=True)
