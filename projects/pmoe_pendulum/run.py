@@ -1,11 +1,11 @@
 """PMOE mixture policy vs SAC's Gaussian policy on gymnasium's Pendulum-v1 (METHODS.md RL2).
 
     pip install 'moekit[rl]'
-    python -m projects.pmoe_pendulum.run [--steps 8000] [--seeds 0 1 2] [--experts 4] [--quick]
+    python -m projects.pmoe_pendulum.run [--env Pendulum-v1] [--steps 8000] [--seeds 0 1 2] [--experts 4] [--quick]
 
 Ren et al. (2021) report that a Gaussian-mixture policy trained with their frequency-approximate
-gradient learns faster than SAC's unimodal Gaussian on MuJoCo. Here, on Pendulum-v1 (MuJoCo is
-not installed on this machine), both agents are `moekit.models.rl.train_sac` with the same
+gradient learns faster than SAC's unimodal Gaussian on MuJoCo. Here, on Pendulum-v1 (default) or a MuJoCo
+task (``--env HalfCheetah-v5``; mujoco comes with the ``rl`` extra), both agents are `moekit.models.rl.train_sac` with the same
 critics (two 64-unit MLPs), buffer and optimizer (`moekit.optim`):
 
 - ``gaussian``: `MixtureGaussianPolicy` with one component — SAC's tanh-Gaussian policy;
@@ -36,10 +36,10 @@ from moekit.models.rl import (
 )
 
 
-def run_one(method: str, seed: int, steps: int, num_envs: int, config: SACConfig):
+def run_one(method: str, seed: int, steps: int, num_envs: int, config: SACConfig, env_id: str = "Pendulum-v1"):
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    envs = make_gym_vec_env("Pendulum-v1", num_envs, vectorization_mode="sync")
+    envs = make_gym_vec_env(env_id, num_envs, vectorization_mode="sync")
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     K = 1 if method == "gaussian" else int(method.split("_")[1])
     policy = MixtureGaussianPolicy(obs_dim=obs_dim, action_dim=act_dim, num_experts=K, hidden=64,
@@ -55,6 +55,8 @@ def run_one(method: str, seed: int, steps: int, num_envs: int, config: SACConfig
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--env", default="Pendulum-v1",
+                    help="gymnasium id of a continuous-control task (MuJoCo ones, e.g. HalfCheetah-v5, need mujoco)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=8_000, help="environment steps per run (Pendulum: 200 per episode)")
     ap.add_argument("--experts", type=int, default=4, help="K of the PMOE policy")
@@ -71,13 +73,13 @@ def main(argv=None):
         config = SACConfig(learning_starts=400, train_every=4)
     methods = ["gaussian", f"pmoe_{args.experts}"]
     t0 = time.perf_counter()
-    jobs = [(m, s, args.steps, args.num_envs, config) for s in args.seeds for m in methods]
+    jobs = [(m, s, args.steps, args.num_envs, config, args.env) for s in args.seeds for m in methods]
     if args.workers > 1:
         with ProcessPoolExecutor(args.workers) as pool:
             results = list(pool.map(run_one, *zip(*jobs)))
     else:
         results = [run_one(*job) for job in jobs]
-    print(f"\nPendulum-v1, SAC, {args.steps} env steps × seeds {args.seeds}, {args.workers} worker processes\n")
+    print(f"\n{args.env}, SAC, {args.steps} env steps × seeds {args.seeds}, {args.workers} worker processes\n")
     print("mean return per tenth of training (mean over seeds):")
     summary = summarize_runs({m: [(r[2], r[3]) for r in results if r[0] == m] for m in methods}, args.steps, 0.2)
     for m, sm in summary.items():
@@ -88,7 +90,7 @@ def main(argv=None):
               f"± {sm['auc_std']:6.1f} {sm['wall']:8.1f}")
     print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
     if args.plot:
-        plot_return_curves(summary, args.steps, args.plot, "SAC on Pendulum-v1")
+        plot_return_curves(summary, args.steps, args.plot, f"SAC on {args.env}")
     return {m: dict(final=sm["final"], final_std=sm["final_std"], auc=sm["auc"], auc_std=sm["auc_std"],
                     wall=sm["wall"]) for m, sm in summary.items()}
 
