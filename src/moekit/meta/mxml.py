@@ -132,10 +132,11 @@ class MixtureOfMetaLearners(nn.Module):
 
 
 def episode_log_probs(model: nn.Module, x_BX: torch.Tensor, ep: Episode, n_way: int) -> torch.Tensor:
-    """Query log-probabilities (Q, W) of an episode (indices into `x_BX`) for a `MixtureOfMetaLearners`
-    or a single Prototypical-Network embedding."""
+    """Query log-probabilities (Q, W) of an episode (indices into `x_BX`) for a model that reads the
+    support set — one with ``mixing_weights`` (`MixtureOfMetaLearners`, `HierarchicalExpertNetwork`),
+    called as ``model(x_support, y_support, x_query, n_way)`` — or a single Prototypical-Network embedding."""
     xs, xq = x_BX[ep.support_idx_P], x_BX[ep.query_idx_Q]
-    if isinstance(model, MixtureOfMetaLearners):
+    if hasattr(model, "mixing_weights"):
         return model(xs, ep.support_y_P, xq, n_way)
     return _proto_log_probs(model, xs, ep.support_y_P, xq, n_way)
 
