@@ -2,18 +2,18 @@
 as the selector's cost vanishes (β1 → ∞, cost weight 1/β1 → 0) and the prior as β1 → 0; the closed
 form maximises the free energy; both information terms are ≥ 0 and equal a numpy reference on random
 joints; one expert is a single learner step for step; the selector reads only the support set; and
-on two synthetic domains the information costs make the selector specialise."""
+training sends each task to the expert the free-energy-optimal selection picks."""
 import math
 
 import numpy as np
 import pytest
 import torch
+from test_meta_mxml import _domain as mxml_domain
 
 from moekit.analysis import mutual_information as mi_from_counts
 from moekit.meta import (
     DomainEpisodes,
     HierarchicalExpertNetwork,
-    TaskDomain,
     blahut_arimoto,
     conditional_mutual_information,
     evaluate_domain,
@@ -154,17 +154,9 @@ def test_information_objective_terms():
         information_objective(U, sel[:, :1], beta_selector=1.0)
 
 
-def _domain(name, informative: slice, seed: int, n_classes=6, per_class=30, X=20):
-    """Gaussian classes whose means differ only in the `informative` features, the others at a domain offset."""
-    g = torch.Generator().manual_seed(seed)
-    means = torch.zeros(n_classes, X)
-    means[:, informative] = 2.5 * torch.randn(n_classes, informative.stop - informative.start, generator=g)
-    labels = torch.arange(n_classes).repeat_interleave(per_class)
-    x = means[labels] + torch.randn(len(labels), X, generator=g)
-    rest = torch.ones(X, dtype=torch.bool)
-    rest[informative] = False
-    x[:, rest] += 3.0 if informative.start else -3.0
-    return TaskDomain(name, x, labels, tuple(range(n_classes)))
+def _domain(name, informative: slice, seed: int):
+    """Gaussian classes whose means differ only in the `informative` features (MxML's test domains)."""
+    return mxml_domain(name, informative, 3.0 if informative.start else -3.0, seed)
 
 
 def _net(seed, X=20):

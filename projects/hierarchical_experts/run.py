@@ -35,6 +35,8 @@ from moekit.meta import (
 )
 from moekit.models import dense_proto_net
 from moekit.models.fewshot import EpisodeSampler
+from projects.mxml_multidomain.data import build_domains, load_raw  # the same three domains as MxML
+from projects.mxml_multidomain.run import print_accuracy_table
 
 MODELS = ("single", "single-wide", "hen-no-info", "hen")
 
@@ -136,18 +138,8 @@ def run(train, test, args, *, d_model: int = 64) -> dict:
 
 
 def report(out: dict, names: list, args) -> None:
-    print(f"\n4-way accuracy (%) on held-out classes 6-9, 15 queries/class, {args.episodes} episodes per domain, "
-          f"mean over seeds {args.seeds} (± mean per-seed 95% CI over episodes):")
-    for shots in (1, 5):
-        print(f"  {shots}-shot       params " + "  ".join(f"{n:>15s}" for n in names + ["mean"]))
-        for name in MODELS:
-            cells = []
-            for n in names:
-                a = out[name, n, shots]
-                ci = np.mean([1.96 * r.std(ddof=1) / math.sqrt(len(r)) for r in a]) if a.shape[1] > 1 else 0.0
-                cells.append(f"{100 * a.mean():7.2f} ± {100 * ci:4.2f}")
-            cells.append(f"{100 * np.mean([out[name, n, shots].mean() for n in names]):15.2f}")
-            print(f"  {name:11s} {out['params', name]:8d} " + "  ".join(f"{c:>15s}" for c in cells))
+    print_accuracy_table(out, names, MODELS, episodes=args.episodes, seeds=args.seeds,
+                         params={m: out["params", m] for m in MODELS})
     for name in ("hen-no-info", "hen"):
         for shots in (1, 5):
             mi = out["mi", name, shots]
@@ -160,7 +152,6 @@ def report(out: dict, names: list, args) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from projects.mxml_multidomain.data import build_domains, load_raw  # the same three domains as MxML
     train, test = build_domains(load_raw())
     return run(train, test, args)
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.layers import aux_loss
-from moekit.meta.mxml import DomainEpisodes, SupportGate, _proto_log_probs
+from moekit.meta.mxml import DomainEpisodes, SupportGate, _proto_log_probs, module_list
 from moekit.models.fewshot import proto_logits, prototypes
 from moekit.optim import UpdateStep, build_optimizer
 from moekit.validate import check_instance, check_int, check_number, check_tensor
@@ -204,11 +204,7 @@ class HierarchicalExpertNetwork(nn.Module):
     def __init__(self, experts: Sequence[nn.Module], *, in_features: int, d_hidden: int = 64,
                  beta_selector: float = math.inf, beta_expert: float = math.inf, prior_momentum: float = 0.0):
         super().__init__()
-        if not experts:
-            raise ValueError("experts must hold at least one embedding net, got none")
-        for i, e in enumerate(experts):
-            check_instance(f"experts[{i}]", e, nn.Module)
-        self.experts = nn.ModuleList(experts)
+        self.experts = module_list("experts", experts)
         self.num_experts = M = len(experts)
         self.selector = SupportGate(in_features=in_features, num_learners=M, d_hidden=d_hidden)
         self.beta_selector = check_number("beta_selector", beta_selector, min=0, min_open=True, allow_inf=True)

@@ -88,6 +88,15 @@ class SupportGate(nn.Module):
         return F.softmax(self.rho(self.phi(x_support_PX).mean(0)), -1)
 
 
+def module_list(name: str, modules: Sequence[nn.Module]) -> nn.ModuleList:
+    """`modules` as an ``nn.ModuleList``; ValueError when empty, TypeError naming ``name[i]`` for a non-module."""
+    if not modules:
+        raise ValueError(f"{name} must hold at least one module, got none")
+    for i, m in enumerate(modules):
+        check_instance(f"{name}[{i}]", m, nn.Module)
+    return nn.ModuleList(modules)
+
+
 def _proto_log_probs(net: nn.Module, x_support_PX, y_support_P, x_query_QX, n_way: int) -> torch.Tensor:
     # support and query in one forward, so an MoE embedding routes (and balances) over the whole episode
     z = net(torch.cat([x_support_PX, x_query_QX]))
@@ -106,11 +115,7 @@ class MixtureOfMetaLearners(nn.Module):
 
     def __init__(self, learners: Sequence[nn.Module], *, in_features: int, d_hidden: int = 64):
         super().__init__()
-        if not learners:
-            raise ValueError("learners must hold at least one meta-learner, got none")
-        for i, m in enumerate(learners):
-            check_instance(f"learners[{i}]", m, nn.Module)
-        self.learners = nn.ModuleList(learners)
+        self.learners = module_list("learners", learners)
         self.gate = SupportGate(in_features=in_features, num_learners=len(learners), d_hidden=d_hidden)
 
     def mixing_weights(self, x_support_PX: torch.Tensor) -> torch.Tensor:
