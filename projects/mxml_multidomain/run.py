@@ -95,18 +95,7 @@ def run(train, test, args, *, d_model: int = 64, d_hidden: int = 256) -> dict:
     out = {k: np.stack(v) for k, v in acc.items()}
     out.update({k: np.array(v) for k, v in gate_w.items()})
     names = [d.name for d in test]
-    print(f"\n4-way accuracy (%) on held-out classes 6-9, 15 queries/class, {args.episodes} episodes per domain, "
-          f"mean over seeds {args.seeds} (± mean per-seed 95% CI over episodes):")
-    for shots in (1, 5):
-        print(f"  {shots}-shot   " + "  ".join(f"{n:>15s}" for n in names + ["mean"]))
-        for name in MODELS:
-            cells = []
-            for n in names:
-                a = out[name, n, shots]
-                ci = np.mean([1.96 * r.std(ddof=1) / math.sqrt(len(r)) for r in a])
-                cells.append(f"{100 * a.mean():7.2f} ± {100 * ci:4.2f}")
-            cells.append(f"{100 * np.mean([out[name, n, shots].mean() for n in names]):15.2f}")
-            print(f"  {name:11s} " + "  ".join(f"{c:>15s}" for c in cells))
+    print_accuracy_table(out, names, MODELS, episodes=args.episodes, seeds=args.seeds)
     diffs = []
     for shots in (1, 5):
         for n in names:
@@ -116,6 +105,24 @@ def run(train, test, args, *, d_model: int = 64, d_hidden: int = 256) -> dict:
     print("  mxml - joint-dense (paired by episode, points): " + "; ".join(diffs))
     print("  gate weight on the domain's own learner: " + ", ".join(f"{n} {out['gate', n].mean():.2f}" for n in names))
     return out
+
+
+def print_accuracy_table(out: dict, names: list, models, *, episodes: int, seeds, params: dict = None) -> None:
+    """The 4-way accuracy table of ``out[(model, domain, shots)]`` (seeds, episodes) arrays, per shot
+    count: mean ± the mean per-seed 95% interval over episodes, per domain and averaged (also used by
+    projects/hierarchical_experts); `params` adds a parameter-count column."""
+    print(f"\n4-way accuracy (%) on held-out classes 6-9, 15 queries/class, {episodes} episodes per domain, "
+          f"mean over seeds {seeds} (± mean per-seed 95% CI over episodes):")
+    for shots in (1, 5):
+        print(f"  {shots}-shot   " + ("  params " if params else "") + "  ".join(f"{n:>15s}" for n in names + ["mean"]))
+        for name in models:
+            cells = []
+            for n in names:
+                a = out[name, n, shots]
+                ci = np.mean([1.96 * r.std(ddof=1) / math.sqrt(len(r)) for r in a]) if a.shape[1] > 1 else 0.0
+                cells.append(f"{100 * a.mean():7.2f} ± {100 * ci:4.2f}")
+            cells.append(f"{100 * np.mean([out[name, n, shots].mean() for n in names]):15.2f}")
+            print(f"  {name:11s} " + (f"{params[name]:8d} " if params else "") + "  ".join(f"{c:>15s}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -88,6 +88,15 @@ class SupportGate(nn.Module):
         return F.softmax(self.rho(self.phi(x_support_PX).mean(0)), -1)
 
 
+def module_list(name: str, modules: Sequence[nn.Module]) -> nn.ModuleList:
+    """`modules` as an ``nn.ModuleList``; ValueError when empty, TypeError naming ``name[i]`` for a non-module."""
+    if not modules:
+        raise ValueError(f"{name} must hold at least one module, got none")
+    for i, m in enumerate(modules):
+        check_instance(f"{name}[{i}]", m, nn.Module)
+    return nn.ModuleList(modules)
+
+
 def _proto_log_probs(net: nn.Module, x_support_PX, y_support_P, x_query_QX, n_way: int) -> torch.Tensor:
     # support and query in one forward, so an MoE embedding routes (and balances) over the whole episode
     z = net(torch.cat([x_support_PX, x_query_QX]))
@@ -106,11 +115,7 @@ class MixtureOfMetaLearners(nn.Module):
 
     def __init__(self, learners: Sequence[nn.Module], *, in_features: int, d_hidden: int = 64):
         super().__init__()
-        if not learners:
-            raise ValueError("learners must hold at least one meta-learner, got none")
-        for i, m in enumerate(learners):
-            check_instance(f"learners[{i}]", m, nn.Module)
-        self.learners = nn.ModuleList(learners)
+        self.learners = module_list("learners", learners)
         self.gate = SupportGate(in_features=in_features, num_learners=len(learners), d_hidden=d_hidden)
 
     def mixing_weights(self, x_support_PX: torch.Tensor) -> torch.Tensor:
@@ -132,10 +137,11 @@ class MixtureOfMetaLearners(nn.Module):
 
 
 def episode_log_probs(model: nn.Module, x_BX: torch.Tensor, ep: Episode, n_way: int) -> torch.Tensor:
-    """Query log-probabilities (Q, W) of an episode (indices into `x_BX`) for a `MixtureOfMetaLearners`
-    or a single Prototypical-Network embedding."""
+    """Query log-probabilities (Q, W) of an episode (indices into `x_BX`) for a model that reads the
+    support set — one with ``mixing_weights`` (`MixtureOfMetaLearners`, `HierarchicalExpertNetwork`),
+    called as ``model(x_support, y_support, x_query, n_way)`` — or a single Prototypical-Network embedding."""
     xs, xq = x_BX[ep.support_idx_P], x_BX[ep.query_idx_Q]
-    if isinstance(model, MixtureOfMetaLearners):
+    if hasattr(model, "mixing_weights"):
         return model(xs, ep.support_y_P, xq, n_way)
     return _proto_log_probs(model, xs, ep.support_y_P, xq, n_way)
 
