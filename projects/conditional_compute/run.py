@@ -253,6 +253,8 @@ def main(argv=None, *, lm_inputs=None, lm_shape=None) -> dict:
         all_results[seed] = res
         print(table(res), flush=True)
         plot(res, out / (f"compute_seed{seed}.png" if len(args.seeds) > 1 else "compute.png"))
+        # the seeds finished so far, in case a long run is stopped (`--from-results` tabulates them)
+        (out / "results_partial.json").write_text(json.dumps({"meta": {"args": vars(args)}, "seeds": all_results}))
     meta = {"args": vars(args), "wall_s": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d")}
     summarise(all_results, out, meta)
     print(f"total {meta['wall_s']:.0f}s; wrote {out}/results.json", flush=True)
