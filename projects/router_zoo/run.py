@@ -11,7 +11,7 @@ widths that equalise active FLOPs (see `zoo`); each trains with the library
 trainer (`moekit.train.run_experiment` through `moekit.train.train_seeds`: AdamW through
 `moekit.optim.UpdateStep`, warmup and cosine decay), which measures active parameters and FLOPs
 from the experts each layer actually used. ``--part 1`` / ``--part 2`` train one half of the zoo
-(one command of about 20 minutes each here); the summary (``OUT/results.json``, the README's
+(15 and 6 minutes here for 3 seeds); the summary (``OUT/results.json``, the README's
 table, ``OUT/zoo.png``) covers every variant trained so far in ``OUT``.
 """
 from __future__ import annotations

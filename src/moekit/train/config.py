@@ -381,7 +381,7 @@ PRESETS: dict[str, dict] = {
     # gets experts of hidden 352 / K, so every variant does the matmul work of the dense twin's FFN
     # (hidden 352); routers that pick their own count get the width of their nominal K = 2 and the
     # trainer measures what they really run. The main job's data, a small model (d = 64, 2 layers)
-    # and a short schedule (250 steps of 8 x 64 tokens), so that 3 seeds of the zoo fit about 40
+    # and a short schedule (250 steps of 8 x 64 tokens), so that 3 seeds of the zoo fit about 20
     # minutes of one CPU thread.
     "routers": {
         "name": "routers",
