@@ -76,9 +76,13 @@ def test_router_preset_has_equal_active_flops():
     run = get_preset("routers")
     flops = {}
     for v in run.variant_names:
-        m = TransformerLM(variant_model_config(run, v, vocab_size=80))
+        cfg = variant_model_config(run, v, vocab_size=80)
+        m = TransformerLM(cfg)
         router = sum(p.numel() for b in m.moe_blocks for p in b.ffn.router.parameters())
-        flops[v] = flops_per_token(m, run.data.seq_len)["train"] - 6 * router
+        # Routers that pick their own number of experts are sized for a nominal K = 2.
+        own_k = cfg.moe_layer_ids and cfg.moe.top_k is None
+        experts = [2.0] * len(cfg.moe_layer_ids) if own_k else None
+        flops[v] = flops_per_token(m, run.data.seq_len, experts=experts)["train"] - 6 * router
     assert len(set(flops.values())) == 1, flops
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # spinning OpenMP waiters slow a shared CPU
 
+import numpy as np
 import torch
 
 from moekit.models.transformer import DepthRoutedBlock, TransformerLM, flops_per_token
@@ -40,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="projects/conditional_compute/results")
     p.add_argument("--skip-vit", action="store_true")
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps of everything")
+    p.add_argument("--from-results", default=None, metavar="JSON",
+                   help="train nothing: tabulate and plot the seeds of a results.json written before")
     args = p.parse_args(argv)
     if args.quick:
         args.lm_steps, args.vit_steps, args.eval_batches = 4, 4, 1
@@ -116,9 +119,35 @@ def run_vit(*, steps: int, seed: int, quick: bool, log=print) -> dict:
     return {"steps": steps, "wall_s": wall, "sweep": vit_sweep(model, xt, yt, VIT_THRESHOLDS)}
 
 
-def table(results: dict) -> str:
-    """Markdown tables of one seed's results (LM variants, LM exits, ViT exits)."""
+def across_seeds(runs: list, stat) -> object:
+    """`stat` (e.g. np.mean) over seeds of every number in the seeds' result trees, which share
+    one structure; other leaves (thresholds excepted, which are equal) are the first seed's."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {k: across_seeds([r[k] for r in runs], stat) for k in first}
+    if isinstance(first, list):
+        return [across_seeds([r[i] for r in runs], stat) for i in range(len(first))]
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return float(stat(np.asarray(runs, dtype=np.float64)))
+    return first
+
+
+def seed_summary(all_results: dict) -> dict:
+    """Mean and sample standard deviation (0 for one seed) over seeds of every measured number."""
+    runs = list(all_results.values())
+    sd = (lambda v: v.std(ddof=1)) if len(runs) > 1 else (lambda v: 0.0)
+    return {"seeds": list(all_results), "mean": across_seeds(runs, np.mean), "sd": across_seeds(runs, sd)}
+
+
+def _pm(mean: float, sd, fmt: str, scale: float = 1.0) -> str:
+    return f"{scale * mean:{fmt}}" + ("" if sd is None else f" ± {scale * sd:{fmt}}")
+
+
+def table(results: dict, sd: dict = None) -> str:
+    """Markdown tables (LM variants, LM exits, ViT exits) of one seed's results, or of the mean
+    over seeds with `sd` (the same tree of standard deviations) beside losses and accuracies."""
     lm = results["lm"]
+    sd_lm = sd["lm"] if sd else None
     ref = lm["dense"]["flops_forward"]
     rows = ["| LM model | steps | val loss | fwd MFLOPs/token | × dense | note |", "|---|---|---|---|---|---|"]
     for name, r in lm.items():
@@ -130,12 +159,14 @@ def table(results: dict) -> str:
                     f"eval: loss {r['val_loss_topk_selection']:.4f} at {r['flops_forward_topk_selection'] / 1e6:.3f}")
         if "experts_per_token_last_batch" in r:
             note = f"{r['experts_per_token_last_batch']:.2f} experts/token"
-        rows.append(f"| {name} | {r['steps']} | {r['val_loss']:.4f} | {r['flops_forward'] / 1e6:.3f} | "
+        rows.append(f"| {name} | {r['steps']:.0f} | {_pm(r['val_loss'], sd_lm and sd_lm[name]['val_loss'], '.4f')} | "
+                    f"{r['flops_forward'] / 1e6:.3f} | "
                     f"{r['flops_forward'] / ref:.2f} | {note} |")
     rows += ["", "| LM exit threshold | val loss | mean blocks | fwd MFLOPs/token | × dense | exits 1-4 (%) |",
              "|---|---|---|---|---|---|"]
-    for s in lm["early_exit"]["sweep"]:
-        rows.append(f"| {s['threshold']} | {s['val_loss']:.4f} | {s['mean_blocks']:.2f} | "
+    for i, s in enumerate(lm["early_exit"]["sweep"]):
+        e = sd_lm and sd_lm["early_exit"]["sweep"][i]["val_loss"]
+        rows.append(f"| {s['threshold']:g} | {_pm(s['val_loss'], e, '.4f')} | {s['mean_blocks']:.2f} | "
                     f"{s['flops_forward'] / 1e6:.3f} | {s['flops_forward'] / ref:.2f} | "
                     f"{' / '.join(f'{100 * e:.0f}' for e in s['exit_share'])} |")
     if "vit" in results:
@@ -143,14 +174,17 @@ def table(results: dict) -> str:
         full = sw[-1]["flops_forward"]
         rows += ["", "| ViT exit threshold | test accuracy | mean blocks | fwd MFLOPs/image | × full | exits 1-4 (%) |",
                  "|---|---|---|---|---|---|"]
-        for s in sw:
-            rows.append(f"| {s['threshold']} | {100 * s['accuracy']:.2f} % | {s['mean_blocks']:.2f} | "
+        for i, s in enumerate(sw):
+            e = sd and sd["vit"]["sweep"][i]["accuracy"]
+            rows.append(f"| {s['threshold']:g} | {_pm(s['accuracy'], e, '.2f', 100)} % | {s['mean_blocks']:.2f} | "
                         f"{s['flops_forward'] / 1e6:.3f} | {s['flops_forward'] / full:.2f} | "
                         f"{' / '.join(f'{100 * e:.0f}' for e in s['exit_share'])} |")
     return "\n".join(rows)
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, sd: dict = None) -> None:
+    """The compute plot: quality against forward FLOPs (× the dense / full-depth model) of every
+    family; with `sd` (the tree of standard deviations over seeds) as error bars."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -162,25 +196,30 @@ def plot(results: dict, path: Path) -> None:
     ax = axes[0][0]
     fam = {"MoE (top-1 / top-2 / top-p)": [k for k in lm if k.startswith("moe")],
            "Mixture-of-Depths (isoFLOP training)": [k for k in lm if k.startswith("mod")]}
-    ax.scatter([1.0], [lm["dense"]["val_loss"]], c="k", marker="s", label="dense baseline", zorder=3)
+    err = (lambda n: sd["lm"][n]["val_loss"]) if sd else (lambda n: 0.0)
+    ax.errorbar([1.0], [lm["dense"]["val_loss"]], yerr=[err("dense")], c="k", fmt="s", capsize=3,
+                label="dense baseline", zorder=3)
     for (label, names), mk in zip(fam.items(), ("o", "^")):
         xs = [lm[n]["flops_forward"] / ref for n in names]
         ys = [lm[n]["val_loss"] for n in names]
-        ax.scatter(xs, ys, marker=mk, label=label, zorder=3)
+        ax.errorbar(xs, ys, yerr=[err(n) for n in names], fmt=mk, capsize=3, label=label, zorder=3)
         for n, x, y in zip(names, xs, ys):
             ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     sw = lm["early_exit"]["sweep"]
-    ax.plot([s["flops_forward"] / ref for s in sw], [s["val_loss"] for s in sw], "-x",
-            label="early exit (threshold sweep)")
-    ax.set(xlabel="forward FLOPs per token (× dense baseline)", ylabel="validation loss (nats/token)",
+    ax.errorbar([s["flops_forward"] / ref for s in sw], [s["val_loss"] for s in sw], fmt="-x", capsize=2,
+                yerr=[e["val_loss"] for e in sd["lm"]["early_exit"]["sweep"]] if sd else None,
+                label="early exit (threshold sweep)")
+    ax.set(xlabel="forward FLOPs per token (× dense baseline)",
+           ylabel="validation loss (nats/token)" + (", mean ± sd over seeds" if sd else ""),
            title="LM, main job's data")
     ax.legend(fontsize=7)
     if "vit" in results:
         ax = axes[0][1]
         sw = results["vit"]["sweep"]
         full = sw[-1]["flops_forward"]
-        ax.plot([s["flops_forward"] / full for s in sw], [100 * s["accuracy"] for s in sw], "-x",
-                label="early exit (threshold sweep)")
+        ax.errorbar([s["flops_forward"] / full for s in sw], [100 * s["accuracy"] for s in sw], fmt="-x", capsize=2,
+                    yerr=[100 * e["accuracy"] for e in sd["vit"]["sweep"]] if sd else None,
+                    label="early exit (threshold sweep)")
         ax.set(xlabel="forward FLOPs per image (× full depth)", ylabel="test accuracy (%)",
                title="ViT, Fashion-MNIST")
         ax.legend(fontsize=7)
@@ -196,6 +235,10 @@ def main(argv=None, *, lm_inputs=None, lm_shape=None) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_results:
+        saved = json.loads(Path(args.from_results).read_text())
+        summarise(saved["seeds"], out, saved["meta"])
+        return saved["seeds"]
     t0 = time.perf_counter()
     vocab, train, val = lm_inputs if lm_inputs is not None else lm_data()
     seq_len = 32 if lm_inputs is not None else 128
@@ -210,10 +253,23 @@ def main(argv=None, *, lm_inputs=None, lm_shape=None) -> dict:
         all_results[seed] = res
         print(table(res), flush=True)
         plot(res, out / (f"compute_seed{seed}.png" if len(args.seeds) > 1 else "compute.png"))
+        # the seeds finished so far, in case a long run is stopped (`--from-results` tabulates them)
+        (out / "results_partial.json").write_text(json.dumps({"meta": {"args": vars(args)}, "seeds": all_results}))
     meta = {"args": vars(args), "wall_s": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d")}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "seeds": all_results}, indent=1))
+    summarise(all_results, out, meta)
     print(f"total {meta['wall_s']:.0f}s; wrote {out}/results.json", flush=True)
     return all_results
+
+
+def summarise(all_results: dict, out: Path, meta: dict) -> dict:
+    """Write ``results.json`` (every seed, and their mean and sd) and, over several seeds, print
+    the mean ± sd tables and draw ``compute.png`` with error bars."""
+    summary = seed_summary(all_results)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "seeds": all_results, "summary": summary}, indent=1))
+    if len(all_results) > 1:
+        print(f"\nmean ± sd over seeds {summary['seeds']}:\n" + table(summary["mean"], summary["sd"]), flush=True)
+        plot(summary["mean"], out / "compute.png", summary["sd"])
+    return summary
 
 
 if __name__ == "__main__":

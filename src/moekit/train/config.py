@@ -376,19 +376,43 @@ PRESETS: dict[str, dict] = {
         "train": {"steps": 60, "eval_every": 20, "eval_batches": 4, "log_every": 5, "ckpt_every": 30},
         "variants": {"moe": {}, "dense": {"twin": "dense"}},
     },
-    # METHODS.md R9: the same model with several routers at equal active FLOPs. Top-2 routers get
-    # experts half as wide as the top-1 ones, so every variant does the same matmul work per token.
+    # METHODS.md R9, the router zoo (`projects/router_zoo`): every registered router that suits a
+    # causal LM on one model, at equal active FLOPs per token. A router that runs K experts per token
+    # gets experts of hidden 352 / K, so every variant does the matmul work of the dense twin's FFN
+    # (hidden 352); routers that pick their own count get the width of their nominal K = 2 and the
+    # trainer measures what they really run. The main job's data, a small model (d = 64, 2 layers)
+    # and a short schedule (250 steps of 8 x 64 tokens), so that 3 seeds of the zoo fit about 20
+    # minutes of one CPU thread.
     "routers": {
         "name": "routers",
-        "model": {**_BASE_MODEL, "expert_hidden": 352},
-        "train": {"steps": 400},
+        "model": {**_BASE_MODEL, "d_model": 64, "n_layers": 2, "n_heads": 2, "expert_hidden": 352},
+        "data": {"source": "domains", "domains": ["shakespeare", "sotu", "python"], "tokenizer": "bpe",
+                 "vocab_size": 4096, "domain_chars": 1_500_000, "seq_len": 64, "batch_size": 8},
+        "optim": {"warmup_steps": 25},
+        "train": {"steps": 250, "eval_every": 125, "eval_batches": 8, "ckpt_every": 250, "log_every": 25},
         "variants": {
+            "dense": {"twin": "dense"},
             "switch": {},
+            "sampled_top1": {"router": "sampled_top1"},
             "topk2": {"router": "topk", "top_k": 2, "expert_hidden": 176},
             "noisy_topk2": {"router": "noisy_topk", "top_k": 2, "expert_hidden": 176},
+            "gshard2": {"router": "gshard", "top_k": 2, "expert_hidden": 176},
+            "vmoe2": {"router": "vmoe", "top_k": 2, "expert_hidden": 176},
+            "cosine2": {"router": "cosine", "top_k": 2, "expert_hidden": 176},
+            "gaussian2": {"router": "gaussian", "top_k": 2, "expert_hidden": 176},
             "sigmoid_bias2": {"router": "sigmoid", "top_k": 2, "expert_hidden": 176, "aux_loss_coef": 0.0},
-            "shared": {"expert_hidden": 176, "num_shared_experts": 1},
-            "dense": {"twin": "dense"},
+            "shared1": {"expert_hidden": 176, "num_shared_experts": 1},
+            "deepseek": {"router": "topk", "num_experts": 16, "top_k": 3, "expert_hidden": 88,
+                         "num_shared_experts": 1},
+            "hash": {"router": "hash"},
+            "random1": {"router": "random"},
+            "base": {"router": "base"},
+            "sinkhorn1": {"router": "sinkhorn"},
+            "top_p0.4": {"router": "top_p", "top_k": None, "expert_hidden": 176, "router_kwargs": {"p": 0.4}},
+            "relu2": {"router": "relu", "top_k": 2, "expert_hidden": 176},
+            "dynmoe": {"router": "dynmoe", "top_k": None, "expert_hidden": 176},
+            "null_experts2": {"router": "null_experts", "top_k": 2, "expert_hidden": 176},
+            "dselect_k2": {"router": "dselect_k", "top_k": 2, "expert_hidden": 176},
         },
     },
 }

@@ -3,6 +3,7 @@ exits and ViT exits tied to the library's, the threshold extremes, and the run e
 tiny synthetic corpus."""
 import json
 
+import pytest
 import torch
 
 from moekit.models.transformer import TransformerConfig, TransformerLM, flops_per_token
@@ -68,8 +69,9 @@ def test_run_end_to_end_on_a_tiny_corpus(tmp_path):
     train = Corpus.from_docs(docs, ["d0", "d1", "d2", "d3"], tok)
     val = Corpus.from_docs(docs, ["d4", "d5"], tok)
     assert len(eval_batches(val, seq_len=32, batch_size=4, max_batches=1)) == 1
-    res = cc_run.main(["--quick", "--threads", "1", "--out", str(tmp_path)], lm_inputs=(tok.vocab_size, train, val),
-                      lm_shape={"d_model": 32, "n_heads": 2, "n_layers": 2})[0]["lm"]
+    both = cc_run.main(["--quick", "--threads", "1", "--seeds", "0", "1", "--out", str(tmp_path)],
+                       lm_inputs=(tok.vocab_size, train, val), lm_shape={"d_model": 32, "n_heads": 2, "n_layers": 2})
+    res = both[0]["lm"]
     assert set(res) == {"dense", "mod_c50", "mod_c12.5", "moe_top1", "moe_top2", "moe_top_p0.4", "early_exit"}
     # isoFLOP: the MoD models buy more steps with the dense model's training FLOPs.
     assert res["mod_c12.5"]["steps"] > res["mod_c50"]["steps"] > res["dense"]["steps"]
@@ -82,3 +84,14 @@ def test_run_end_to_end_on_a_tiny_corpus(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["seeds"]["0"]["lm"]["dense"]["steps"] == 4
     assert (tmp_path / "compute.png").stat().st_size > 0
+    # mean and sample sd over the two seeds, number by number
+    mean, sd = saved["summary"]["mean"]["lm"], saved["summary"]["sd"]["lm"]
+    a, b = res["dense"]["val_loss"], both[1]["lm"]["dense"]["val_loss"]
+    assert a != b and mean["dense"]["val_loss"] == pytest.approx((a + b) / 2)
+    assert sd["dense"]["val_loss"] == pytest.approx(abs(a - b) / 2 ** 0.5)
+    assert mean["early_exit"]["sweep"][0]["threshold"] == 0.0 and sd["dense"]["steps"] == 0.0
+    # --from-results redraws the summary without training
+    (tmp_path / "compute.png").unlink()
+    again = cc_run.main(["--from-results", str(tmp_path / "results.json"), "--out", str(tmp_path)])
+    assert again["1"]["lm"]["dense"]["val_loss"] == b and (tmp_path / "compute.png").stat().st_size > 0
+    assert "± " in cc_run.table(saved["summary"]["mean"], saved["summary"]["sd"])
