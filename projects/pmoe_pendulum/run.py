@@ -4,9 +4,9 @@
     python -m projects.pmoe_pendulum.run [--env Pendulum-v1] [--steps 8000] [--seeds 0 1 2] [--experts 4] [--quick]
 
 Ren et al. (2021) report that a Gaussian-mixture policy trained with their frequency-approximate
-gradient learns faster than SAC's unimodal Gaussian on MuJoCo. Here, on Pendulum-v1 (default) or a MuJoCo
-task (``--env HalfCheetah-v5``; mujoco comes with the ``rl`` extra), both agents are `moekit.models.rl.train_sac` with the same
-critics (two 64-unit MLPs), buffer and optimizer (`moekit.optim`):
+gradient learns faster than SAC's unimodal Gaussian on MuJoCo. Here, on Pendulum-v1 (default) or
+a MuJoCo task (``--env HalfCheetah-v5``; mujoco comes with the ``rl`` extra), both agents are
+`moekit.models.rl.train_sac` with the same critics (two 64-unit MLPs), buffer and optimizer (`moekit.optim`):
 
 - ``gaussian``: `MixtureGaussianPolicy` with one component — SAC's tanh-Gaussian policy;
 - ``pmoe_K``: K components, the actor loss through the best expert's sample, the gate trained
