@@ -120,3 +120,17 @@ def test_max_vio_and_coactivation_plots(tmp_path):
     assert p.exists() and p.stat().st_size > 0
     q = plots_mod.plot_expert_coactivation(expert_coactivation(np.array([[0, 1], [1, 2]]), 3), tmp_path / "c.png")
     assert q.exists()
+
+
+def test_mean_sd_is_the_sample_sd_over_seeds():
+    import math
+
+    from moekit.analysis import mean_sd
+
+    m, s = mean_sd([1.0, 2.0, 4.0])
+    assert m == pytest.approx(7 / 3) and s == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2
+                                                                      + (4 - 7 / 3) ** 2) / 2))
+    assert mean_sd([5]) == (5.0, 0.0)
+    assert all(math.isnan(x) for x in mean_sd([]))
+    assert mean_sd([1.0, math.nan, 3.0], skip_nan=True) == (2.0, pytest.approx(math.sqrt(2)))
+    assert math.isnan(mean_sd([1.0, math.nan])[0])

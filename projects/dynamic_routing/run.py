@@ -35,6 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
+from moekit.analysis import mean_sd
 from moekit.train.config import RunConfig, apply_overrides, config_from_dict, get_preset
 from moekit.train.data import build_corpus, eval_batches
 from moekit.train.experiment import train_seeds
@@ -131,11 +132,6 @@ def study(run: RunConfig, out: Path, seeds: Sequence[int], *, sweep_seeds: Seque
     return summary
 
 
-def _ms(values) -> tuple:
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-
-
 def summarise(rows: dict) -> dict:
     """Per variant, mean and standard deviation over seeds of what the README tables show."""
     out = {}
@@ -145,21 +141,21 @@ def summarise(rows: dict) -> dict:
         a = [r["analysis"] for r in rs]
         L = len(a[0]["per_layer"])
         out[name] = {
-            "seeds": len(rs), "val_loss": _ms([r["val_loss"] for r in rs]),
-            "experts": _ms([x["experts"] for x in a]),
-            "per_layer": [_ms([x["per_layer"][j] for x in a])[0] for j in range(L)],
-            "params_total": rs[0]["params_total"], "params_active": _ms([r["params_active"] for r in rs])[0],
-            "flops_per_token_train": _ms([r["flops_per_token_train"] for r in rs])[0],
-            "train_time_s": _ms([r["train_time_s"] for r in rs])[0],
-            "spearman_ce_experts": _ms([x["spearman_ce_experts"] for x in a]),
-            "by_quantile": [_ms([x["by_quantile"][b]["experts"] for x in a])[0]
+            "seeds": len(rs), "val_loss": mean_sd([r["val_loss"] for r in rs]),
+            "experts": mean_sd([x["experts"] for x in a]),
+            "per_layer": [mean_sd([x["per_layer"][j] for x in a])[0] for j in range(L)],
+            "params_total": rs[0]["params_total"], "params_active": mean_sd([r["params_active"] for r in rs])[0],
+            "flops_per_token_train": mean_sd([r["flops_per_token_train"] for r in rs])[0],
+            "train_time_s": mean_sd([r["train_time_s"] for r in rs])[0],
+            "spearman_ce_experts": mean_sd([x["spearman_ce_experts"] for x in a]),
+            "by_quantile": [mean_sd([x["by_quantile"][b]["experts"] for x in a])[0]
                             for b in range(len(a[0]["by_quantile"]))],
-            "by_class": {g["group"]: _ms([next(y["experts"] for y in x["by_class"] if y["group"] == g["group"])
+            "by_class": {g["group"]: mean_sd([next(y["experts"] for y in x["by_class"] if y["group"] == g["group"])
                                           for x in a if any(y["group"] == g["group"] for y in x["by_class"])])[0]
                          for g in a[0]["by_class"]},
-            "by_domain": {g["group"]: _ms([next(y["experts"] for y in x["by_domain"] if y["group"] == g["group"])
+            "by_domain": {g["group"]: mean_sd([next(y["experts"] for y in x["by_domain"] if y["group"] == g["group"])
                                            for x in a])[0] for g in a[0]["by_domain"]},
-            "val_loss_by_domain": ({d: _ms([r["val_loss_by_domain"][d] for r in rs])[0]
+            "val_loss_by_domain": ({d: mean_sd([r["val_loss_by_domain"][d] for r in rs])[0]
                                     for d in rs[0]["val_loss_by_domain"]} if rs[0]["val_loss_by_domain"] else None),
         }
     return out

@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 
+from moekit.analysis import mean_sd
 from moekit.models.rl import (
     MixtureGaussianPolicy,
     MultiTaskObsEncoder,
@@ -108,11 +109,6 @@ def run_one(method: str, seed: int, steps: int, config: SACConfig, eval_episodes
                 wall=time.perf_counter() - t0)
 
 
-def _mean_std(xs) -> tuple[float, float]:
-    xs = np.asarray(xs, float)
-    return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -145,7 +141,7 @@ def main(argv=None) -> dict:
         rs = [r for r in results if r["method"] == m]
         succ = np.array([r["success"] for r in rs])               # (seeds, tasks)
         s = summary[m]
-        s.update(success=_mean_std(succ.mean(1)), success_per_task=succ.mean(0).tolist(), params=rs[0]["params"])
+        s.update(success=mean_sd(succ.mean(1)), success_per_task=succ.mean(0).tolist(), params=rs[0]["params"])
         print(f"| {m} | {rs[0]['params']:,} | " + " | ".join(f"{v:.2f}" for v in succ.mean(0))
               + f" | {s['success'][0]:.2f} ± {s['success'][1]:.2f} | {s['final']:.0f} ± {s['final_std']:.0f} | "
               f"{s['wall']:.0f} |")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
+from moekit.analysis import mean_sd
 from projects.patch_moe_sample_complexity.data import make_task, sample
 from projects.patch_moe_sample_complexity.models import PatchCNN, PatchMoE
 from projects.patch_moe_sample_complexity.train import accuracy, routing_recall, train
@@ -71,11 +71,6 @@ def run_seed(seed: int, ns, models, *, steps: int, lr: float, noise: float, spur
     return out
 
 
-def _mean_std(vals):
-    m = sum(vals) / len(vals)
-    return m, (math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0)
-
-
 def summarise(per_seed: list, ns, models) -> dict:
     """model → {metric: [(mean, std) per n], "n_to_<target>": smallest n whose mean test accuracy
     reaches the target (None if none does)}."""
@@ -84,7 +79,7 @@ def summarise(per_seed: list, ns, models) -> dict:
         s = {}
         for metric in ("test_acc", "flipped_acc", "train_acc", "signal_kept", "spurious_kept"):
             if metric in per_seed[0][name][ns[0]]:
-                s[metric] = [_mean_std([r[name][n][metric] for r in per_seed]) for n in ns]
+                s[metric] = [mean_sd([r[name][n][metric] for r in per_seed]) for n in ns]
         for t in TARGETS:
             s[f"n_to_{t}"] = next((n for n, (m, _) in zip(ns, s["test_acc"]) if m >= t), None)
         out[name] = s

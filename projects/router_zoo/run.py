@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from moekit.analysis import mean_sd
 from moekit.train.config import RunConfig, apply_overrides, config_from_dict, get_preset
 from moekit.train.experiment import load_results, train_seeds
 from projects.router_zoo.zoo import DESCRIPTIONS, F, part_names
@@ -90,23 +91,19 @@ def collect(out: Path) -> dict:
         order.index(k) if k in order else len(order), k))}
 
 
-def _ms(values) -> tuple:
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-
-
 def summarise(rows: dict) -> dict:
     """Mean and sample standard deviation over seeds of what the README table shows."""
     out = {}
     for name, rs in rows.items():
         e = [r["experts_eval"] for r in rs if r["experts_eval"] is not None]
         et = [r["experts_train"] for r in rs if r["experts_train"] is not None]
-        out[name] = {"seeds": [r["seed"] for r in rs], "val_loss": _ms([r["val_loss"] for r in rs]),
-                     "flops_per_token_forward": _ms([r["flops_per_token_forward"] for r in rs]),
-                     "flops_per_token_train": _ms([r["flops_per_token_train"] for r in rs]),
-                     "experts_eval": _ms(e)[0] if e else None, "experts_train": _ms(et)[0] if et else None,
-                     "params_total": rs[0]["params_total"], "params_active": _ms([r["params_active"] for r in rs])[0],
-                     "train_time_s": _ms([r["train_time_s"] for r in rs])[0]}
+        out[name] = {"seeds": [r["seed"] for r in rs], "val_loss": mean_sd([r["val_loss"] for r in rs]),
+                     "flops_per_token_forward": mean_sd([r["flops_per_token_forward"] for r in rs]),
+                     "flops_per_token_train": mean_sd([r["flops_per_token_train"] for r in rs]),
+                     "experts_eval": mean_sd(e)[0] if e else None, "experts_train": mean_sd(et)[0] if et else None,
+                     "params_total": rs[0]["params_total"],
+                     "params_active": mean_sd([r["params_active"] for r in rs])[0],
+                     "train_time_s": mean_sd([r["train_time_s"] for r in rs])[0]}
     return out
 
 

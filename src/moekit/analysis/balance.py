@@ -16,11 +16,12 @@ Legend: B batches, L MoE layers, E experts, G groups (domains, tasks), N routed 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["max_violation", "max_vio", "group_counts", "group_routing_table", "expert_coactivation"]
+__all__ = ["max_violation", "max_vio", "group_counts", "group_routing_table", "expert_coactivation", "mean_sd"]
 
 
 def max_violation(counts) -> np.ndarray:
@@ -102,3 +103,15 @@ def expert_coactivation(topk_ids, num_experts: int, mask: Optional[np.ndarray] =
     lift = np.where(expected > 0, counts / np.where(expected > 0, expected, 1.0), 0.0)
     np.fill_diagonal(lift, 1.0)
     return {"counts": counts.tolist(), "lift": lift.tolist(), "tokens": int(T)}
+
+
+def mean_sd(values, *, skip_nan: bool = False) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof=1``) of run results over seeds; the sd is 0 for
+    one value, both are NaN for none. With `skip_nan`, NaN values (runs that produced no number)
+    are left out first."""
+    v = np.asarray([float(x) for x in values], dtype=np.float64)
+    if skip_nan:
+        v = v[~np.isnan(v)]
+    if v.size == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
