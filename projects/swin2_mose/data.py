@@ -28,8 +28,7 @@ the real target):
 Split by area: the scene is cut into 256-px blocks (Sentinel-2: 7 × 7 = 49); a fixed permutation
 (seed 0, not the training seed) sends 12 blocks to test and 37 to train (other sources: a quarter
 to test). Training crops are drawn inside train blocks, and the test set is the non-overlapping
-tiles of every test
-block, so no pixel is seen by both. Values are scaled per band by the minimum and maximum
+tiles of every test block, so no pixel is seen by both. Values are scaled per band by the minimum and maximum
 over the train blocks (the official code's ``use_minmax``) into about [0, 1].
 """
 from __future__ import annotations
