@@ -169,10 +169,16 @@ def test_uniform_dispatch_combine_equals_general_reference(T, E, K, D, dtype):
 
 
 @pytest.mark.parametrize("with_order", [True, False])
-def test_weighted_slot_sum_matches_its_reference_in_float64(with_order):
-    """`_sum_slots` (the CPU embedding-bag path and its gather backward) against the gather + sum
-    reference, values and gradients; gradcheck of the fast path."""
+@pytest.mark.parametrize("chunked", [False, True])
+def test_weighted_slot_sum_matches_its_reference_in_float64(with_order, chunked, monkeypatch):
+    """`_sum_slots` (the CPU embedding-bag path and its gather backward, whole or in row blocks
+    with a ragged last block) against the gather + sum reference, values and gradients;
+    gradcheck of the fast path."""
+    from moekit.ops import dispatch
     from moekit.ops.dispatch import _sum_slots, _sum_slots_reference
+    if chunked:
+        monkeypatch.setattr(dispatch, "_CHUNKED_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(dispatch, "_CHUNK_ROWS", 4)
     gen = torch.Generator().manual_seed(3)
     T, K, D = 7, 3, 5
     inverse = torch.randperm(T * K, generator=gen)

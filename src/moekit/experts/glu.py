@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from moekit.experts.base import StackedFFNExperts, uniform_init_
+from moekit.ops.glu import glu
 
 __all__ = ["GLUExperts", "GLU_ACTIVATIONS"]
 
@@ -33,5 +34,4 @@ class GLUExperts(StackedFFNExperts):
         return self.gate_up_proj, None, self.down_proj, None
 
     def hidden(self, h_N2F: torch.Tensor) -> torch.Tensor:
-        gate, up = h_N2F.chunk(2, dim=-1)
-        return self.act(gate) * up
+        return glu(h_N2F, self.act)

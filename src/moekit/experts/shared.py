@@ -14,6 +14,7 @@ from torch import nn
 
 from moekit.experts.base import activation_fn
 from moekit.experts.glu import GLU_ACTIVATIONS
+from moekit.ops.glu import glu
 from moekit.validate import check_bool, check_choice, check_int
 
 __all__ = ["SharedExperts", "DenseFFN"]
@@ -39,8 +40,7 @@ class DenseFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.glu:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(self.act(gate) * up)
+            return self.down_proj(glu(self.gate_up_proj(x), self.act))
         return self.down_proj(self.act(self.up_proj(x)))
 
 

@@ -146,12 +146,41 @@ class _WeightedSlotSum(torch.autograd.Function):
     def backward(ctx, g_TD):
         y_ND, w_TK, inverse_N, order_N = ctx.saved_tensors         # order_N[r]: the pair row r holds
         T, K = w_TK.shape
-        g_ND = g_TD.contiguous().index_select(0, torch.div(order_N, K, rounding_mode="floor"))
+        src_N = torch.div(order_N, K, rounding_mode="floor")
+        w_N = w_TK.reshape(-1).index_select(0, order_N)
+        g_TD = g_TD.contiguous()
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and y_ND.numel() >= _CHUNKED_MIN_ELEMENTS:
+            gy, gw_N = _slot_sum_backward_chunked(g_TD, y_ND, src_N, w_N)
+            return gy, gw_N.index_select(0, inverse_N).view(T, K), None, None
+        g_ND = g_TD.index_select(0, src_N)
         gw = None
         if ctx.needs_input_grad[1]:
             gw = (g_ND * y_ND).sum(-1).index_select(0, inverse_N).view(T, K)
-        gy = g_ND.mul_(w_TK.reshape(-1).index_select(0, order_N).unsqueeze(-1)) if ctx.needs_input_grad[0] else None
+        gy = g_ND.mul_(w_N.unsqueeze(-1)) if ctx.needs_input_grad[0] else None
         return gy, gw, None, None
+
+
+# Large (N, D): the backward above in row blocks that stay in cache (each block of g gathered
+# into its place in the output, dotted with y, then scaled), instead of three passes over
+# (N, D) and an (N, D) temporary. Measured at T=4096 K=8 D=512 fp32, 2 threads: 10.6 against
+# 14.2 ms (heap allocator), 25.6 against 40.2 ms (glibc's default, which maps every large
+# temporary afresh); at T=3072 K=2 D=128 (0.8 M elements) the blocks do not pay.
+_CHUNKED_MIN_ELEMENTS = 2 ** 21
+_CHUNK_ROWS = 512
+
+
+def _slot_sum_backward_chunked(g_TD, y_ND, src_N, w_N):
+    """``(gy_ND, gw_N)``: ``gy[r] = w[r] · g[src[r]]`` and ``gw[r] = ⟨y[r], g[src[r]]⟩``."""
+    N, D = y_ND.shape
+    gy_ND = y_ND.new_empty(N, D)
+    gw_N = y_ND.new_empty(N)
+    buf = y_ND.new_empty(min(_CHUNK_ROWS, N), D)
+    for s in range(0, N, _CHUNK_ROWS):
+        t = min(s + _CHUNK_ROWS, N)
+        g_blk = torch.index_select(g_TD, 0, src_N[s:t], out=gy_ND[s:t])
+        torch.sum(torch.mul(g_blk, y_ND[s:t], out=buf[:t - s]), -1, out=gw_N[s:t])
+        g_blk.mul_(w_N[s:t, None])
+    return gy_ND, gw_N
 
 
 def _sum_slots_reference(y_ND: torch.Tensor, inverse_N: torch.Tensor, T: int, K: int,
