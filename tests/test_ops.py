@@ -214,3 +214,40 @@ def test_few_rows_path_equals_torch_grouped_mm(N, E, empty):
     short = torch.clamp(offs, max=max(N - 1, 0))
     y = _grouped_mm_few_rows(x, w, short)
     assert torch.equal(y[int(short[-1]):], torch.zeros_like(y[int(short[-1]):]))
+
+
+@pytest.mark.parametrize("N,E,empty,transposed", [(1, 8, (), True), (40, 8, (2,), True), (97, 16, (0, 15), True),
+                                                  (64, 8, (), False), (0, 4, (), True), (30, 4, (1, 2), True)])
+def test_small_groups_inference_path_equals_reference(N, E, empty, transposed):
+    """Inference with at most 8 rows per expert on average runs a per-expert loop (MKL for 1-3
+    rows, oneDNN from 4 rows when the weight is a transposed (E, O, I) parameter): equal to the
+    reference loop within fp32 rounding, rows past the last offset zero, and taken by
+    `grouped_mm_fast` in inference only (training keeps ``torch._grouped_mm``)."""
+    from moekit.ops import grouped_mm as G
+    if not G.has_torch_grouped_mm():
+        pytest.skip("torch._grouped_mm not available")
+    gen = torch.Generator().manual_seed(N * 5 + E)
+    counts = _counts(E, N, empty, gen)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    x = torch.randn(N, 24, generator=gen)
+    w_param = torch.randn(E, 20, 24, generator=gen)              # (E, O, I), nn.Linear layout
+    w = w_param.transpose(1, 2) if transposed else w_param.transpose(1, 2).contiguous()
+    ref = grouped_mm_reference(x, w, offs)
+    fast = G._grouped_mm_small_groups(x, w, offs)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    short = torch.clamp(offs, max=max(N - 3, 0))                 # static layout: a zero tail
+    y = G._grouped_mm_small_groups(x, w, short)
+    assert torch.equal(y[int(short[-1]):], torch.zeros_like(y[int(short[-1]):]))
+    torch.testing.assert_close(y[:int(short[-1])], grouped_mm_reference(x, w, short)[:int(short[-1])],
+                               rtol=1e-5, atol=1e-5)
+    calls = []
+    orig = G._grouped_mm_small_groups
+    try:
+        G._grouped_mm_small_groups = lambda *a: calls.append(1) or orig(*a)
+        with torch.inference_mode():
+            torch.testing.assert_close(G.grouped_mm_fast(x, w, offs), ref, rtol=1e-5, atol=1e-5)
+        xg = x.clone().requires_grad_(True)
+        G.grouped_mm_fast(xg, w, offs).sum().backward()
+    finally:
+        G._grouped_mm_small_groups = orig
+    assert len(calls) == 1                                       # inference only
