@@ -251,3 +251,35 @@ def test_small_groups_inference_path_equals_reference(N, E, empty, transposed):
     finally:
         G._grouped_mm_small_groups = orig
     assert len(calls) == 1                                       # inference only
+
+
+@pytest.mark.parametrize("T,E,K", [(1, 2, 2), (97, 8, 2), (300, 64, 8), (5, 128, 8), (33, 7, 7), (40, 16, 1)])
+@pytest.mark.parametrize("nan", [False, True])
+def test_topk_stable_nonnegative_equals_the_sort_rule(T, E, K, nan):
+    """The CPU row-max rounds for scores ≥ 0 give exactly `topk_stable_reference` (stable
+    descending sort): heavy ties go to the lower index, NaN ranks first, non-contiguous rows."""
+    from moekit.ops.topk import topk_stable_nonnegative
+    gen = torch.Generator().manual_seed(T * E + K)
+    s = torch.randint(0, 4, (T, 2 * E), generator=gen).float() / 4
+    if nan:
+        s[torch.rand(T, 2 * E, generator=gen) < 0.1] = float("nan")
+    for scores in (s[:, :E].contiguous(), s[:, ::2]):
+        v, i = topk_stable_nonnegative(scores, K)
+        rv, ri = topk_stable_reference(scores, K)
+        assert torch.equal(i, ri)
+        torch.testing.assert_close(v, rv, equal_nan=True)
+        assert torch.equal(topk_stable(scores, K)[1], ri)
+
+
+def test_softmax_experts_matches_torch_softmax():
+    """The gate's CPU softmax for short expert rows (transposed) equals ``torch.softmax`` within
+    rounding, values and gradients, contiguous output."""
+    from moekit.ops.gate import _softmax_experts
+    for E in (2, 8, 15, 16, 64):
+        x = torch.randn(37, E, requires_grad=True)
+        g = torch.randn(37, E)
+        y = _softmax_experts(x)
+        assert y.is_contiguous()
+        torch.testing.assert_close(y, torch.softmax(x, -1))
+        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0],
+                                   torch.autograd.grad(torch.softmax(x, -1), x, g)[0])

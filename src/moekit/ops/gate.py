@@ -22,7 +22,7 @@ from typing import Optional, Union
 
 import torch
 
-from moekit.ops.topk import topk_stable
+from moekit.ops.topk import topk_stable, topk_stable_nonnegative
 
 __all__ = ["topk_gate", "topk_gate_reference", "gate_weights_probs", "check_fused_option", "SCORES"]
 
@@ -50,12 +50,22 @@ def check_gate_args(logits_TE, top_k, score, bias_E) -> None:
 
 
 def _scores(logits_TE: torch.Tensor, score: str) -> torch.Tensor:
-    return torch.softmax(logits_TE, dim=-1) if score == "softmax" else torch.sigmoid(logits_TE)
+    return _softmax_experts(logits_TE) if score == "softmax" else torch.sigmoid(logits_TE)
 
 
-def gate_weights_probs(logits_TE, ids_TK, score, normalize, route_scale):
-    """The differentiable part given the choice: ``(weights_TK, probs_TE)``."""
-    s_TE = _scores(logits_TE, score)
+def _softmax_experts(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Softmax over the expert dim. The CPU kernel is slow for rows shorter than one AVX-512
+    vector (E < 16), and the same softmax over the transposed view is not (measured at T 3072,
+    E 8, two threads, forward + backward: 98 against 292 µs; from E 16 on the plain call wins)."""
+    if logits_TE.device.type == "cpu" and logits_TE.dim() == 2 and logits_TE.shape[-1] < 16:
+        return torch.softmax(logits_TE.t(), dim=0).t().contiguous()
+    return torch.softmax(logits_TE, dim=-1)
+
+
+def gate_weights_probs(logits_TE, ids_TK, score, normalize, route_scale, s_TE=None):
+    """The differentiable part given the choice: ``(weights_TK, probs_TE)``; `s_TE`, the scores
+    of `logits_TE` when the caller has them."""
+    s_TE = _scores(logits_TE, score) if s_TE is None else s_TE
     w_TK = s_TE.gather(1, ids_TK)
     if normalize:
         w_TK = w_TK / w_TK.sum(-1, keepdim=True).clamp_min(1e-20)
@@ -68,10 +78,12 @@ def topk_gate_reference(logits_TE: torch.Tensor, top_k: int, *, score: str = "so
                         route_scale: float = 1.0, bias_E: Optional[torch.Tensor] = None):
     """``(ids_TK int64, weights_TK, probs_TE)`` in PyTorch (logits' dtype; float32 or float64)."""
     check_gate_args(logits_TE, top_k, score, bias_E)
-    s_TE = _scores(logits_TE, score).detach()
-    choice = s_TE if bias_E is None else s_TE + bias_E.to(s_TE.dtype)
-    _, ids_TK = topk_stable(choice, top_k)
-    w_TK, probs_TE = gate_weights_probs(logits_TE, ids_TK, score, normalize, route_scale)
+    s_TE = _scores(logits_TE, score)
+    if bias_E is None:           # softmax / sigmoid scores: ≥ 0 or NaN
+        _, ids_TK = topk_stable_nonnegative(s_TE.detach(), top_k)
+    else:
+        _, ids_TK = topk_stable(s_TE.detach() + bias_E.to(s_TE.dtype), top_k)
+    w_TK, probs_TE = gate_weights_probs(logits_TE, ids_TK, score, normalize, route_scale, s_TE)
     return ids_TK, w_TK, probs_TE
 
 

