@@ -172,11 +172,14 @@ def _untimed(c) -> str:
     return f"unavailable: {c['unavailable']}" if "unavailable" in c else "not timed: check failed"
 
 
-def interleaved(steps: dict, reps: int, warmup: int) -> dict:
-    """name -> [seconds] from `reps` round-robin passes over every step, after `warmup` passes."""
+def interleaved(steps: dict, reps: int, warmup: int, before=None) -> dict:
+    """name -> [seconds] from `reps` round-robin passes over every step, after `warmup` passes;
+    `before(name)`, when given, runs untimed before each step."""
     times = {k: [] for k in steps}
     for i in range(warmup + reps):
         for name, step in steps.items():
+            if before is not None:
+                before(name)
             t0 = time.perf_counter()
             step()
             if i >= warmup:
@@ -222,26 +225,70 @@ def train_shape(s, reps, warmup, max_gib, seed=0):
     return rows
 
 
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache of this machine (sysfs), 64 MiB when it cannot be read."""
+    sizes = []
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    for entry in (os.listdir(base) if os.path.isdir(base) else []):
+        try:
+            with open(os.path.join(base, entry, "size")) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes, default=64 * 2**20)
+
+
+def cache_flusher():
+    """A step that evicts the CPU caches (reads twice the last-level cache; reads, so no dirty
+    lines are left to write back during the timed call)."""
+    buf = torch.ones(2 * last_level_cache_bytes() // 4, dtype=torch.float32)
+
+    def flush():
+        buf.max()
+    return flush
+
+
 def decode_rows(d, reps, warmup, max_gib, seed=0):
-    """Forward-only times at each T against the weight-read floor (inference mode)."""
+    """Forward-only times at each T against the weight-read floor (inference mode), as a layer
+    of a deeper model decodes: before each timed call the caches are flushed and the same
+    implementation runs once untimed on a second layer's weights (the "previous layer"), so
+    the timed call finds its code warm and its weights cold. Without this, the experts one
+    T = 1 batch hits (75 MB at the decode shape) stay in a large L3 from one call to the next
+    and whichever implementation runs first after the floor row pays DRAM while the others
+    read the cache; with a flush alone, every call also pays a cold instruction cache and
+    TLB, which no layer of a real model does."""
     moe = make_layer(d["D"], d["F"], d["E"], d["K"], seed).eval()
+    previous = make_layer(d["D"], d["F"], d["E"], d["K"], seed + 1).eval()
+    flush = cache_flusher()
     out = {}
     for T in d["T"]:
         x = torch.randn(T, d["D"])
         impls = implementations(moe, T, False, max_gib)
-        del impls["dense-equal"]
+        twins = implementations(previous, T, False, max_gib)
+        for table in (impls, twins):
+            del table["dense-equal"]
         checks = check(impls, x, False)
         floor_fn, A = P.weight_read_floor(moe, x)
         steps = {"weight-read floor": floor_fn}
         steps.update({n: i[0] for n, i in impls.items()
                       if not isinstance(i, str) and (n == "moekit (eager)" or checks[n]["ok"])})
+        warm = {"weight-read floor": P.weight_read_floor(previous, x)[0]}
+        warm.update({n: twins[n][0] for n in steps if n in twins})
 
         def inference(fn):
             def step():
                 with torch.inference_mode():
                     fn(x)
             return step
-        times = interleaved({n: inference(fn) for n, fn in steps.items()}, reps, warmup)
+
+        def before(name):
+            flush()
+            inference(warm[name])()
+        times = interleaved({n: inference(fn) for n, fn in steps.items()}, reps, warmup, before=before)
         floor = statistics.median(times["weight-read floor"])
         rows = {"weight-read floor": dict(P.summary(times["weight-read floor"]), active_experts=A,
                                           weight_bytes=A * 3 * d["D"] * d["F"] * 4)}

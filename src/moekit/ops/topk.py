@@ -18,6 +18,10 @@ import torch
 __all__ = ["topk_stable", "topk_stable_nonnegative", "topk_stable_reference"]
 
 _LOW_BITS = 1 << 32
+# A few rows on the CPU (decoding): one stable sort costs less than the keys' ten small ops
+# (measured at E 128, K 8: 9 against 30 µs at T = 1, 16 against 35 µs at T = 8; 233 against
+# 124 µs at T = 64).
+_SORT_MAX_ELEMENTS = 2048
 
 
 def _tie_break_keys(scores_TE: torch.Tensor) -> torch.Tensor:
@@ -38,7 +42,7 @@ def topk_stable(scores_TE: torch.Tensor, k: int):
     E = scores_TE.shape[-1]
     if not 0 < k <= E:
         raise ValueError(f"k must be in [1, {E}], got {k}")
-    if scores_TE.dtype == torch.float64:
+    if scores_TE.dtype == torch.float64 or (scores_TE.device.type == "cpu" and scores_TE.numel() <= _SORT_MAX_ELEMENTS):
         return topk_stable_reference(scores_TE, k)
     if k == 1:
         # argmax returns the first maximal index.
@@ -63,7 +67,8 @@ def topk_stable_nonnegative(scores_TE: torch.Tensor, k: int):
     against 320 µs; T = 4096, E = 64, K = 8: 1.8 against 4.0 ms). Elsewhere, or for float64,
     `topk_stable`. Scores below 0 are a caller error this does not check (it would read them)."""
     E = scores_TE.shape[-1]
-    if scores_TE.device.type != "cpu" or scores_TE.dtype == torch.float64 or not 1 < k <= E:
+    few_rows = scores_TE.dim() == 2 and scores_TE.shape[0] < 256 and k > 2    # the keys' one topk is cheaper
+    if scores_TE.device.type != "cpu" or scores_TE.dtype == torch.float64 or not 1 < k <= E or few_rows:
         return topk_stable(scores_TE, k)
     work = scores_TE.clone()
     values, indices = [], []
