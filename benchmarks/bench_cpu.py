@@ -131,10 +131,22 @@ def baselines(moe):
 EXPLICIT_BACKENDS = ("grouped_mm",)
 
 
+def bf16_autocast(moe):
+    """moekit with float32 weights and routing, its expert matmuls in bf16 (``torch.autocast``):
+    what torchtitan's MoE computes, for the like-for-like row beside it."""
+    def fn(x_TD):
+        moe.backend = "auto"
+        with torch.autocast(x_TD.device.type, dtype=torch.bfloat16):
+            return moe(x_TD)
+    return fn
+
+
 def implementations(moe, tokens, train, max_gib):
     """name -> (fn, extra params) or name -> reason; moekit's eager reference first."""
     impls = {"moekit (eager)": (with_backend(moe, "eager"), []), "moekit (auto)": (with_backend(moe, "auto"), [])}
     impls.update({f"moekit ({b})": (with_backend(moe, b), []) for b in EXPLICIT_BACKENDS})
+    if train:
+        impls["moekit (auto, bf16 autocast)"] = (bf16_autocast(moe), [])
     impls.update(baselines(moe))
     for name, peer in P.build_peers(moe, max_pair_weight_bytes=max_gib * 2**30, tokens=tokens, train=train).items():
         impls[name] = peer if isinstance(peer, str) else (peer[0], list(peer[1].parameters()))

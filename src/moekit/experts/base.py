@@ -21,6 +21,7 @@ from torch import nn
 
 from moekit.ops.backends import resolve_backend
 from moekit.ops.grouped_mm import offsets_from_counts
+from moekit.ops.precision import autocast_dtype
 from moekit.validate import check_choice, check_int
 
 __all__ = ["ExpertBank", "ExpertView", "StackedFFNExperts", "ACTIVATIONS", "activation_fn", "uniform_init_"]
@@ -83,7 +84,11 @@ class ExpertBank(nn.Module):
 
     @staticmethod
     def grouped(backend: str, x_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-        """One grouped matmul through the chosen backend; weights cast to the input dtype."""
+        """One grouped matmul through the chosen backend; weights cast to the input dtype, both
+        to the autocast dtype inside ``torch.autocast`` (as ``x @ w`` would be)."""
+        amp = autocast_dtype(x_NI)
+        if amp is not None:
+            x_NI = x_NI.to(amp)
         if w_EIO.dtype != x_NI.dtype:
             w_EIO = w_EIO.to(x_NI.dtype)
         return resolve_backend(backend, x_NI, w_EIO).grouped_mm(x_NI, w_EIO, offs_E)

@@ -17,6 +17,7 @@ dispatch, experts and combine are the token path's.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from typing import Callable, Optional, Union
 
@@ -61,6 +62,13 @@ def _autocast_on(device: torch.device) -> bool:
         return torch.is_autocast_enabled(device.type)
     except TypeError:                                   # torch < 2.4: no device argument
         return torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+def _router_precision(device: torch.device):
+    """Routers compute in float32 (Switch's "selective precision"): inside ``torch.autocast``
+    their linear layers would otherwise run in bf16/fp16, and a rounded logit flips the top-k
+    choice of near-tied tokens."""
+    return torch.autocast(device.type, enabled=False) if _autocast_on(device) else contextlib.nullcontext()
 
 
 def default_hidden(d_model: int, expert: str) -> int:
@@ -382,7 +390,8 @@ class MoE(MoELayer):
             extra = {k: v.reshape(-1) for k, v in router_inputs.items()}
             if ids_T is not None:
                 extra["token_ids"] = ids_T
-            routing = self.router(x_TD, mask=mask_T, **extra)
+            with _router_precision(x_TD.device):
+                routing = self.router(x_TD, mask=mask_T, **extra)
             stats_routing, stats_mask, n = routing, mask_T, T
         if self.sync_free:
             self.experts.check_sync_free_backend(x_TD, self.backend)
@@ -425,7 +434,8 @@ class MoE(MoELayer):
             pooled_BD = check_tensor("pool(x_BSD, mask_BS)", self.pool(x_BSD, mask_BS), shape=(B, self.d_model),
                                      floating=True)
         mask_B = None if mask_BS is None else mask_BS.any(1)          # examples with a valid token
-        routing_B = self.router(pooled_BD, mask=mask_B)
+        with _router_precision(pooled_BD.device):
+            routing_B = self.router(pooled_BD, mask=mask_B)
         return expand_example_routing(routing_B, B, S, mask_BS), routing_B, mask_B, B
 
     def _sufficient_stats(self, routing, mask_T, seq_len: int, T: Optional[int], *, statistics: bool) -> BalanceStats:

@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from moekit.ops.precision import autocast_dtype
+
 __all__ = ["fused_experts"]
 
 
@@ -30,6 +32,9 @@ def fused_experts(x_TD: torch.Tensor, routing, experts, *, backend: str) -> Opti
         return None
     from moekit.ops import fused_moe
 
+    amp = autocast_dtype(x_TD)                     # the kernels compute in x's dtype
+    if amp is not None:
+        x_TD = x_TD.to(amp)
     uniform = getattr(routing, "slots_per_token", None) is not None and getattr(routing, "keep", None) is None
     combine = "slots" if uniform else "atomic"
     return fused_moe.fused_moe_forward(x_TD, routing, experts, combine=combine)
