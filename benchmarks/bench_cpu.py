@@ -17,9 +17,14 @@ and input gradient, fp32, relative error ≤ 1e-5; torchtitan ≤ 8 bf16 ulp) be
 
 Decode (forward only, inference mode, D=2048 F=768 E=128 K=8 at T = 1, 8, 64): the same
 implementations against the weight-read floor — the weights of the experts the batch hits
-(K of them at T = 1) streamed once through a one-row SwiGLU (`peers.weight_read_floor`).
+(K of them at T = 1) streamed once through a one-row SwiGLU (`peers.weight_read_floor`) —
+each call timed as a layer of a deeper model runs it: caches flushed, then the same
+implementation on a second layer's weights, untimed (warm code, cold weights).
+Forward + backward also has moekit under bf16 autocast beside torchtitan (whose experts
+compute in bf16 whatever the weights' dtype).
 
-Repetitions are interleaved (round-robin) so machine noise hits every implementation alike;
+Repetitions are interleaved (every round in a fresh seeded random order) so machine noise
+and the after-effects of one implementation hit every implementation alike;
 medians with min–max are reported, and the machine's load average at the start and the end.
 The first rows time ``import torch`` and ``import moekit`` in fresh interpreters.
 
@@ -32,9 +37,11 @@ Peers: ``pip install 'moekit[bench]'``; a missing one is a row saying why.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -141,14 +148,15 @@ def bf16_autocast(moe):
     return fn
 
 
-def implementations(moe, tokens, train, max_gib):
+def implementations(moe, tokens, train, max_gib, torchtitan=True):
     """name -> (fn, extra params) or name -> reason; moekit's eager reference first."""
     impls = {"moekit (eager)": (with_backend(moe, "eager"), []), "moekit (auto)": (with_backend(moe, "auto"), [])}
     impls.update({f"moekit ({b})": (with_backend(moe, b), []) for b in EXPLICIT_BACKENDS})
     if train:
         impls["moekit (auto, bf16 autocast)"] = (bf16_autocast(moe), [])
     impls.update(baselines(moe))
-    for name, peer in P.build_peers(moe, max_pair_weight_bytes=max_gib * 2**30, tokens=tokens, train=train).items():
+    for name, peer in P.build_peers(moe, max_pair_weight_bytes=max_gib * 2**30, tokens=tokens, train=train,
+                                    torchtitan=torchtitan).items():
         impls[name] = peer if isinstance(peer, str) else (peer[0], list(peer[1].parameters()))
     return impls
 
@@ -184,12 +192,18 @@ def _untimed(c) -> str:
     return f"unavailable: {c['unavailable']}" if "unavailable" in c else "not timed: check failed"
 
 
-def interleaved(steps: dict, reps: int, warmup: int, before=None) -> dict:
-    """name -> [seconds] from `reps` round-robin passes over every step, after `warmup` passes;
+def interleaved(steps: dict, reps: int, warmup: int, before=None, seed: int = 0) -> dict:
+    """name -> [seconds] from `reps` passes over every step, after `warmup` passes, each pass in
+    a fresh random order (seeded), so no step always runs after the same neighbour (a peer that
+    maps and frees gigabytes leaves the kernel work that slows whatever runs next);
     `before(name)`, when given, runs untimed before each step."""
     times = {k: [] for k in steps}
+    rng = random.Random(seed)
+    names = list(steps)
     for i in range(warmup + reps):
-        for name, step in steps.items():
+        rng.shuffle(names)
+        for name in names:
+            step = steps[name]
             if before is not None:
                 before(name)
             t0 = time.perf_counter()
@@ -280,7 +294,9 @@ def decode_rows(d, reps, warmup, max_gib, seed=0):
     for T in d["T"]:
         x = torch.randn(T, d["D"])
         impls = implementations(moe, T, False, max_gib)
-        twins = implementations(previous, T, False, max_gib)
+        # The twins share the previous layer's parameters (no copies): torchtitan, which copies
+        # its weights and is far off the floor anyway, gets the flush alone.
+        twins = implementations(previous, T, False, max_gib, torchtitan=False)
         for table in (impls, twins):
             del table["dense-equal"]
         checks = check(impls, x, False)
@@ -289,7 +305,8 @@ def decode_rows(d, reps, warmup, max_gib, seed=0):
         steps.update({n: i[0] for n, i in impls.items()
                       if not isinstance(i, str) and (n == "moekit (eager)" or checks[n]["ok"])})
         warm = {"weight-read floor": P.weight_read_floor(previous, x)[0]}
-        warm.update({n: twins[n][0] for n in steps if n in twins})
+        warm.update({n: twins[n][0] if n in twins and not isinstance(twins[n], str) else (lambda x_: None)
+                     for n in steps if n != "weight-read floor"})
 
         def inference(fn):
             def step():
@@ -315,6 +332,8 @@ def decode_rows(d, reps, warmup, max_gib, seed=0):
                 row["status"] = _untimed(checks[name])
             rows[name] = row
         out[f"T={T}"] = rows
+        impls = twins = warm = steps = floor_fn = None        # the next T builds its own
+        gc.collect()
         print(f"  decode T={T}: " + ", ".join(f"{n} {r['median_ms']:.2f} ms" for n, r in rows.items()
                                               if "median_ms" in r), flush=True)
     return out
@@ -437,6 +456,7 @@ def main():
         rows = train_shape(s, args.reps, args.warmup, args.max_gib)
         results["train"][name] = rows
         print("  " + ", ".join(f"{n} {r['median_ms']:.0f} ms" for n, r in rows.items() if "median_ms" in r), flush=True)
+        gc.collect()
     d = QUICK_DECODE if args.quick else DECODE
     if not args.no_decode:
         print("[decode]", flush=True)

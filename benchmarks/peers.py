@@ -170,12 +170,13 @@ def torchtitan_peer(moe) -> tuple[Callable, torch.nn.Module]:
 
 
 def build_peers(moe, *, hf_impls=None, max_pair_weight_bytes: Optional[float] = None,
-                tokens: Optional[int] = None, train: bool = True) -> dict:
+                tokens: Optional[int] = None, train: bool = True, torchtitan: bool = True) -> dict:
     """name -> (fn, module) for every peer that is installed and fits, or name -> reason string.
 
     ``batched_mm`` gathers one weight copy per (token, expert) pair: it is skipped (with the
     bytes it would need) when ``tokens · K · 3·D·F`` weights (doubled for the backward's
-    gradient) exceed `max_pair_weight_bytes`.
+    gradient) exceed `max_pair_weight_bytes`. torchtitan's MoE holds a copy of the weights;
+    ``torchtitan=False`` leaves it out.
     """
     peers: dict = {}
     reason = hf_unavailable()
@@ -197,6 +198,8 @@ def build_peers(moe, *, hf_impls=None, max_pair_weight_bytes: Optional[float] = 
                 peers[name] = hf_peer(family, impl, moe)
             except Exception as exc:  # noqa: BLE001 — a backend this machine cannot run is a row, not a crash
                 peers[name] = f"unavailable: {type(exc).__name__}: {exc}"[:200]
+    if not torchtitan:
+        return peers
     reason = torchtitan_unavailable()
     if reason is not None:
         peers["torchtitan MoE"] = f"unavailable: {reason}"

@@ -39,8 +39,8 @@ import numpy as np
 from moekit.analysis import domain_specialisation, max_vio, max_violation, probe_routing
 from moekit.analysis.plots import have_matplotlib, plot_max_vio
 from moekit.train.config import RunConfig, apply_overrides, config_from_dict, get_preset
-from moekit.train.data import build_corpus, eval_batches
-from moekit.train.experiment import train_seeds
+from moekit.train.data import eval_batches
+from moekit.train.experiment import train_seeds, validation_corpus
 from moekit.train.metrics import read_metrics
 from moekit.train.sample import load_model
 
@@ -128,8 +128,7 @@ def study(run: RunConfig, out: Path, seeds: Sequence[int], *, extra_seeds: Seque
     for seed, result, ckpt in train_seeds(run, jobs, out, progress=progress, stream=log):
         name = result["variant"]
         if val is None:
-            _, tok, _ = load_model(ckpt)
-            _, _, val = build_corpus(run.data, tokenizer=tok)
+            val = validation_corpus(run, ckpt)
         rows[name].append({"seed": seed, "val_loss": result["val_loss"],
                            "val_loss_by_domain": result.get("val_loss_by_domain"),
                            "train_time_s": result["train_time_s"],

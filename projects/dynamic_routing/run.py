@@ -37,8 +37,8 @@ import numpy as np
 
 from moekit.analysis import mean_sd
 from moekit.train.config import RunConfig, apply_overrides, config_from_dict, get_preset
-from moekit.train.data import build_corpus, eval_batches
-from moekit.train.experiment import train_seeds
+from moekit.train.data import eval_batches
+from moekit.train.experiment import train_seeds, validation_corpus
 from moekit.train.sample import load_model
 from projects.dynamic_routing.difficulty import (
     CLASSES,
@@ -115,8 +115,7 @@ def study(run: RunConfig, out: Path, seeds: Sequence[int], *, sweep_seeds: Seque
     for seed, result, ckpt in train_seeds(run, jobs, out, progress=progress, stream=log):
         name = result["variant"]
         if val is None:
-            _, tok, _ = load_model(ckpt)
-            _, _, val = build_corpus(run.data, tokenizer=tok)
+            val = validation_corpus(run, ckpt)
         rows[name].append({"seed": seed, "val_loss": result["val_loss"],
                            "val_loss_by_domain": result.get("val_loss_by_domain"),
                            "params_total": result["params_total"], "params_active": result["params_active"],

@@ -18,9 +18,11 @@ from moekit.train.checkpoint import read_json
 from moekit.train.compare import comparison_table
 from moekit.train.config import RunConfig, apply_overrides, config_from_dict
 from moekit.train.data import build_corpus
+from moekit.train.sample import load_model
 from moekit.train.trainer import train_variant
 
-__all__ = ["run_experiment", "train_seeds", "load_run_config", "load_results", "default_run_dir"]
+__all__ = ["run_experiment", "train_seeds", "validation_corpus", "load_run_config", "load_results",
+           "default_run_dir"]
 
 
 def default_run_dir(run: RunConfig, root: os.PathLike = "runs") -> Path:
@@ -112,3 +114,10 @@ def train_seeds(run: RunConfig, jobs, out: os.PathLike, *, progress: bool = Fals
               flush=True)
         for result in res["results"]:
             yield seed, result, out / folder / result["variant"] / "checkpoints"
+
+
+def validation_corpus(run: RunConfig, checkpoints: os.PathLike):
+    """The validation split of ``run.data`` in the tokens of the model saved in `checkpoints`
+    (a checkpoint folder `train_seeds` yields): what the studies analyse their models on."""
+    _, tokenizer, _ = load_model(checkpoints)
+    return build_corpus(run.data, tokenizer=tokenizer)[2]
