@@ -12,8 +12,10 @@ import torch
 from moekit.ops.backends import resolve_backend
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_results.json"
-# Two medians closer than this are a tie (the recorded spread of one run is wider).
-TIE = 1.03
+# Two medians closer than this are a tie: in one quiet run the same code path timed under two
+# names ("auto" and "grouped_mm") came out 2-3 % apart, and at T = 1 the eager loop and the
+# grouped_mm loop (both one matrix-vector product per expert) 4 % apart.
+TIE = 1.05
 
 
 def _sections():
