@@ -89,12 +89,21 @@ def _grouped_mm_few_rows(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -
     """``torch._grouped_mm`` for fewer rows than groups (decoding): its CPU kernel visits every
     group, empty or not (at T = 1, K = 8, E = 128: 256 matmul calls and 256 host reads of the
     offsets a layer); this visits the non-empty ones only. Rows past the last offset are 0."""
-    out = x.new_zeros(x.shape[0], w.shape[2])
+    return _per_expert(x, w, offs, None)
+
+
+def _per_expert(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, onednn) -> torch.Tensor:
+    """One matmul per non-empty expert (`onednn`, when given, for experts with at least
+    `_ONEDNN_MIN_ROWS` rows); rows past the last offset are 0."""
+    out = x.new_empty(x.shape[0], w.shape[2])
     start = 0
     for e, end in enumerate(offs.tolist()):
-        if end > start:
+        if end - start >= _ONEDNN_MIN_ROWS and onednn is not None:
+            out[start:end] = onednn(x[start:end], w[e].t(), None, "none", [], "")
+        elif end > start:
             torch.mm(x[start:end], w[e], out=out[start:end])
         start = end
+    out[start:].zero_()
     return out
 
 
@@ -117,16 +126,7 @@ def _grouped_mm_small_groups(x: torch.Tensor, w: torch.Tensor, offs: torch.Tenso
     fastest for its row count (MKL for 1-3 rows; oneDNN from 4 rows, when the weight is the
     transposed view of an (E, O, I) parameter, as every bank's is). Rows past the last offset are 0."""
     onednn = _onednn_linear() if x.dtype == torch.float32 and w.transpose(-2, -1).is_contiguous() else None
-    out = x.new_empty(x.shape[0], w.shape[2])
-    start = 0
-    for e, end in enumerate(offs.tolist()):
-        if end - start >= _ONEDNN_MIN_ROWS and onednn is not None:
-            out[start:end] = onednn(x[start:end], w[e].t(), None, "none", [], "")
-        elif end > start:
-            torch.mm(x[start:end], w[e], out=out[start:end])
-        start = end
-    out[start:].zero_()
-    return out
+    return _per_expert(x, w, offs, onednn)
 
 
 def _fwd_inference(x, w, offs):
