@@ -412,7 +412,7 @@ def failed_checks(results) -> list[str]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
-    ap.add_argument("--reps", type=int, default=None, help="timed rounds, forward + backward (5; --quick 2)")
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds, forward + backward (9; --quick 2)")
     ap.add_argument("--decode-reps", type=int, default=None, help="timed rounds, decode (20; --quick 3)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--import-reps", type=int, default=5)
@@ -426,7 +426,7 @@ def main():
                          "large blocks from the heap, no page faults; applies to every row alike")
     args = ap.parse_args()
     if args.reps is None:
-        args.reps = 2 if args.quick else 5
+        args.reps = 2 if args.quick else 9
     if args.decode_reps is None:
         args.decode_reps = 3 if args.quick else 20
     for flag in ("reps", "decode_reps", "import_reps"):
