@@ -335,9 +335,7 @@ def train_hierarchical_experts(model: HierarchicalExpertNetwork, episodes: Domai
     history = []
     for _ in range(steps):
         batch = [episodes.sample() for _ in range(tasks_per_step)]
-        xs, ys, xq, yq = (torch.stack(t) for t in zip(*[
-            (episodes.domains[i].x_BX[ep.support_idx_P], ep.support_y_P, episodes.domains[i].x_BX[ep.query_idx_Q],
-             ep.query_y_Q) for i, ep in batch]))
+        xs, ys, xq, yq = (torch.stack(t) for t in zip(*[episodes.tensors(i, ep) for i, ep in batch]))
         loss, terms = model.training_loss(xs, ys, xq, yq, episodes.n_way)
         update(loss + aux_loss(model))
         history.append({"loss": loss.item(), "utility": terms.utility.item(), "mi_selector": terms.mi_selector.item(),

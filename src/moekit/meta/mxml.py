@@ -72,6 +72,11 @@ class DomainEpisodes:
         i = int(torch.randint(len(self.domains), (1,), generator=self.generator))
         return i, self.samplers[i].sample()
 
+    def tensors(self, i: int, ep: Episode):
+        """``(x_support_PX, y_support_P, x_query_QX, y_query_Q)`` of episode `ep` of domain `i`."""
+        x_BX = self.domains[i].x_BX
+        return x_BX[ep.support_idx_P], ep.support_y_P, x_BX[ep.query_idx_Q], ep.query_y_Q
+
 
 class SupportGate(nn.Module):
     """The weight-prediction network: ``x_support (P, X) → mixing weights (M,)`` by DeepSets pooling,
@@ -159,8 +164,8 @@ def meta_train_domains(net: nn.Module, episodes: DomainEpisodes, *, steps: int, 
     losses = []
     for _ in range(steps):
         i, ep = episodes.sample()
-        loss = F.nll_loss(_proto_log_probs(net, episodes.domains[i].x_BX[ep.support_idx_P], ep.support_y_P,
-                                           episodes.domains[i].x_BX[ep.query_idx_Q], episodes.n_way), ep.query_y_Q)
+        xs, ys, xq, yq = episodes.tensors(i, ep)
+        loss = F.nll_loss(_proto_log_probs(net, xs, ys, xq, episodes.n_way), yq)
         losses.append(loss.item())
         update(loss + aux_loss(net))
     return losses
