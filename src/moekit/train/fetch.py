@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -119,7 +120,7 @@ def _download_from_index(spec: str, filename: str, dest: Path, *, what: str, hin
     if version not in filename:
         raise ValueError(f"filename {filename!r} does not name version {version!r} of spec {spec!r}")
     index = os.environ.get("MOEKIT_PYPI_INDEX", PYPI_SIMPLE).rstrip("/")
-    project = "-".join(name.lower().replace("_", "-").replace(".", "-").split())
+    project = re.sub(r"[-_.]+", "-", name).lower()          # PEP 503 normalised name
     request = urllib.request.Request(f"{index}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as resp:
