@@ -152,6 +152,9 @@ def test_information_objective_terms():
         information_objective(U, sel, beta_selector=0.0)
     with pytest.raises(ValueError, match="p_m_given_x"):
         information_objective(U, sel[:, :1], beta_selector=1.0)
+    for bad in (torch.zeros(sel.shape[0]), torch.full((sel.shape[0],), math.nan), -torch.ones(sel.shape[0])):
+        with pytest.raises(ValueError, match="weights"):
+            mutual_information(sel, weights_B=bad)
 
 
 def _domain(name, informative: slice, seed: int):

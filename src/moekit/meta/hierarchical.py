@@ -59,9 +59,10 @@ __all__ = ["InformationTerms", "mutual_information", "conditional_mutual_informa
 def _weights(weights_B: Optional[torch.Tensor], B: int, like: torch.Tensor) -> torch.Tensor:
     if weights_B is None:
         return like.new_full((B,), 1.0 / B)
-    check_tensor("weights", weights_B, shape=(B,), floating=True)
-    if (weights_B < 0).any():
-        raise ValueError(f"weights must be ≥ 0, got min {float(weights_B.min())}")
+    check_tensor("weights", weights_B, shape=(B,), floating=True, finite=True)
+    if (weights_B < 0).any() or not weights_B.sum() > 0:
+        raise ValueError(f"weights must be ≥ 0 with a positive sum, got min {float(weights_B.min())}, "
+                         f"sum {float(weights_B.sum())}")
     return weights_B / weights_B.sum()
 
 
